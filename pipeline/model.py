@@ -1,0 +1,164 @@
+"""Build the study's networks as Keras 3 models, several replicate seeds stacked in one.
+
+A *stacked* model holds S independent networks of the same variant. The first
+hidden layer is one (784, 15·S) product on the shared input batch; deeper layers
+carry a leading replicate axis, (S, batch, units), and use batched products.
+Each replicate is initialised from its own seed with the initialiser's own fan-in
+and fan-out (a single ``Dense(15·S)`` would use fan_out = 15·S and silently change
+the glorot scale), so replicate k follows exactly the trajectory it would follow
+alone as long as the loss is the *sum* of the replicates' own losses.
+
+Depth is data: layers are built in a loop from the :class:`Variant`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from pipeline.params import Variant
+
+INPUT_DIM = 784
+N_CLASSES = 10
+
+
+def layer_seed(seed: int, layer_index: int) -> int:
+    """Initialiser seed of one layer of one replicate, independent of the other replicates."""
+    return int(np.random.SeedSequence([seed, layer_index]).generate_state(1)[0] % (2**31 - 1))
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class StackedDense(keras.layers.Layer):
+    """S independent ``Dense`` layers evaluated at once.
+
+    ``shared_input=True``: input (batch, in) is fed to every replicate (first layer).
+    ``shared_input=False``: input (S, batch, in), one slice per replicate.
+    Output is always (S, batch, units). Kernel (S, in, units), bias (S, units).
+    """
+
+    def __init__(
+        self,
+        units: int,
+        seeds: Sequence[int],
+        layer_index: int,
+        kernel_initializer: str = "glorot_uniform",
+        shared_input: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.seeds = [int(s) for s in seeds]
+        self.layer_index = int(layer_index)
+        self.kernel_initializer = kernel_initializer
+        self.shared_input = bool(shared_input)
+
+    @property
+    def replicates(self) -> int:
+        return len(self.seeds)
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        in_dim = int(input_shape[-1])
+        init_name = self.kernel_initializer
+
+        def stacked_init(shape: tuple[int, ...], dtype: Any = None) -> Any:
+            # One initialiser per replicate, each on an (in, units) slice: correct fans.
+            slices = [
+                keras.initializers.get({"class_name": init_name, "config": {"seed": layer_seed(s, self.layer_index)}})(
+                    (in_dim, self.units), dtype=dtype
+                )
+                for s in self.seeds
+            ]
+            return ops.stack(slices, axis=0)
+
+        self.kernel = self.add_weight(
+            name="kernel", shape=(self.replicates, in_dim, self.units), initializer=stacked_init
+        )
+        self.bias = self.add_weight(name="bias", shape=(self.replicates, self.units), initializer="zeros")
+
+    def call(self, inputs: Any) -> Any:
+        if self.shared_input:
+            # One wide product (batch, in) @ (in, S·units): the cheapest way to evaluate
+            # every replicate's first layer, which holds ~95% of the arithmetic.
+            s, i, u = self.replicates, self.kernel.shape[1], self.units
+            wide = ops.reshape(ops.transpose(self.kernel, (1, 0, 2)), (i, s * u))
+            out = ops.matmul(inputs, wide)
+            out = ops.transpose(ops.reshape(out, (-1, s, u)), (1, 0, 2))
+        else:
+            out = ops.einsum("sbi,sio->sbo", inputs, self.kernel)
+        return out + ops.expand_dims(self.bias, 1)
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        batch = input_shape[0] if self.shared_input else input_shape[1]
+        return (self.replicates, batch, self.units)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            units=self.units,
+            seeds=self.seeds,
+            layer_index=self.layer_index,
+            kernel_initializer=self.kernel_initializer,
+            shared_input=self.shared_input,
+        )
+        return config
+
+
+def output_activation(variant: Variant) -> str:
+    """Sigmoid outputs for the classic MSE setup, softmax for cross-entropy."""
+    return "softmax" if variant.loss == "cross_entropy" else "sigmoid"
+
+
+def build_model(variant: Variant, seeds: Sequence[int], hidden_units: int = 15) -> keras.Model:
+    """784 → ``depth`` × [StackedDense(hidden_units) (→ BatchNorm) → activation] → StackedDense(10) → output."""
+    inputs = keras.Input(shape=(INPUT_DIM,), name="pixels")
+    x = inputs
+    for i in range(1, variant.depth + 1):
+        x = StackedDense(
+            hidden_units,
+            seeds,
+            layer_index=i,
+            kernel_initializer=variant.init,
+            shared_input=(i == 1),
+            name=f"hidden_{i}",
+        )(x)
+        if variant.norm == "batch":
+            # Statistics over the batch axis only, separately per replicate and unit.
+            x = keras.layers.BatchNormalization(axis=[0, 2], name=f"batchnorm_{i}")(x)
+        x = keras.layers.Activation(variant.activation, name=f"{variant.activation}_{i}")(x)
+    x = StackedDense(N_CLASSES, seeds, layer_index=0, kernel_initializer=variant.init, name="output")(x)
+    outputs = keras.layers.Activation(output_activation(variant), name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=f"stacked-{variant.label}")
+
+
+def hidden_layers(model: keras.Model) -> list[StackedDense]:
+    """The hidden StackedDense layers in order (the output layer excluded)."""
+    return [layer for layer in model.layers if isinstance(layer, StackedDense) and layer.name.startswith("hidden_")]
+
+
+def unstack(model: keras.Model, variant: Variant, replicate: int) -> keras.Sequential:
+    """Extract replicate ``replicate`` as a plain Keras ``Sequential`` of ``Dense`` layers.
+
+    The result loads anywhere without this project's code and computes exactly what
+    the replicate computes inside the stacked model.
+    """
+    layers: list[keras.layers.Layer] = [keras.Input(shape=(INPUT_DIM,))]
+    assignments: list[tuple[keras.layers.Layer, list[np.ndarray]]] = []
+    for layer in model.layers:
+        if isinstance(layer, StackedDense):
+            dense = keras.layers.Dense(layer.units, name=layer.name)
+            layers.append(dense)
+            assignments.append((dense, [ops.convert_to_numpy(layer.kernel)[replicate], ops.convert_to_numpy(layer.bias)[replicate]]))
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            bn = keras.layers.BatchNormalization(name=layer.name)
+            layers.append(bn)
+            assignments.append((bn, [ops.convert_to_numpy(w)[replicate] for w in layer.weights]))
+        elif isinstance(layer, keras.layers.Activation):
+            layers.append(keras.layers.Activation(layer.activation, name=layer.name))
+    single = keras.Sequential(layers, name=f"{variant.label}-seed-{model.get_layer('output').seeds[replicate]}")
+    for target, weights in assignments:
+        target.set_weights(weights)
+    return single
