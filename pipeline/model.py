@@ -107,6 +107,35 @@ class StackedDense(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="pipeline")
+class StackedBatchNormalization(keras.layers.Layer):
+    """Batch normalisation of (S, batch, units): statistics over the batch axis, separately
+    for every replicate and unit, exactly as each replicate's own ``BatchNormalization``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.norm = keras.layers.BatchNormalization(axis=-1, name="norm")
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        self.replicates, self.units = int(input_shape[0]), int(input_shape[-1])
+        self.norm.build((None, self.replicates * self.units))
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        # (S, B, U) -> (B, S·U): one feature column per (replicate, unit).
+        s, u = self.replicates, self.units
+        wide = ops.reshape(ops.transpose(inputs, (1, 0, 2)), (-1, s * u))
+        wide = self.norm(wide, training=training)
+        return ops.transpose(ops.reshape(wide, (-1, s, u)), (1, 0, 2))
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return input_shape
+
+    def replicate_weights(self, replicate: int) -> list[np.ndarray]:
+        """gamma, beta, moving mean and variance of one replicate."""
+        u = self.units
+        return [ops.convert_to_numpy(w)[replicate * u : (replicate + 1) * u] for w in self.norm.weights]
+
+
 def output_activation(variant: Variant) -> str:
     """Sigmoid outputs for the classic MSE setup, softmax for cross-entropy."""
     return "softmax" if variant.loss == "cross_entropy" else "sigmoid"
@@ -127,7 +156,7 @@ def build_model(variant: Variant, seeds: Sequence[int], hidden_units: int = 15) 
         )(x)
         if variant.norm == "batch":
             # Statistics over the batch axis only, separately per replicate and unit.
-            x = keras.layers.BatchNormalization(axis=[0, 2], name=f"batchnorm_{i}")(x)
+            x = StackedBatchNormalization(name=f"batchnorm_{i}")(x)
         x = keras.layers.Activation(variant.activation, name=f"{variant.activation}_{i}")(x)
     x = StackedDense(N_CLASSES, seeds, layer_index=0, kernel_initializer=variant.init, name="output")(x)
     outputs = keras.layers.Activation(output_activation(variant), name="probabilities")(x)
@@ -152,10 +181,10 @@ def unstack(model: keras.Model, variant: Variant, replicate: int) -> keras.Seque
             dense = keras.layers.Dense(layer.units, name=layer.name)
             layers.append(dense)
             assignments.append((dense, [ops.convert_to_numpy(layer.kernel)[replicate], ops.convert_to_numpy(layer.bias)[replicate]]))
-        elif isinstance(layer, keras.layers.BatchNormalization):
+        elif isinstance(layer, StackedBatchNormalization):
             bn = keras.layers.BatchNormalization(name=layer.name)
             layers.append(bn)
-            assignments.append((bn, [ops.convert_to_numpy(w)[replicate] for w in layer.weights]))
+            assignments.append((bn, layer.replicate_weights(replicate)))
         elif isinstance(layer, keras.layers.Activation):
             layers.append(keras.layers.Activation(layer.activation, name=layer.name))
     single = keras.Sequential(layers, name=f"{variant.label}-seed-{model.get_layer('output').seeds[replicate]}")

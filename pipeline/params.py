@@ -166,7 +166,9 @@ class TrainParams:
     shuffle_seed: int = 0
     # Fixed training images on which per-layer gradients are measured every epoch.
     probe_size: int = 1000
-    # Log a progress line every N epochs when stdout is not a terminal.
+    # The vanishing index averages the first N epochs (learning speed matters most early).
+    index_window: int = 10
+    # Log a progress line every N epochs when stderr is not a terminal.
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -180,6 +182,7 @@ class TrainParams:
         _require(self.hidden_units >= 1, "train.hidden_units", f"must be >= 1; got {self.hidden_units}")
         _require(self.shuffle_seed >= 0, "train.shuffle_seed", f"must be >= 0; got {self.shuffle_seed}")
         _require(self.probe_size >= 1, "train.probe_size", f"must be >= 1; got {self.probe_size}")
+        _require(self.index_window >= 1, "train.index_window", f"must be >= 1; got {self.index_window}")
         _require(self.log_every >= 1, "train.log_every", f"must be >= 1; got {self.log_every}")
 
 

