@@ -270,9 +270,7 @@ class _JaxBackend(_Backend):
 
     def gradients(self, x: np.ndarray, y: np.ndarray) -> list[Any]:
         m = self.t.model
-        return self._grads(
-            [v.value for v in m.trainable_variables], [v.value for v in m.non_trainable_variables], x, y
-        )
+        return self._grads([v.value for v in m.trainable_variables], [v.value for v in m.non_trainable_variables], x, y)
 
 
 def _split_batches(order: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

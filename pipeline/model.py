@@ -180,7 +180,9 @@ def unstack(model: keras.Model, variant: Variant, replicate: int) -> keras.Seque
         if isinstance(layer, StackedDense):
             dense = keras.layers.Dense(layer.units, name=layer.name)
             layers.append(dense)
-            assignments.append((dense, [ops.convert_to_numpy(layer.kernel)[replicate], ops.convert_to_numpy(layer.bias)[replicate]]))
+            assignments.append(
+                (dense, [ops.convert_to_numpy(layer.kernel)[replicate], ops.convert_to_numpy(layer.bias)[replicate]])
+            )
         elif isinstance(layer, StackedBatchNormalization):
             bn = keras.layers.BatchNormalization(name=layer.name)
             layers.append(bn)

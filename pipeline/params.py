@@ -75,7 +75,7 @@ class FileMirror:
     kind: Literal["file"] = "file"
 
 
-Mirror = Union[NpzMirror, IdxMirror, PypiMirror, FileMirror]
+Mirror = NpzMirror | IdxMirror | PypiMirror | FileMirror
 MIRROR_KINDS: dict[str, type] = {"npz": NpzMirror, "idx": IdxMirror, "pypi": PypiMirror, "file": FileMirror}
 CONTENT_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
@@ -309,9 +309,7 @@ def _convert_dataclass(cls: Any, value: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(value) - set(fields))
     if unknown:
-        raise ParamsError(
-            f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed keys: {', '.join(fields)}"
-        )
+        raise ParamsError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed keys: {', '.join(fields)}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         if name in value:
@@ -347,13 +345,13 @@ def _describe(value: Any) -> str:
 __all__ = [
     "ACTIVATIONS",
     "CONTENT_KEYS",
+    "INITIALIZERS",
+    "LOSSES",
+    "NORMS",
     "FetchParams",
     "FileMirror",
     "IdxMirror",
-    "INITIALIZERS",
-    "LOSSES",
     "Mirror",
-    "NORMS",
     "NpzMirror",
     "ParamsError",
     "PreprocessParams",

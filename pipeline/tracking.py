@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 import types
@@ -78,7 +77,7 @@ def preflight(uri: str, timeout_s: float = 5.0, attempts: int = 3) -> None:
                     if resp.status == 200:
                         return
                     last = RuntimeError(f"HTTP {resp.status}")
-            except (urllib.error.URLError, OSError, socket.timeout) as exc:
+            except (TimeoutError, urllib.error.URLError, OSError) as exc:
                 last = exc
             if attempt + 1 < attempts:
                 time.sleep(0.5 * (attempt + 1))
@@ -153,7 +152,7 @@ def ensure_experiment(client: Any, name: str, root: Path) -> str:
         artifact_location = (root / ARTIFACT_DIR).as_uri()
     try:
         return str(client.create_experiment(name, artifact_location=artifact_location))
-    except Exception:  # noqa: BLE001 - another stage created it concurrently
+    except Exception:
         existing = client.get_experiment_by_name(name)
         if existing is None:
             raise
@@ -178,7 +177,7 @@ class RunSet:
         for run_id in self.run_ids:
             try:
                 self.client.set_terminated(run_id, status=status)
-            except Exception:  # noqa: BLE001 - ending the others matters more than one failure
+            except Exception:
                 log.exception("could not mark run %s as %s", run_id, status)
 
 

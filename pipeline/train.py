@@ -118,7 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         variant = parse(
             Variant,
-            {"depth": args.depth, "activation": args.activation, "loss": args.loss, "init": args.init, "norm": args.norm},
+            {
+                "depth": args.depth,
+                "activation": args.activation,
+                "loss": args.loss,
+                "init": args.init,
+                "norm": args.norm,
+            },
             "variant",
         )
         train: TrainParams = load_section("train", args.params)
@@ -222,7 +228,9 @@ def train_variant(
     )
 
 
-def _write_outputs(folder: Path, history: Any, metrics: dict[str, float], run_info: dict[str, Any], models: list[Any]) -> None:
+def _write_outputs(
+    folder: Path, history: Any, metrics: dict[str, float], run_info: dict[str, Any], models: list[Any]
+) -> None:
     history.to_csv(folder / "history.csv", index=False, float_format="%.8g")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (folder / "run.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
@@ -232,7 +240,14 @@ def _write_outputs(folder: Path, history: Any, metrics: dict[str, float], run_in
 
 
 def _log_run_inputs(
-    client: Any, run_ids: list[str], variant: Variant, train: TrainParams, backend: str, x: np.ndarray, y: np.ndarray, digest: str
+    client: Any,
+    run_ids: list[str],
+    variant: Variant,
+    train: TrainParams,
+    backend: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    digest: str,
 ) -> None:
     from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 

@@ -43,7 +43,9 @@ def test_replicate_losses_are_per_replicate_means() -> None:
     y = np.eye(10, dtype=np.float32)[[1, 2]]
     pred = np.stack([np.full((2, 10), 0.5, np.float32), np.asarray(y)])
     np.testing.assert_allclose(keras.ops.convert_to_numpy(replicate_losses("mse", y, pred)), [0.25, 0.0])
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(replicate_correct(y, pred)), [0.0 + (pred[0][0].argmax() == 1) + 0, 2.0])
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(replicate_correct(y, pred)), [0.0 + (pred[0][0].argmax() == 1) + 0, 2.0]
+    )
     ce = keras.ops.convert_to_numpy(replicate_losses("cross_entropy", y, np.stack([np.full((2, 10), 0.1, np.float32)])))
     np.testing.assert_allclose(ce, [-np.log(0.1)], rtol=1e-5)
 
@@ -66,7 +68,10 @@ def test_stacked_replicate_equals_alone(variant: Variant) -> None:
         np.testing.assert_allclose(ls["accuracy"][1], la["accuracy"][0], atol=1e-6)
         np.testing.assert_allclose(ls["loss"][1], la["loss"][0], rtol=1e-5)
     # The replicates really are different networks.
-    assert not np.allclose(keras.ops.convert_to_numpy(stacked.trainable_variables[0])[0], keras.ops.convert_to_numpy(stacked.trainable_variables[0])[1])
+    assert not np.allclose(
+        keras.ops.convert_to_numpy(stacked.trainable_variables[0])[0],
+        keras.ops.convert_to_numpy(stacked.trainable_variables[0])[1],
+    )
 
 
 def test_same_steps_as_keras_fit() -> None:
@@ -80,7 +85,7 @@ def test_same_steps_as_keras_fit() -> None:
     rec = Recorder()
     orders = np.random.default_rng(3)
     ref_acc = []
-    for epoch in range(3):
+    for _ in range(3):
         order = orders.permutation(len(x))
         hist = reference.fit(x[order], y[order], batch_size=100, epochs=1, shuffle=False, verbose=0)
         ref_acc.append(hist.history["categorical_accuracy"][0])
@@ -117,7 +122,10 @@ def test_gradients_match_hand_computed_backprop() -> None:
     model = build_model(Variant(depth=2), [0, 1])
     trainer = StackedTrainer(model, "mse", 0.2, 100, 0)
     grads = trainer.gradients(x, y)
-    weights = [(keras.ops.convert_to_numpy(layer.kernel), keras.ops.convert_to_numpy(layer.bias)) for layer in [*hidden_layers(model), model.get_layer("output")]]
+    weights = [
+        (keras.ops.convert_to_numpy(layer.kernel), keras.ops.convert_to_numpy(layer.bias))
+        for layer in [*hidden_layers(model), model.get_layer("output")]
+    ]
     for k in range(2):
         acts = [x.astype(np.float64)]
         for w, b in weights:

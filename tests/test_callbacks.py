@@ -1,0 +1,93 @@
+"""callbacks.py and measures.py: per-epoch measurements against hand-computed values."""
+
+from __future__ import annotations
+
+import io
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import callbacks as cb
+from pipeline import measures
+from pipeline.model import build_model, hidden_layers
+from pipeline.params import Variant
+
+
+def test_mean_abs_change_per_replicate() -> None:
+    before = np.zeros((2, 2, 3))
+    after = np.array([np.full((2, 3), 0.5), [[1, -1, 0], [0, 0, 4]]])
+    np.testing.assert_allclose(measures.mean_abs_change(before, after), [0.5, 1.0])
+
+
+def test_mean_abs_and_norm() -> None:
+    g = np.array([[[3.0, -4.0]], [[0.0, 1.0]]])
+    np.testing.assert_allclose(measures.mean_abs(g), [3.5, 0.5])
+    np.testing.assert_allclose(measures.l2_norm(g), [5.0, 1.0])
+
+
+def test_vanishing_index_window_and_zero_speed() -> None:
+    first = [1.0, 2.0, 3.0, 100.0]
+    last = [10.0, 0.0, 30.0, 1.0]
+    # window 3 keeps epochs 1..3; epoch 2 is skipped (last layer speed 0).
+    assert measures.vanishing_index(first, last, 3) == pytest.approx(0.1)
+    assert np.isnan(measures.vanishing_index([1.0], [0.0], 5))
+
+
+def test_weight_change_callback_hand_computed() -> None:
+    model = build_model(Variant(depth=2), [0, 1])
+    callback = cb.WeightChange()
+    callback.set_model(model)
+    callback.on_train_begin()
+    layers = hidden_layers(model)
+    before = [keras.ops.convert_to_numpy(layer.kernel) for layer in layers]
+    layers[0].kernel.assign(before[0] + np.array([0.1, -0.3]).reshape(2, 1, 1))
+    logs: dict = {}
+    callback.on_epoch_end(0, logs)
+    np.testing.assert_allclose(logs["weight_change/hidden_1"], [0.1, 0.3], rtol=1e-5)
+    np.testing.assert_allclose(logs["weight_change/hidden_2"], [0.0, 0.0])
+    # The next epoch compares with the end of the previous epoch, not the start.
+    logs = {}
+    callback.on_epoch_end(1, logs)
+    np.testing.assert_allclose(logs["weight_change/hidden_1"], [0.0, 0.0], atol=1e-7)
+
+
+def test_history_rows() -> None:
+    history = cb.History([3, 5])
+    history.on_epoch_end(0, {"accuracy": np.array([0.1, 0.2]), "loss": np.array([1.0, 2.0])})
+    assert history.rows == [
+        {"seed": 3, "epoch": 1, "accuracy": 0.1, "loss": 1.0},
+        {"seed": 5, "epoch": 1, "accuracy": 0.2, "loss": 2.0},
+    ]
+
+
+def test_progress_lines_when_not_a_terminal() -> None:
+    stream = io.StringIO()
+    progress = cb.Progress("depth-2", epochs=20, every=10, stream=stream)
+    progress.on_train_begin()
+    for epoch in range(20):
+        progress.on_epoch_end(epoch, {"accuracy": np.array([0.5, 0.7])})
+    lines = stream.getvalue().splitlines()
+    assert [line.split(":")[1].split()[1] for line in lines] == ["1/20", "10/20", "20/20"]
+    assert "accuracy 0.6000 (min 0.5000 max 0.7000, 2 seeds)" in lines[-1]
+    assert "\r" not in stream.getvalue()
+
+
+def test_mlflow_logger_steps_are_epochs(tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
+    runs = [client.create_run(exp).info.run_id for _ in range(2)]
+    logger = cb.MlflowLogger(client, runs, flush_s=3600)
+    for epoch in range(3):
+        logger.on_epoch_end(
+            epoch, {"accuracy": np.array([0.1 * epoch, 0.2 * epoch]), "grad/hidden_1": np.array([np.nan, 1.0])}
+        )
+    assert client.get_metric_history(runs[0], "accuracy") == []  # buffered
+    logger.on_train_end()
+    history = client.get_metric_history(runs[1], "accuracy")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.0), (2, 0.2), (3, 0.4)]
+    # Non-finite values are skipped rather than failing the batch.
+    assert client.get_metric_history(runs[0], "grad/hidden_1") == []
+    assert len(client.get_metric_history(runs[1], "grad/hidden_1")) == 3
