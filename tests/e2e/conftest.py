@@ -1,0 +1,108 @@
+"""End-to-end fixtures: a temporary copy of the repository with a small profile.
+
+The copy is a real git repository (DVC needs one) whose ``params.yaml`` points the
+fetch stage at a small synthetic MNIST-shaped file, with its own checksums, and cuts
+the experiment down to a few epochs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def synthetic_mnist(path: Path, n_train: int = 1200, n_test: int = 200, seed: int = 0) -> dict[str, str]:
+    """Write an MNIST-shaped npz with learnable structure; return its content md5s."""
+    from pipeline.mnist import MnistArrays, content_md5
+
+    rng = np.random.default_rng(seed)
+
+    def images(labels: np.ndarray) -> np.ndarray:
+        x = rng.integers(0, 60, (len(labels), 28, 28), dtype=np.uint8)
+        for k in range(10):  # a bright row per class
+            x[labels == k, 2 + 2 * k, :] = 255
+        return x
+
+    y_train = rng.integers(0, 10, n_train).astype(np.uint8)
+    y_test = rng.integers(0, 10, n_test).astype(np.uint8)
+    arrays = MnistArrays(images(y_train), y_train, images(y_test), y_test)
+    np.savez(path, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test)
+    return content_md5(arrays)
+
+
+def small_profile(params: dict[str, Any], data: Path, md5: dict[str, str]) -> dict[str, Any]:
+    """A few epochs, two depths, two seeds, a local mirror."""
+    params["fetch"]["mirrors"] = [{"kind": "file", "path": str(data)}]
+    params["fetch"]["content_md5"] = md5
+    params["preprocess"]["limit"] = 1000
+    params["train"].update(epochs=3, seeds=[0, 1], probe_size=100, index_window=2)
+    params["grid"]["depth"] = [1, 2]
+    return params
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment minus anything pointing at another MLflow store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True, timeout: float = 600):
+    """Run a command in the project copy; on failure show its output."""
+    result = subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
+    return result
+
+
+def copy_repo(dst: Path) -> Path:
+    """Copy tracked and untracked-but-not-ignored files, then commit them in a fresh git repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    run(["git", "init", "-q"], dst)
+    run([*git, "add", "-A"], dst)
+    run([*git, "commit", "-qm", "copy"], dst)
+    return dst
+
+
+def write_params(project: Path, params: dict[str, Any]) -> None:
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
+@pytest.fixture
+def make_project(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Factory: a repository copy with the small profile; ``edit(params)`` may change it further."""
+
+    def factory(edit: Callable[[dict[str, Any]], None] | None = None, name: str = "repo") -> Path:
+        project = copy_repo(tmp_path / name)
+        data = tmp_path / "mnist-small.npz"
+        md5 = synthetic_mnist(data)
+        params = small_profile(yaml.safe_load((project / "params.yaml").read_text()), data, md5)
+        if edit:
+            edit(params)
+        write_params(project, params)
+        return project
+
+    yield factory

@@ -1,0 +1,83 @@
+"""The whole pipeline through ``dvc repro`` on a small profile, in a temporary copy of the repo."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import run
+
+pytestmark = pytest.mark.slow
+
+VARIANTS = ["d1-sigmoid-mse-glorot_uniform-none", "d2-sigmoid-mse-glorot_uniform-none"]
+
+
+def finished_runs(store: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(store) as db:
+        return sorted(db.execute("SELECT name, status FROM runs").fetchall())
+
+
+def test_dvc_repro_end_to_end(make_project) -> None:
+    project = make_project()
+    first = run(["dvc", "repro"], project)
+    assert "Running stage 'report'" in first.stdout
+
+    assert (project / "data/raw/mnist.npz").is_file()
+    assert (project / "data/processed/train.npz").is_file()
+    for variant in VARIANTS:
+        folder = project / "results" / variant
+        for name in ("history.csv", "metrics.json", "run.json", "models/seed-0.keras", "models/seed-1.keras"):
+            assert (folder / name).is_file(), f"{folder / name} missing"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["epochs"] == 3 and metrics["replicates"] == 2
+        assert 0 <= metrics["accuracy"] <= 1
+    assert (project / "reports/index.html").is_file()
+    assert (project / "reports/summary.md").is_file()
+    assert list((project / "reports").glob("*.png"))
+
+    # One FINISHED run per variant and seed, plus the report's run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vanishing-gradient")
+    runs = client.search_runs([experiment.experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    assert names == ["depth-1-seed-0", "depth-1-seed-1", "depth-2-seed-0", "depth-2-seed-1", "report"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["pipeline.group"] for r in runs}) == 1
+    for r in runs:
+        if r.info.run_name == "report":
+            continue
+        depth = int(r.info.run_name.split("-")[1])
+        keys = ["accuracy", "loss"] + [f"weight_change/hidden_{i}" for i in range(1, depth + 1)]
+        for key in keys:
+            history = client.get_metric_history(r.info.run_id, key)
+            assert [m.step for m in history] == [1, 2, 3], key
+        assert r.data.tags["dvc.stage"].startswith("train@")
+        assert len(r.data.tags["data.digest"]) == 64
+        assert r.data.params["learning_rate"] == "0.2"
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"history.csv", "figure.png", "model", "metrics.json"} <= artifacts
+        assert r.inputs.dataset_inputs[0].dataset.name == "mnist-train"
+
+    # Nothing changed: nothing runs, and no MLflow run is created.
+    second = run(["dvc", "repro"], project)
+    assert "Running stage" not in second.stdout
+    assert len(client.search_runs([experiment.experiment_id])) == len(runs)
+    assert run(["dvc", "status"], project).stdout.strip().endswith("Data and pipelines are up to date.")
+
+
+def test_new_depth_trains_only_the_new_variant(make_project) -> None:
+    project = make_project(lambda p: p["grid"].update(depth=[1]))
+    run(["dvc", "repro"], project)
+    params = (project / "params.yaml").read_text().replace("depth:\n  - 1\n", "depth:\n  - 1\n  - 2\n")
+    (project / "params.yaml").write_text(params)
+    second = run(["dvc", "repro"], project)
+    started = [line for line in second.stdout.splitlines() if line.startswith("Running stage")]
+    assert started == [
+        "Running stage 'train@2-sigmoid-mse-glorot_uniform-none':",
+        "Running stage 'report':",
+    ]
