@@ -13,7 +13,8 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: help venv repro test test-fast lint format ui bench lock clean
+.PHONY: help venv repro test test-fast lint format ui bench jax lock clean
+BENCH_ARGS ?= --depth 4 --replicates 1 --epochs 4 --rounds 3
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -46,6 +47,13 @@ format: $(STAMP) ## Reformat the code with ruff
 
 ui: $(STAMP) ## Browse the MLflow store at http://$(HOST):$(PORT) (prints the runs link)
 	$(BIN)/python -m pipeline.serve ui --host $(HOST) --port $(PORT)
+
+bench: $(STAMP) ## Benchmark seed-style Keras fit against the project's trainer (BENCH_ARGS=...)
+	@test -f data/processed/train.npz || $(BIN)/dvc repro preprocess
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+jax: $(STAMP) ## Add JAX to .venv so that KERAS_BACKEND=jax works (not installed by default)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-jax.txt
 
 lock: ## Regenerate requirements.lock from requirements.txt in a scratch venv
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock

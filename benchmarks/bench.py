@@ -126,7 +126,8 @@ def main() -> int:
         proc.wait()
 
     total = args.epochs * args.rounds
-    print(f"\ndepth {args.depth}, {args.replicates} replicate(s), {total} epochs each, {len(load_data(args.data, args.limit)[0])} images")
+    n_images = len(load_data(args.data, args.limit)[0])
+    print(f"\ndepth {args.depth}, {args.replicates} replicate(s), {total} epochs each, {n_images} images")
     medians = {}
     for side in ("baseline", "project"):
         times = results[side]["times"][1:]  # the first epoch includes compilation

@@ -66,7 +66,9 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: boo
     """Run a command in the project copy; on failure show its output."""
     result = subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{cmd} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
+        raise AssertionError(
+            f"{cmd} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+        )
     return result
 
 

@@ -1,0 +1,225 @@
+"""Report stage: loading results, the page it builds, MLflow logging and the failure paths."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline import report
+from pipeline.params import ReportParams, TrackingParams, Variant
+from tests.synthetic_results import DEFAULT_VARIANTS, write_results, write_variant
+
+D1, D2, REMEDY = (v.label for v in DEFAULT_VARIANTS)
+PARAMS = """\
+train: {not: read}
+tracking:
+  experiment: report-test
+report:
+  change_clip_quantile: 0.9
+  dpi: 40
+"""
+
+
+def write_params(folder: Path) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(PARAMS, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------- loading
+def test_load_results_reads_every_variant_in_study_order(tmp_path):
+    results = write_results(tmp_path / "results")
+    (results / ".d9-tmp").mkdir()  # the train stage's temporary folder
+    (results / "incomplete").mkdir()
+    (results / "incomplete" / "history.csv").write_text("seed,epoch,accuracy\n0,1,0.5\n")
+    write_variant(results, Variant(depth=1, activation="relu"))
+
+    loaded = report.load_results(results)
+
+    assert [r.label for r in loaded] == [D1, D2, "depth-1-relu", REMEDY]
+    first = loaded[0]
+    assert first.classic and not loaded[2].classic
+    assert first.seeds == [0, 1]
+    assert first.epochs == 5
+    assert first.metrics["accuracy"] == pytest.approx(0.85)
+    assert first.run_ids == {"0": "rundepth1s0", "1": "rundepth1s1"}
+    assert list(first.history.columns[:4]) == ["seed", "epoch", "loss", "accuracy"]
+
+
+def test_load_results_errors_name_the_problem(tmp_path):
+    with pytest.raises(report.ReportError, match="does not exist"):
+        report.load_results(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(report.ReportError, match="no variant results"):
+        report.load_results(tmp_path / "empty")
+
+    results = tmp_path / "results"
+    folder = write_variant(results, Variant(depth=1))
+    (folder / "run.json").write_text(json.dumps({"variant": {"depth": 0}}))
+    with pytest.raises(report.ReportError, match=r"run\.json"):
+        report.load_results(results)
+    (folder / "run.json").write_text("{not json")
+    with pytest.raises(report.ReportError, match="JSON"):
+        report.load_results(results)
+
+
+def test_load_results_rejects_duplicate_variants_and_missing_columns(tmp_path):
+    results = tmp_path / "results"
+    folder = write_variant(results, Variant(depth=1))
+    copy = results / "copy"
+    copy.mkdir()
+    for name in report.REQUIRED_FILES:
+        (copy / name).write_bytes((folder / name).read_bytes())
+    with pytest.raises(report.ReportError, match="both hold variant depth-1"):
+        report.load_results(results)
+    (copy / "history.csv").write_text("epoch,loss\n1,0.3\n")
+    with pytest.raises(report.ReportError, match="missing column"):
+        report.load_variant(copy)
+
+
+def test_remedy_groups_put_the_classic_variant_first(tmp_path):
+    loaded = report.load_results(write_results(tmp_path / "results"))
+    groups = report.remedy_groups(loaded)
+    assert {depth: [r.label for r in group] for depth, group in groups.items()} == {2: [D2, REMEDY]}
+
+
+def test_run_links():
+    assert report.ui_base("sqlite:////x/mlflow.db") == "http://127.0.0.1:5000/"
+    assert report.ui_base("https://mlflow.example.org/root") == "https://mlflow.example.org/root/"
+    link = report.run_link("http://127.0.0.1:5000/", "3", "abc")
+    assert link == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
+
+
+def test_replace_dir_swaps_in_the_new_folder(tmp_path):
+    old, new = tmp_path / "reports", tmp_path / "new"
+    old.mkdir()
+    (old / "stale.png").write_text("old")
+    new.mkdir()
+    (new / "index.html").write_text("new")
+    report.replace_dir(new, old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]
+    assert [p.name for p in old.iterdir()] == ["index.html"]
+
+
+# ------------------------------------------------------------------ building pages
+def test_build_report_without_gradient_or_test_columns_skips_those_figures(tmp_path):
+    results = tmp_path / "results"
+    for variant in (Variant(depth=1), Variant(depth=2)):
+        write_variant(results, variant, grads=False, test=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    report.build_report(report.load_results(results), ReportParams(dpi=30), TrackingParams(), "sqlite:///x", out)
+    files = sorted(p.name for p in out.iterdir())
+    assert "index.html" in files and "summary.md" in files
+    assert "classic-depth-2.png" in files and "bands-depth-1.png" in files
+    assert not [f for f in files if f.startswith(("gradients-", "test_vs_train", "remedies-"))]
+
+
+# ---------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """One full run of ``main`` on a synthetic results folder with a SQLite MLflow store."""
+    root = tmp_path_factory.mktemp("e2e")
+    write_results(root / "results")
+    params = write_params(root)
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        code = report.main(["--params", str(params), "--results", "results", "--out", "reports"])
+    return {"code": code, "root": root, "uri": uri, "out": root / "reports"}
+
+
+def test_main_writes_the_report(e2e):
+    assert e2e["code"] == 0
+    out = e2e["out"]
+    files = {p.name for p in out.iterdir()}
+    assert {"index.html", "summary.md", "accuracy_by_depth.png", "first_layer_change.png", "sigmoid.png"} <= files
+    assert {f"classic-{D1}.png", f"classic-{D2}.png", f"gradients-{D2}.png", "remedies-depth-2.png"} <= files
+    assert {f"bands-{label}.png" for label in (D1, D2, REMEDY)} <= files
+    assert f"classic-{REMEDY}.png" not in files  # the per-depth classic figures are for classic variants
+    assert [p.name for p in e2e["root"].iterdir() if p.name.startswith(".reports")] == []  # no temp folder left
+
+
+def test_index_html_is_self_contained_and_shows_computed_numbers(e2e):
+    page = (e2e["out"] / "index.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") >= 10
+    for label in (D1, D2, REMEDY):
+        assert label in page
+    # Final accuracy of depth-1: seeds end at 0.80 and 0.90.
+    assert "0.8500 ± 0.0500" in page
+    assert "0.8200 ± 0.0400" in page  # its test accuracy
+    # Only the MLflow run links point outside the page.
+    external = re.findall(r'(?:src|href)\s*=\s*["\']?(https?://[^"\' >]+)', page)
+    assert external and all(re.match(r"http://127\.0\.0\.1:5000/#/experiments/7/runs/\w+$", u) for u in external)
+    assert "http://127.0.0.1:5000/#/experiments/7/runs/rundepth1s0" in page
+    assert "make ui" in page
+    assert not re.search(r"<(script|link|iframe)\b", page)
+    order = [page.index(heading) for heading in ("Setup", "classic picture", "replicates", "Gradients", "Remedies")]
+    assert order == sorted(order)
+    assert page.index("Remedies") < page.index("Results") < page.index("Runs")
+
+
+def test_summary_markdown(e2e):
+    text = (e2e["out"] / "summary.md").read_text(encoding="utf-8")
+    assert "| variant | final accuracy | test accuracy | vanishing index |" in text
+    assert f"| {D2} | 0.8400 ± 0.0500 | 0.8100 ± 0.0400 | 0.2 ± 0 |" in text
+
+
+def test_main_logs_a_finished_report_run(e2e):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=e2e["uri"])
+    experiment = client.get_experiment_by_name("report-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "report"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dvc.stage"] == "report"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"index.html", "summary.md", "sigmoid.png", f"classic-{D1}.png"} <= artifacts
+    assert artifacts == {p.name for p in e2e["out"].iterdir()}
+
+
+# ------------------------------------------------------------------ failure paths
+def test_empty_results_exit_1_and_write_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    (tmp_path / "results").mkdir()
+    code = report.main(["--params", str(write_params(tmp_path)), "--results", "results", "--out", "reports"])
+    assert code == 1
+    assert not (tmp_path / "reports").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "results"]  # no store, no temp folder
+    err = capsys.readouterr().err
+    assert err.count("error") == 1 and "no variant results" in err
+
+
+def test_failure_leaves_an_existing_report_untouched(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "index.html").write_text("previous")
+    code = report.main(["--params", str(write_params(tmp_path)), "--results", "nowhere", "--out", "reports"])
+    assert code == 1
+    assert (tmp_path / "reports" / "index.html").read_text() == "previous"
+
+
+def test_preflight_runs_before_reading_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/no/such/folder/mlflow.db")
+    write_results(tmp_path / "results")
+    code = report.main(["--params", str(write_params(tmp_path)), "--results", "results", "--out", "reports"])
+    assert code == 1
+    assert not (tmp_path / "reports").exists()
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_bad_params_exit_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text("tracking: {experiment: x}\nreport: {dpi: 5}\n")
+    assert report.main(["--params", str(params), "--results", "results", "--out", "reports"]) == 1
+    assert "report.dpi" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
