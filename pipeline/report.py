@@ -22,11 +22,7 @@ import io
 import itertools
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +33,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline import figures, tracking
+from pipeline.outputs import staged_dir
 from pipeline.params import ParamsError, ReportParams, TrackingParams, Variant, load_section
 
 log = logging.getLogger(__name__)
@@ -565,25 +562,6 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 
 
 # ------------------------------------------------------------------------- output
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing whatever is there (restored if the move fails)."""
-    backup = None
-    if dst.exists() or dst.is_symlink():
-        backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-        dst.rename(backup)
-    try:
-        src.rename(dst)
-    except OSError:
-        if backup is not None:
-            backup.rename(dst)
-        raise
-    if backup is not None:
-        if backup.is_dir() and not backup.is_symlink():
-            shutil.rmtree(backup)
-        else:
-            backup.unlink()
-
-
 def log_report(uri: str, experiment: str, folder: Path, params_file: Path) -> str:
     """Log every file in ``folder`` as artifacts of one run named ``report``; returns its run id."""
     root = tracking.project_root()
@@ -596,12 +574,6 @@ def log_report(uri: str, experiment: str, folder: Path, params_file: Path) -> st
     except Exception as exc:  # the run is already marked FAILED; report one clear line
         raise tracking.TrackingError(f"logging the report to MLflow at {uri} failed: {exc}") from exc
     return runs.run_ids[0]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -627,18 +599,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report: error: {exc}", file=sys.stderr)
         return 1
     out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the report is an ordinary folder
     try:
-        summary = build_report(results, rp, tp, uri, tmp)
-        run_id = log_report(uri, tp.experiment, tmp, args.params)
-        replace_dir(tmp, out)
+        with staged_dir(out) as tmp:
+            summary = build_report(results, rp, tp, uri, tmp)
+            run_id = log_report(uri, tp.experiment, tmp, args.params)
     except (tracking.TrackingError, ReportError, OSError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("report: %d variant(s) -> %s (MLflow run %s)", len(summary), out / "index.html", run_id)
     return 0
 

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import tracking
+from pipeline.outputs import staged_dir
 from pipeline.params import ParamsError, TrackingParams, TrainParams, Variant, load_section, parse
 
 log = logging.getLogger("pipeline.train")
@@ -208,16 +208,9 @@ def train_variant(
             "tracking_uri": uri,
             "group": tags[tracking.GROUP_TAG],
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with staged_dir(out) as tmp:
             _write_outputs(tmp, frame, metrics, run_info, [unstack(model, variant, k) for k in range(len(train.seeds))])
             _log_run_outputs(client, runs.run_ids, train.seeds, tmp, variant)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info(
         "%s: final accuracy %.4f ± %.4f, vanishing index %.3g -> %s",
         variant.label,

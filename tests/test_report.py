@@ -93,17 +93,6 @@ def test_run_links():
     assert link == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
 
 
-def test_replace_dir_swaps_in_the_new_folder(tmp_path):
-    old, new = tmp_path / "reports", tmp_path / "new"
-    old.mkdir()
-    (old / "stale.png").write_text("old")
-    new.mkdir()
-    (new / "index.html").write_text("new")
-    report.replace_dir(new, old)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]
-    assert [p.name for p in old.iterdir()] == ["index.html"]
-
-
 # ------------------------------------------------------------------ building pages
 def test_build_report_without_gradient_or_test_columns_skips_those_figures(tmp_path):
     results = tmp_path / "results"

@@ -1,0 +1,72 @@
+"""Atomic outputs: build beside the target, move into place only when complete.
+
+A stage that fails or is killed leaves the previous output (or nothing) at the target
+path, never a half-written one; its scratch copy is removed on every exit path
+except SIGKILL, and is hidden (``.<name>.tmp-*``) so readers skip it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``out``; on success it replaces ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would become the output's mode
+    try:
+        yield tmp
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing what is there; the old one is restored if the move fails."""
+    backup = None
+    if dst.exists() or dst.is_symlink():
+        # Move the old output aside first, so ``dst`` never holds a mix of old and new.
+        backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        dst.rename(backup)
+    try:
+        src.rename(dst)
+    except OSError:
+        if backup is not None:
+            backup.rename(dst)
+        raise
+    if backup is not None:
+        if backup.is_dir() and not backup.is_symlink():
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            backup.unlink()
+
+
+@contextmanager
+def staged_file(out: Path) -> Iterator[Path]:
+    """Yield a path beside ``out``; on success the file there replaces ``out`` (``os.replace``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o666 & ~_umask())
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
