@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         track: TrackingParams = load_section("tracking", args.params)
     except ParamsError as exc:
         log.error("%s", exc)
-        return 2
+        return 1
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s exposes the store to the network; MLflow has no authentication here", args.host)
     root = tracking.project_root()

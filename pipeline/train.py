@@ -133,13 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         tracking.preflight(uri)
     except (ParamsError, tracking.TrackingError) as exc:
         log.error("%s", exc)
-        return 2
+        return 1
     stage = args.stage or os.environ.get("DVC_STAGE") or f"train@{variant.label}"
     try:
         train_variant(variant, train, track, uri, args.data, args.out, stage, args.params)
     except tracking.TrackingError as exc:
         log.error("%s", exc)
-        return 2
+        return 1
     except (KeyboardInterrupt, tracking.RunInterrupted):
         log.error("interrupted: the MLflow runs are marked KILLED and %s was not written", args.out)
         return 130

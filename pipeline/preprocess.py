@@ -1,0 +1,104 @@
+"""Stage ``preprocess``: scale and flatten the images, one-hot encode the labels.
+
+``python -m pipeline.preprocess [--params params.yaml] --in data/raw/mnist.npz --out data/processed``
+
+Writes ``<out>/train.npz`` and ``<out>/test.npz`` (keys ``x``: float32 (n, 784) in
+[0, 1], ``y``: float32 one-hot (n, 10)) and nothing else. The folder is built beside
+``<out>`` and renamed into place, so ``<out>`` is either the old or the new result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.mnist import NUM_CLASSES, DataError, MnistArrays, npz_to_arrays, write_npz
+from pipeline.outputs import staged_dir
+from pipeline.params import ParamsError, PreprocessParams, load_section
+
+log = logging.getLogger("pipeline.preprocess")
+
+
+def one_hot(labels: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
+    """float32 one-hot rows for integer ``labels``."""
+    return np.eye(classes, dtype=np.float32)[labels]
+
+
+def scale(images: np.ndarray) -> np.ndarray:
+    """uint8 (n, 28, 28) -> float32 (n, 784) in [0, 1] (pixel / 255)."""
+    return images.reshape(len(images), -1).astype(np.float32) / np.float32(255)
+
+
+def preprocess(arrays: MnistArrays, limit: int | None) -> dict[str, np.ndarray]:
+    """Network-ready arrays; ``limit`` keeps the first N training images (None: all)."""
+    n_train = len(arrays.x_train)
+    if limit is not None:
+        if limit <= 0:
+            raise ParamsError(f"preprocess.limit: must be null or > 0; got {limit}")
+        if limit > n_train:
+            raise ParamsError(
+                f"preprocess.limit: {limit} is more than the {n_train} training images; "
+                f"set it to null (all) or at most {n_train}"
+            )
+    keep = slice(0, limit)
+    return {
+        "x_train": scale(arrays.x_train[keep]),
+        "y_train": one_hot(arrays.y_train[keep]),
+        "x_test": scale(arrays.x_test),
+        "y_test": one_hot(arrays.y_test),
+    }
+
+
+def write_processed(data: dict[str, np.ndarray], out: Path) -> None:
+    """Write ``train.npz``/``test.npz`` into a fresh folder beside ``out``, then swap it in."""
+    with staged_dir(Path(out)) as tmp:
+        for split in ("train", "test"):
+            with (tmp / f"{split}.npz").open("wb") as f:
+                write_npz(f, {"x": data[f"x_{split}"], "y": data[f"y_{split}"]})
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def run(in_path: Path, out: Path, limit: int | None) -> None:
+    """Load ``in_path``, preprocess, write ``out``."""
+    if not Path(in_path).is_file():
+        raise DataError(f"{in_path}: no such file; run the fetch stage first (dvc repro fetch)")
+    arrays = npz_to_arrays(in_path)
+    data = preprocess(arrays, limit)
+    write_processed(data, out)
+    log.info(
+        "wrote %s: %d training and %d test examples (limit %s)",
+        out, len(data["x_train"]), len(data["x_test"]), limit,
+    )  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="params file (reads its 'preprocess' section)")
+    p.add_argument("--in", dest="in_path", type=Path, default=Path("data/raw/mnist.npz"), help="fetched .npz")
+    p.add_argument("--out", type=Path, default=Path("data/processed"), help="output folder")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        params: PreprocessParams = load_section("preprocess", args.params)
+        run(args.in_path, args.out, params.limit)
+    except (ParamsError, DataError) as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("I/O error (reading %s or writing %s): %s", args.in_path, args.out, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
