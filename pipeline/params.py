@@ -9,6 +9,7 @@ allowed, and are raised before any output or MLflow run exists.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 import typing
 from collections.abc import Mapping
@@ -152,6 +153,44 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class GridParams:
+    """``grid`` section: the classic study's axes; DVC's ``matrix`` trains every combination."""
+
+    depth: tuple[int, ...]
+    activation: tuple[Activation, ...] = ("sigmoid",)
+    loss: tuple[Loss, ...] = ("mse",)
+    init: tuple[Initializer, ...] = ("glorot_uniform",)
+    norm: tuple[Norm, ...] = ("none",)
+
+    def __post_init__(self) -> None:
+        for axis in ("depth", "activation", "loss", "init", "norm"):
+            values = getattr(self, axis)
+            _require(len(values) > 0, f"grid.{axis}", "must list at least one value")
+            _require(len(set(values)) == len(values), f"grid.{axis}", f"must not repeat; got {list(values)}")
+        _require(all(d >= 1 for d in self.depth), "grid.depth", f"must be >= 1; got {list(self.depth)}")
+
+    def expand(self) -> list[Variant]:
+        """Every combination, in the order DVC's matrix names its stages (depth outermost)."""
+        return [
+            Variant(depth=d, activation=a, loss=lo, init=i, norm=n)
+            for d, a, lo, i, n in itertools.product(self.depth, self.activation, self.loss, self.init, self.norm)
+        ]
+
+
+def study_variants(grid: GridParams, remedies: dict[str, Variant]) -> list[Variant]:
+    """All variants of the study: the grid, then the named remedies (which must be new)."""
+    variants = grid.expand()
+    for name, remedy in remedies.items():
+        _require(
+            remedy not in variants,
+            f"remedies.{name}",
+            f"{remedy.label} is already in the grid; remove it from one of them",
+        )
+        variants.append(remedy)
+    return variants
+
+
+@dataclass(frozen=True)
 class TrainParams:
     """``train`` section: everything shared by every variant's training."""
 
@@ -216,10 +255,12 @@ class ReportParams:
         _require(self.dpi >= 30, "report.dpi", f"must be >= 30; got {self.dpi}")
 
 
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, Any] = {
     "fetch": FetchParams,
     "preprocess": PreprocessParams,
     "train": TrainParams,
+    "grid": GridParams,
+    "remedies": dict[str, Variant],
     "tracking": TrackingParams,
     "report": ReportParams,
 }
@@ -350,6 +391,7 @@ __all__ = [
     "NORMS",
     "FetchParams",
     "FileMirror",
+    "GridParams",
     "IdxMirror",
     "Mirror",
     "NpzMirror",
@@ -363,4 +405,5 @@ __all__ = [
     "load_section",
     "parse",
     "read_params_file",
+    "study_variants",
 ]

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from pipeline import figures, tracking
 from pipeline.outputs import staged_dir
-from pipeline.params import ParamsError, ReportParams, TrackingParams, Variant, load_section
+from pipeline.params import ParamsError, ReportParams, TrackingParams, Variant, load_section, study_variants
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_results(results: Path) -> list[VariantResult]:
-    """Every variant folder under ``results`` (hidden folders skipped), in study order."""
+def load_results(results: Path, study: Sequence[Variant] | None = None) -> list[VariantResult]:
+    """Every variant folder under ``results`` (hidden folders skipped), in study order.
+
+    With ``study``, only those variants are kept (folders left by variants since removed
+    from params are skipped), and each of them must have results.
+    """
     if not results.is_dir():
         raise ReportError(f"results folder {results} does not exist; run the train stage first (dvc repro)")
     folders = sorted(
@@ -135,6 +139,15 @@ def load_results(results: Path) -> list[VariantResult]:
         if result.label in seen:
             raise ReportError(f"{seen[result.label]} and {result.folder} both hold variant {result.label}")
         seen[result.label] = result.folder
+    if study is not None:
+        wanted = set(study)
+        for result in loaded:
+            if result.variant not in wanted:
+                log.info("skipping %s: %s is not in the study's params (grid, remedies)", result.folder, result.label)
+        loaded = [result for result in loaded if result.variant in wanted]
+        missing = sorted(v.label for v in wanted - {result.variant for result in loaded})
+        if missing:
+            raise ReportError(f"no results for {', '.join(missing)} in {results}; run their train stages (dvc repro)")
     return sorted(loaded, key=study_order)
 
 
@@ -594,7 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tp: TrackingParams = load_section("tracking", args.params)
         uri = tracking.tracking_uri()
         tracking.preflight(uri)
-        results = load_results(args.results)
+        study = study_variants(load_section("grid", args.params), load_section("remedies", args.params))
+        results = load_results(args.results, study)
     except (ParamsError, tracking.TrackingError, ReportError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 1

@@ -9,17 +9,19 @@ import yaml
 
 from pipeline.params import (
     FetchParams,
+    GridParams,
     ParamsError,
     PypiMirror,
     TrainParams,
     Variant,
     load_section,
     parse,
+    study_variants,
 )
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("section", ["fetch", "preprocess", "train", "tracking", "report"])
+@pytest.mark.parametrize("section", ["fetch", "preprocess", "train", "grid", "remedies", "tracking", "report"])
 def test_repo_params_parse(section: str) -> None:
     assert load_section(section, ROOT / "params.yaml") is not None
 
@@ -117,3 +119,67 @@ def test_bad_mirror_kind() -> None:
     raw["mirrors"] = [{"kind": "npz", "url": "https://x", "sha265": "typo"}]
     with pytest.raises(ParamsError, match="unknown key"):
         parse(FetchParams, raw, "fetch")
+
+
+def test_grid_expansion_matches_dvc_matrix_order() -> None:
+    grid = parse(GridParams, {"depth": [1, 2], "activation": ["sigmoid", "relu"], "init": ["he_normal"]}, "grid")
+    assert [v.label for v in grid.expand()] == [
+        "depth-1-henormal",
+        "depth-1-relu-henormal",
+        "depth-2-henormal",
+        "depth-2-relu-henormal",
+    ]
+
+
+def test_default_study_is_four_depths_and_three_remedies() -> None:
+    grid = load_section("grid", ROOT / "params.yaml")
+    remedies = load_section("remedies", ROOT / "params.yaml")
+    labels = [v.label for v in study_variants(grid, remedies)]
+    assert labels == [
+        "depth-1",
+        "depth-2",
+        "depth-3",
+        "depth-4",
+        "depth-4-ce",
+        "depth-4-relu",
+        "depth-4-relu-ce-henormal",
+    ]
+
+
+def test_dvc_expands_the_same_stages() -> None:
+    import subprocess
+    import sys
+
+    dvc = Path(sys.executable).parent / "dvc"
+    out = subprocess.run(
+        [str(dvc), "stage", "list", "--name-only"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    stages = out.stdout.split()
+    grid = load_section("grid", ROOT / "params.yaml")
+    expected = [f"train@{v.depth}-{v.activation}-{v.loss}-{v.init}-{v.norm}" for v in grid.expand()]
+    assert [s for s in stages if s.startswith("train@")] == expected
+    assert [s for s in stages if s.startswith("remedy@")] == [
+        f"remedy@{n}" for n in load_section("remedies", ROOT / "params.yaml")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"depth": []}, "grid.depth: must list at least one value"),
+        ({"depth": [2, 2]}, "grid.depth: must not repeat"),
+        ({"depth": [0]}, "grid.depth: must be >= 1"),
+        ({"depth": [1], "activation": ["elu"]}, "grid.activation[0]: got 'elu'"),
+        ({"depths": [1]}, "unknown key(s) depths"),
+    ],
+)
+def test_bad_grid(raw: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        parse(GridParams, raw, "grid")
+    assert fragment in str(err.value)
+
+
+def test_remedy_duplicating_the_grid_is_an_error() -> None:
+    grid = parse(GridParams, {"depth": [4]}, "grid")
+    with pytest.raises(ParamsError, match=r"remedies\.same: depth-4 is already in the grid"):
+        study_variants(grid, {"same": Variant(depth=4)})

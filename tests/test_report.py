@@ -15,6 +15,9 @@ from tests.synthetic_results import DEFAULT_VARIANTS, write_results, write_varia
 D1, D2, REMEDY = (v.label for v in DEFAULT_VARIANTS)
 PARAMS = """\
 train: {not: read}
+grid: {depth: [1, 2]}
+remedies:
+  relu-ce-he: {depth: 2, activation: relu, loss: cross_entropy, init: he_normal, norm: none}
 tracking:
   experiment: report-test
 report:
@@ -47,6 +50,15 @@ def test_load_results_reads_every_variant_in_study_order(tmp_path):
     assert first.metrics["accuracy"] == pytest.approx(0.85)
     assert first.run_ids == {"0": "rundepth1s0", "1": "rundepth1s1"}
     assert list(first.history.columns[:4]) == ["seed", "epoch", "loss", "accuracy"]
+
+
+def test_load_results_keeps_only_the_study(tmp_path):
+    results = write_results(tmp_path / "results")
+    write_variant(results, Variant(depth=3))  # trained once, since removed from params
+    loaded = report.load_results(results, list(DEFAULT_VARIANTS))
+    assert [r.label for r in loaded] == [D1, D2, REMEDY]
+    with pytest.raises(report.ReportError, match="no results for depth-5"):
+        report.load_results(results, [*DEFAULT_VARIANTS, Variant(depth=5)])
 
 
 def test_load_results_errors_name_the_problem(tmp_path):
@@ -208,7 +220,7 @@ def test_preflight_runs_before_reading_results(tmp_path, monkeypatch, capsys):
 def test_bad_params_exit_1(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     params = tmp_path / "params.yaml"
-    params.write_text("tracking: {experiment: x}\nreport: {dpi: 5}\n")
+    params.write_text("tracking: {experiment: x}\nreport: {dpi: 5}\ngrid: {depth: [1]}\nremedies: {}\n")
     assert report.main(["--params", str(params), "--results", "results", "--out", "reports"]) == 1
     assert "report.dpi" in capsys.readouterr().err
     assert not (tmp_path / "reports").exists()

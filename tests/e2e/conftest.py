@@ -73,9 +73,9 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: boo
 
 
 def copy_repo(dst: Path) -> Path:
-    """Copy tracked and untracked-but-not-ignored files, then commit them in a fresh git repo."""
+    """Copy the files git tracks (not the workspace's pipeline outputs), then commit them in a fresh repo."""
     files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "ls-files", "-c", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split("\0")
     for rel in filter(None, files):
         src = ROOT / rel
