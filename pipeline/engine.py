@@ -165,8 +165,8 @@ class _TensorFlowBackend(_Backend):
             return per_replicate * n, replicate_correct(yb, pred)
 
         @tf.function(reduce_retracing=True)
-        def epoch(x: Any, y: Any, batches: Any, tail: Any) -> tuple[Any, Any]:
-            # A graph-level loop over the epoch's batches: one Python call per epoch.
+        def epoch(x: Any, y: Any, batches: Any) -> tuple[Any, Any]:
+            # A graph-level loop over the epoch's full batches: one Python call per epoch.
             s = trainer.replicates
             loss_sum = tf.zeros((s,), tf.float32)
             correct = tf.zeros((s,), tf.float32)
@@ -175,11 +175,14 @@ class _TensorFlowBackend(_Backend):
                 dl, dc = step(tf.gather(x, idx), tf.gather(y, idx))
                 loss_sum += dl
                 correct += dc
-            if tf.size(tail) > 0:
-                dl, dc = step(tf.gather(x, tail), tf.gather(y, tail))
-                loss_sum += dl
-                correct += dc
             return loss_sum, correct
+
+        @tf.function(reduce_retracing=True)
+        def last_batch(x: Any, y: Any, idx: Any) -> tuple[Any, Any]:
+            # Called from Python only when the last batch is short. An in-graph
+            # ``tf.cond`` on its size is lowered so that an empty batch still reaches
+            # kernels in the branch not taken (SIGFPE in the cross-entropy gradient).
+            return step(tf.gather(x, idx), tf.gather(y, idx))
 
         @tf.function(reduce_retracing=True)
         def grads(x: Any, y: Any) -> list[Any]:
@@ -188,6 +191,7 @@ class _TensorFlowBackend(_Backend):
             return tape.gradient(total, variables)
 
         self._epoch: Callable[..., Any] = epoch
+        self._last_batch: Callable[..., Any] = last_batch
         self._grads: Callable[..., Any] = grads
 
     def put(self, x: np.ndarray, y: np.ndarray) -> Any:
@@ -195,7 +199,10 @@ class _TensorFlowBackend(_Backend):
 
     def run_epoch(self, data: Any, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         full, tail = _split_batches(order, self.t.batch_size)
-        loss_sum, correct = self._epoch(data[0], data[1], full, tail)
+        loss_sum, correct = self._epoch(data[0], data[1], full)
+        if len(tail):
+            tail_loss, tail_correct = self._last_batch(data[0], data[1], tail)
+            loss_sum, correct = loss_sum + tail_loss, correct + tail_correct
         return loss_sum.numpy().astype(np.float64), correct.numpy().astype(np.float64)
 
     def gradients(self, x: np.ndarray, y: np.ndarray) -> list[Any]:

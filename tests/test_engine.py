@@ -143,3 +143,12 @@ def test_gradients_match_hand_computed_backprop() -> None:
         for layer, (gw, gb) in zip(layers, expected, strict=True):
             np.testing.assert_allclose(grads[layer.kernel.path][k], gw, rtol=1e-4, atol=1e-9)
             np.testing.assert_allclose(grads[layer.bias.path][k], gb, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("n", [200, 230])
+def test_with_and_without_a_short_last_batch(loss: str, n: int) -> None:
+    # Regression: an empty last batch inside an in-graph cond crashed TF (SIGFPE) with cross-entropy.
+    x, y = tiny_data(n=n)
+    _, rec = train(Variant(depth=2, loss=loss), [0, 1], x, y, epochs=2)
+    assert all(np.isfinite(log["loss"]).all() for log in rec.logs)

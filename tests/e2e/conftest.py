@@ -44,12 +44,15 @@ def synthetic_mnist(path: Path, n_train: int = 1200, n_test: int = 200, seed: in
 
 
 def small_profile(params: dict[str, Any], data: Path, md5: dict[str, str]) -> dict[str, Any]:
-    """A few epochs, two depths, two seeds, a local mirror."""
+    """A few epochs, two depths and one remedy, two seeds, a local mirror."""
     params["fetch"]["mirrors"] = [{"kind": "file", "path": str(data)}]
     params["fetch"]["content_md5"] = md5
     params["preprocess"]["limit"] = 1000
     params["train"].update(epochs=3, seeds=[0, 1], probe_size=100, index_window=2)
     params["grid"]["depth"] = [1, 2]
+    params["remedies"] = {
+        "relu-ce-he": {"depth": 2, "activation": "relu", "loss": "cross_entropy", "init": "he_normal", "norm": "none"}
+    }
     return params
 
 

@@ -12,7 +12,11 @@ from tests.e2e.conftest import run
 
 pytestmark = pytest.mark.slow
 
-VARIANTS = ["d1-sigmoid-mse-glorot_uniform-none", "d2-sigmoid-mse-glorot_uniform-none"]
+VARIANTS = [
+    "d1-sigmoid-mse-glorot_uniform-none",
+    "d2-sigmoid-mse-glorot_uniform-none",
+    "d2-relu-cross_entropy-he_normal-none",
+]
 
 
 def finished_runs(store: Path) -> list[tuple[str, str]]:
@@ -36,7 +40,11 @@ def test_dvc_repro_end_to_end(make_project) -> None:
         assert 0 <= metrics["accuracy"] <= 1
     assert (project / "reports/index.html").is_file()
     assert (project / "reports/summary.md").is_file()
-    assert list((project / "reports").glob("*.png"))
+    page = (project / "reports/index.html").read_text()
+    for label in ("depth-1", "depth-2", "depth-2-relu-ce-henormal"):
+        assert label in page
+    pngs = {p.name for p in (project / "reports").glob("*.png")}
+    assert {"remedies-depth-2.png", "gradients-depth-2.png", "bands-depth-1.png", "sigmoid.png"} <= pngs
 
     # One FINISHED run per variant and seed, plus the report's run.
     from mlflow import MlflowClient
@@ -45,18 +53,26 @@ def test_dvc_repro_end_to_end(make_project) -> None:
     experiment = client.get_experiment_by_name("vanishing-gradient")
     runs = client.search_runs([experiment.experiment_id])
     names = sorted(r.info.run_name for r in runs)
-    assert names == ["depth-1-seed-0", "depth-1-seed-1", "depth-2-seed-0", "depth-2-seed-1", "report"]
+    assert names == [
+        "depth-1-seed-0",
+        "depth-1-seed-1",
+        "depth-2-relu-ce-henormal-seed-0",
+        "depth-2-relu-ce-henormal-seed-1",
+        "depth-2-seed-0",
+        "depth-2-seed-1",
+        "report",
+    ]
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["pipeline.group"] for r in runs}) == 1
     for r in runs:
         if r.info.run_name == "report":
             continue
-        depth = int(r.info.run_name.split("-")[1])
+        depth = int(r.data.params["depth"])
         keys = ["accuracy", "loss"] + [f"weight_change/hidden_{i}" for i in range(1, depth + 1)]
         for key in keys:
             history = client.get_metric_history(r.info.run_id, key)
             assert [m.step for m in history] == [1, 2, 3], key
-        assert r.data.tags["dvc.stage"].startswith("train@")
+        assert r.data.tags["dvc.stage"].startswith(("train@", "remedy@"))
         assert len(r.data.tags["data.digest"]) == 64
         assert r.data.params["learning_rate"] == "0.2"
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
@@ -71,7 +87,7 @@ def test_dvc_repro_end_to_end(make_project) -> None:
 
 
 def test_new_depth_trains_only_the_new_variant(make_project) -> None:
-    project = make_project(lambda p: p["grid"].update(depth=[1]))
+    project = make_project(lambda p: p.update(grid=p["grid"] | {"depth": [1]}, remedies={}))
     run(["dvc", "repro"], project)
     params = (project / "params.yaml").read_text().replace("depth:\n  - 1\n", "depth:\n  - 1\n  - 2\n")
     (project / "params.yaml").write_text(params)
