@@ -49,6 +49,11 @@ def configure_backend(deterministic: bool = True) -> str:
         tf.config.threading.set_inter_op_parallelism_threads(1)
         if deterministic:
             tf.config.experimental.enable_op_determinism()
+    elif backend == "jax" and "JAX_DEFAULT_MATMUL_PRECISION" not in os.environ:
+        import jax
+
+        # GPUs would otherwise multiply float32 in TF32, which is not the experiment's arithmetic.
+        jax.config.update("jax_default_matmul_precision", "highest")
     return backend
 
 
