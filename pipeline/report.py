@@ -9,8 +9,9 @@ figures as PNG files and ``<out>/summary.md``. Everything is built in a temporar
 folder beside ``--out``, logged to MLflow as the artifacts of one run named ``report``,
 and only then moved into place, so a failure leaves no half-written report.
 
-Depends only on the ``report`` and ``tracking`` sections of params.yaml; what was
-trained (variants, seeds, epochs) is read from the results themselves.
+Depends on the ``report`` and ``tracking`` sections of params.yaml, and on ``grid`` and
+``remedies`` only to know which variants belong to the study (folders of variants since
+removed are skipped); how they were trained (seeds, epochs) is read from the results.
 """
 
 from __future__ import annotations
