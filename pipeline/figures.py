@@ -196,7 +196,7 @@ def accuracy_by_depth(histories: Mapping[str, pd.DataFrame]) -> Figure:
     fig, (ax,) = _figure(1, row_height=4.5)
     for i, (label, history) in enumerate(histories.items()):
         plot_stats(ax, seed_stats(history, "accuracy"), label, f"C{i}")
-    _label(ax, f"Training accuracy by depth ({BAND_NOTE})", "accuracy")
+    _label(ax, f"Training accuracy by depth\n({BAND_NOTE})", "accuracy")
     ax.legend(loc="lower right")
     return fig
 
@@ -259,7 +259,7 @@ def bands_figure(history: pd.DataFrame, title: str, clip_quantile: float = 0.99)
     columns = layer_columns(history, WEIGHT_CHANGE)
     fig, axes = _figure(1 + len(columns), row_height=2.6, sharex=True)
     plot_stats(axes[0], seed_stats(history, "accuracy"), ACCURACY_LABEL, "C0")
-    _label(axes[0], f"Training accuracy ({BAND_NOTE})", "accuracy")
+    _label(axes[0], f"Training accuracy\n({BAND_NOTE})", "accuracy")
     for i, (ax, column) in enumerate(zip(axes[1:], columns, strict=True)):
         plot_stats(ax, seed_stats(history, column), layer_name(column), f"C{i + 1}")
         clip_top(ax, history, [column], clip_quantile)
@@ -329,7 +329,7 @@ def remedies_figure(histories: Mapping[str, pd.DataFrame]) -> Figure:
     fig, axes = _figure(1, 2 if with_grads else 1, width=12.0 if with_grads else 7.0, row_height=4.5)
     for i, (label, history) in enumerate(histories.items()):
         plot_stats(axes[0], seed_stats(history, "accuracy"), label, f"C{i}")
-    _label(axes[0], f"Training accuracy ({BAND_NOTE})", "accuracy")
+    _label(axes[0], f"Training accuracy\n({BAND_NOTE})", "accuracy")
     axes[0].legend(loc="lower right", fontsize="small")
     if with_grads:
         kind = GRAD_BIAS if all(layer_columns(h, GRAD_BIAS) for h in with_grads.values()) else GRAD
@@ -367,7 +367,7 @@ def test_vs_train_figure(histories: Mapping[str, pd.DataFrame]) -> Figure:
     _label(train_ax, "Training accuracy", "accuracy")
     _label(test_ax, "Held-out (test) accuracy", "accuracy")
     test_ax.legend(loc="lower right", fontsize="small")
-    fig.suptitle(f"Held-out beside training accuracy ({BAND_NOTE})")
+    fig.suptitle(f"Held-out beside training accuracy\n({BAND_NOTE})")
     return fig
 
 
