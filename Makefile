@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: help venv repro test test-fast lint format ui bench jax lock clean
+.PHONY: help venv repro test test-fast lint format ui server bench jax lock clean
 BENCH_ARGS ?= --depth 4 --replicates 1 --epochs 4 --rounds 3
 
 help: ## List the targets
@@ -48,12 +48,37 @@ format: $(STAMP) ## Reformat the code with ruff
 ui: $(STAMP) ## Browse the MLflow store at http://$(HOST):$(PORT) (prints the runs link)
 	$(BIN)/python -m pipeline.serve ui --host $(HOST) --port $(PORT)
 
+server: $(STAMP) ## MLflow tracking server at http://$(HOST):$(PORT) (SQLite + artifacts in mlserver/)
+	$(BIN)/python -m pipeline.serve server --host $(HOST) --port $(PORT)
+
 bench: $(STAMP) ## Benchmark seed-style Keras fit against the project's trainer (BENCH_ARGS=...)
 	@test -f data/processed/train.npz || $(BIN)/dvc repro preprocess
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 jax: $(STAMP) ## Add JAX to .venv so that KERAS_BACKEND=jax works (not installed by default)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-jax.txt
+
+# Experiments: one DVC experiment per value, queued, then run JOBS at a time, each in its own
+# copy under .dvc/tmp/exps; their MLflow runs land in this workspace's store, tagged dvc.exp_name.
+# Compare with `dvc exp show`; bring one into the workspace with `dvc exp apply <name>`.
+SWEEP ?= -S 'train.learning_rate=0.05,0.5,1.0'
+JOBS ?= 2
+.PHONY: sweep push pull
+sweep: $(STAMP) ## Queue and run a learning-rate sweep as DVC experiments (SWEEP="-S ...", JOBS=2)
+	$(BIN)/dvc exp run --queue $(SWEEP)
+	$(BIN)/dvc exp run --run-all --jobs $(JOBS)
+	@if $(BIN)/dvc queue status | grep -q Failed; then \
+		echo "Some experiments failed: dvc queue logs <name>; clear them with dvc queue remove --failed" >&2; exit 1; fi
+	$(BIN)/dvc exp show --only-changed --drop '.*_std|^(pipeline|data)/|^results$$'
+
+# Data, models and reports in the DVC remote (.dvc/config; default: ../vanishing-gradient-dvc-storage,
+# a folder beside the repository): push after `make repro`, pull instead of re-running.
+push: $(STAMP) ## Send data, models and reports to the DVC remote (dvc push)
+	$(BIN)/dvc push
+
+pull: $(STAMP) ## Fetch data, models and reports from the DVC remote instead of re-running (dvc pull)
+	$(BIN)/dvc pull
+	$(BIN)/dvc status
 
 lock: ## Regenerate requirements.lock from requirements.txt in a scratch venv
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock

@@ -5,7 +5,8 @@
 Reads every ``results/<name>/`` folder holding ``history.csv``, ``metrics.json`` and
 ``run.json`` (written by the train stage), draws the figures of :mod:`pipeline.figures`
 and writes ``<out>/index.html`` (images embedded, no external resources), the same
-figures as PNG files and ``<out>/summary.md``. Everything is built in a temporary
+figures as PNG files, ``<out>/summary.md`` and, for ``dvc plots``, the seed-mean curves
+in ``<out>/plots/``. Everything is built in a temporary
 folder beside ``--out``, logged to MLflow as the artifacts of one run named ``report``,
 and only then moved into place, so a failure leaves no half-written report.
 
@@ -33,7 +34,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline import figures, tracking
+from pipeline import curves, figures, tracking
 from pipeline.outputs import staged_dir
 from pipeline.params import ParamsError, ReportParams, TrackingParams, Variant, load_section, study_variants
 
@@ -553,6 +554,7 @@ def build_report(
     )
     (folder / "index.html").write_text(page, encoding="utf-8")
     (folder / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
+    curves.write_plot_data(histories(results), folder / "plots")  # seed means for `dvc plots show`
     return summary
 
 
