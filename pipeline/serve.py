@@ -1,22 +1,33 @@
 """Start the MLflow UI over the project's store (``ui``) or a tracking server (``server``).
 
-Both bind 127.0.0.1 unless told otherwise, print the direct link to the experiment's
-training runs (MLflow 3's start page is a GenAI overview that hides them), and run
-MLflow in its own process group so that Ctrl-C or SIGTERM stops MLflow and all of its
-worker processes, not just the parent.
+Both bind 127.0.0.1 unless told otherwise, refuse a port that is already taken, print
+the direct link to the experiment's training runs (MLflow 3's start page is a GenAI
+overview that hides them), and run MLflow in its own process group so that Ctrl-C,
+SIGTERM, SIGHUP or the death of the parent ``make`` stops MLflow and all of its worker
+processes, not just the parent.
+
+``server``: ``mlflow server`` with a SQL backend (default ``mlserver/mlflow.db``; a team
+passes ``--backend-store-uri postgresql+psycopg2://...``) and proxied artifacts (default
+``mlserver/artifacts``; or ``--artifacts-destination s3://...``), so that clients need
+only the server's URL: ``MLFLOW_TRACKING_URI=http://127.0.0.1:5000 make repro``.
+MLflow's GenAI job runner is left off (see :func:`child_env`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pipeline import tracking
@@ -25,6 +36,8 @@ from pipeline.params import ParamsError, TrackingParams, load_section
 log = logging.getLogger("pipeline.serve")
 
 SERVER_DIR = "mlserver"
+# MLflow's default is 4 uvicorn workers of some 250 MB each; 2 serve one user's pipeline.
+SERVER_WORKERS = 2
 
 
 def runs_link(base_url: str, experiment_id: str | None) -> str:
@@ -38,11 +51,21 @@ def ui_command(store_uri: str, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri, "--host", host, "--port", str(port)]
 
 
-def server_command(root: Path, host: str, port: int, backend_uri: str | None, artifacts: str | None) -> list[str]:
-    """``mlflow server`` with a SQL backend and proxied artifacts (clients never touch the artifact store)."""
+def server_command(
+    root: Path,
+    host: str,
+    port: int,
+    backend_uri: str | None = None,
+    artifacts: str | None = None,
+    workers: int | None = None,
+) -> list[str]:
+    """``mlflow server`` with a SQL backend and proxied artifacts (clients never touch the artifact store).
+
+    Defaults: ``<root>/mlserver/mlflow.db`` (SQLite) and ``<root>/mlserver/artifacts``.
+    """
     backend_uri = backend_uri or f"sqlite:///{root / SERVER_DIR / 'mlflow.db'}"
     artifacts = artifacts or str(root / SERVER_DIR / "artifacts")
-    return [
+    command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", backend_uri,
         "--artifacts-destination", artifacts,
@@ -50,6 +73,26 @@ def server_command(root: Path, host: str, port: int, backend_uri: str | None, ar
         "--host", host,
         "--port", str(port),
     ]  # fmt: skip
+    if workers:
+        command += ["--workers", str(workers)]
+    return command
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (another server there would answer our health check)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def redact(uri: str) -> str:
+    """``uri`` with any password replaced by ``***`` (for log lines)."""
+    return re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", uri)
 
 
 def experiment_id(store_uri: str, name: str) -> str | None:
@@ -61,7 +104,7 @@ def experiment_id(store_uri: str, name: str) -> str | None:
     return None if experiment is None else str(experiment.experiment_id)
 
 
-def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> bool:
+def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout_s: float = 180.0) -> bool:
     """Poll ``url``/health until it answers 200, the process dies, or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -78,29 +121,71 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout_s: float =
 
 
 def stop_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """Terminate MLflow and every worker it started (they share its process group)."""
-    if process.poll() is not None:
-        return
+    """Terminate MLflow and every worker it started (they share its process group, which
+    may outlive the parent when it crashed: the group is signalled either way)."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        process.wait()
+        return
+    try:
         process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:  # workers still exiting?
+            os.killpg(process.pid, 0)
+            time.sleep(0.1)
         os.killpg(process.pid, signal.SIGKILL)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     except ProcessLookupError:
         pass
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _die_with_parent() -> None:
+    """On Linux, receive SIGTERM when the parent dies: ``make server`` killed by SIGTERM
+    (CI cancelling, ``timeout``) does not pass the signal on to its children."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """MLflow's environment: its GenAI job runner (about seven worker processes of some 250 MB
+    each, unused by this project) stays off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION is set."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
+def parser() -> argparse.ArgumentParser:
+    """Command-line options; both modes bind 127.0.0.1 unless ``--host`` says otherwise."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.serve", description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["ui", "server"])
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--backend-store-uri", default=None, help="server: SQL backend (default: mlserver/mlflow.db)")
     p.add_argument("--artifacts-destination", default=None, help="server: artifact store (default: mlserver/artifacts)")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--workers", type=int, default=SERVER_WORKERS, help="server: worker processes (default: %(default)s)"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parser().parse_args(argv)
     try:
         track: TrackingParams = load_section("tracking", args.params)
     except ParamsError as exc:
@@ -109,24 +194,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s exposes the store to the network; MLflow has no authentication here", args.host)
     root = tracking.project_root()
-    base = f"http://{args.host}:{args.port}"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    base = f"http://{host}:{args.port}"
     if args.mode == "ui":
         store = tracking.tracking_uri(root)
-        if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).exists():
+        if store.startswith(("http://", "https://")):
+            log.error("MLFLOW_TRACKING_URI is the server %s: open it in a browser (it is its own UI)", store)
+            return 1
+        if store.startswith("sqlite:///") and not tracking.sqlite_path(store).exists():
             log.error("no MLflow store at %s yet: run `make repro` first", store)
             return 1
         command = ui_command(store, args.host, args.port)
         exp_id = experiment_id(store, track.experiment)
     else:
-        (root / SERVER_DIR).mkdir(exist_ok=True)
-        command = server_command(root, args.host, args.port, args.backend_store_uri, args.artifacts_destination)
+        if args.backend_store_uri is None or args.artifacts_destination is None:
+            (root / SERVER_DIR).mkdir(exist_ok=True)
+        command = server_command(
+            root, args.host, args.port, args.backend_store_uri, args.artifacts_destination, args.workers
+        )
         exp_id = None
-    process = subprocess.Popen(command, start_new_session=True)
+    if not port_free(args.host, args.port):
+        log.error(
+            "%s:%s is already in use (another MLflow?): stop it or pick another port (PORT=5001)", host, args.port
+        )
+        return 1
+    if args.mode == "server":
+        store = command[command.index("--backend-store-uri") + 1]
+        log.info(
+            "Starting MLflow tracking server: store %s, artifacts %s",
+            redact(store),
+            command[command.index("--artifacts-destination") + 1],
+        )
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    _die_with_parent()
+    process = subprocess.Popen(command, env=child_env(), start_new_session=True)
     try:
         if not wait_until_up(base, process):
-            log.error("MLflow did not start on %s (is the port in use? try PORT=5001)", base)
+            log.error("MLflow did not start on %s; see its messages above", base)
             return 1
         if args.mode == "server":
+            exp_id = experiment_id(base, track.experiment)
             log.info("Tracking server: %s\nLog the pipeline to it with:  MLFLOW_TRACKING_URI=%s make repro", base, base)
         log.info("Training runs: %s\n(Ctrl-C to stop)", runs_link(base, exp_id))
         return process.wait()
@@ -134,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         stop_group(process)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ The default store is SQLite at the project root (``sqlite:///<root>/mlflow.db``)
 creates go to ``<root>/mlartifacts``. ``dvc exp run --queue`` executes stages in
 temporary copies under ``<root>/.dvc/tmp/exps/``; the root is resolved through
 such a copy so those runs land in the same store as the workspace.
+
+Stages call :func:`preflight` before they train: an unreachable or misconfigured store
+fails in seconds, naming the URI and what to do, before any output or run exists.
+Several stages may share one SQLite store at once (``dvc queue start -j 2``): MLflow
+waits on SQLite's lock for 20 s per transaction, and :func:`open_store` serialises the
+one step MLflow leaves unguarded, creating the schema of a new store.
 """
 
 from __future__ import annotations
@@ -14,10 +20,9 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 import types
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,38 +68,186 @@ def tracking_uri(root: str | Path | None = None) -> str:
 
 
 def preflight(uri: str, timeout_s: float = 5.0, attempts: int = 3) -> None:
-    """Check that the store at ``uri`` answers before any training starts.
+    """Check that the store at ``uri`` works before any training starts.
 
-    HTTP servers get a bounded number of short health requests; SQLite stores need
-    a writable folder. Raises :class:`TrackingError` naming the URI and the remedy.
+    HTTP(S) servers get ``attempts`` short requests to the tracking API (``timeout_s``
+    each, a short back-off between them), so an unreachable server fails in seconds
+    rather than after MLflow's own minutes of retries. A SQLite store needs a writable
+    folder; an existing one is opened (a corrupt or outdated file fails here), a missing
+    one is left for :func:`open_store` to create, so a failing stage leaves none. Other
+    database URIs are opened with a time bound. Raises :class:`TrackingError` naming
+    the URI and the remedy.
     """
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        last: Exception | None = None
-        for attempt in range(attempts):
-            try:
-                with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (scheme checked)
-                    if resp.status == 200:
-                        return
-                    last = RuntimeError(f"HTTP {resp.status}")
-            except (TimeoutError, urllib.error.URLError, OSError) as exc:
-                last = exc
-            if attempt + 1 < attempts:
-                time.sleep(0.5 * (attempt + 1))
-        raise TrackingError(
-            f"MLflow tracking server {uri} is not reachable ({last}). Start it (make server), "
-            "fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
-        )
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TrackingError(f"MLflow store {uri}: folder {folder} is missing or not writable.")
+        _check_server(uri, timeout_s, attempts)
         return
     if uri.startswith(("file:", "/")) or "://" not in uri:
         raise TrackingError(
             f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow deprecated; "
             f"use sqlite:///<path>/mlflow.db or an http(s) server."
         )
+    if uri.startswith("sqlite:///"):
+        path = sqlite_path(uri)
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+            raise TrackingError(f"MLflow store {uri}: folder {path.parent} is missing or not writable.")
+        if path.exists():  # a new store is created by open_store, once the stage has a run to log
+            open_store(uri)
+        return
+    _bounded(lambda: open_store(uri), timeout_s * attempts, uri)
+
+
+_SERVER_HELP = "Start it (make server), fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
+
+
+def _check_server(uri: str, timeout_s: float, attempts: int) -> None:
+    """One bounded call to the tracking API (the experiments search) with MLflow's own
+    credentials and TLS settings (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``/``_TOKEN``...)."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    endpoint = "/api/2.0/mlflow/experiments/search"
+    retry_log = logging.getLogger("urllib3.connectionpool")
+    level = retry_log.level
+    retry_log.setLevel(logging.ERROR)  # one clear message below instead of a warning per retry
+    try:
+        response = http_request(
+            get_default_host_creds(uri),
+            endpoint,
+            "GET",
+            params={"max_results": 1},
+            max_retries=max(attempts - 1, 0),
+            backoff_factor=0.5,
+            backoff_jitter=0.0,
+            timeout=timeout_s,
+            raise_on_status=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - connection refused, DNS, TLS, timeouts: all mean "not reachable"
+        raise TrackingError(
+            f"MLflow tracking server {uri} is not reachable: {_why(str(exc), timeout_s)} "
+            f"({attempts} attempt(s), {timeout_s:g} s each). {_SERVER_HELP}"
+        ) from None
+    finally:
+        retry_log.setLevel(level)
+    status = response.status_code
+    if status == 200:
+        try:
+            response.json()
+        except ValueError:
+            status = -1  # answered, but not with the tracking API's JSON
+        else:
+            return
+    if status in (401, 403):
+        raise TrackingError(
+            f"MLflow tracking server {uri} refused the request (HTTP {status}): set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it."
+        )
+    if status >= 500:
+        raise TrackingError(
+            f"MLflow tracking server {uri} answered HTTP {status} to {endpoint}: its backend store is probably "
+            "down or misconfigured; see the server's log."
+        )
+    found = f"HTTP {status}" if status > 0 else "a response that is not the tracking API's JSON"
+    raise TrackingError(
+        f"{uri} does not look like an MLflow tracking server ({endpoint} gave {found}): check the scheme, host, "
+        f"port and path of MLFLOW_TRACKING_URI. {_SERVER_HELP}"
+    )
+
+
+def _why(message: str, timeout_s: float) -> str:
+    """The gist of a requests/urllib3 connection error."""
+    lowered = message.lower()
+    for needle, gist in (
+        ("connection refused", "connection refused (nothing listens on that port)"),
+        ("timed out", f"no answer within {timeout_s:g} s"),
+        ("name or service not known", "unknown host name"),
+        ("nodename nor servname", "unknown host name"),
+        ("temporary failure in name resolution", "host name cannot be resolved"),
+        ("certificate", "TLS certificate problem (see MLFLOW_TRACKING_SERVER_CERT_PATH)"),
+        ("ssl", "TLS error"),
+    ):
+        if needle in lowered:
+            return gist
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    return first[:300]
+
+
+def _bounded(check: Any, timeout_s: float, uri: str) -> None:
+    """Run ``check`` in a daemon thread; fail if it does not finish within ``timeout_s``."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            check()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, name="mlflow-preflight", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        raise TrackingError(f"MLflow store {uri} did not answer within {timeout_s:g} s; check MLFLOW_TRACKING_URI.")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def sqlite_path(uri: str) -> Path:
+    """The database file of a ``sqlite:///`` URI (query string dropped)."""
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+@contextmanager
+def _init_lock(uri: str, timeout_s: float) -> Iterator[None]:
+    """Exclusive lock (``<db>-lock`` beside a SQLite file) held while MLflow creates or migrates
+    the schema: MLflow's ``SqlAlchemyStore`` does that unguarded, and two processes opening a
+    new store at once (``dvc queue start -j 2``) corrupt each other's migrations."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; MLflow's own behaviour
+        yield
+        return
+    path = sqlite_path(uri)
+    lock = path.with_name(path.name + "-lock")
+    with lock.open("a") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingError(
+                        f"MLflow store {uri}: another process has held {lock} for over {timeout_s:g} s; "
+                        "if none is running, delete that file."
+                    ) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_store(uri: str, lock_timeout_s: float = 300.0) -> Any:
+    """An ``MlflowClient`` whose store is open and usable: for SQLite, the schema is created
+    or checked under an exclusive lock, so concurrent stages never race on it.
+
+    Raises :class:`TrackingError` (naming ``uri``) when the store cannot be opened.
+    """
+    from mlflow import MlflowClient
+
+    try:
+        with _init_lock(uri, lock_timeout_s):
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # builds the store: creates or verifies the schema
+    except TrackingError:
+        raise
+    except Exception as exc:  # MLflow and SQLAlchemy raise many kinds: one clear line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"MLflow store {uri} cannot be opened: {reason}") from exc
+    return client
 
 
 def git_commit(root: Path) -> str:
@@ -160,10 +313,9 @@ def ensure_experiment(client: Any, name: str, root: Path) -> str:
 
 
 def make_client(uri: str) -> Any:
-    """An ``MlflowClient`` bound to ``uri`` (imported lazily: MLflow is slow to import)."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
+    """An ``MlflowClient`` bound to ``uri``, its store open (see :func:`open_store`; MLflow is
+    imported lazily: it is slow to import)."""
+    return open_store(uri)
 
 
 @dataclass

@@ -1,0 +1,132 @@
+"""``python -m pipeline.serve``: commands, loopback defaults, refusing busy ports, stopping the process group."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import serve
+
+
+def test_server_command_defaults_to_loopback_sqlite_and_proxied_artifacts(tmp_path: Path) -> None:
+    command = serve.server_command(tmp_path, "127.0.0.1", 5000)
+    assert command[:4] == [sys.executable, "-m", "mlflow", "server"]
+    args = dict(zip(command[4::2], command[5::2], strict=False))
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert command[command.index("--port") + 1] == "5000"
+    assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlserver' / 'mlflow.db'}"
+    assert command[command.index("--artifacts-destination") + 1] == str(tmp_path / "mlserver" / "artifacts")
+    assert "--serve-artifacts" in command
+    assert "--workers" not in args
+
+
+def test_server_command_for_a_team_database(tmp_path: Path) -> None:
+    command = serve.server_command(tmp_path, "127.0.0.1", 5001, "postgresql:///mlflow", "s3://bucket/mlflow", 2)
+    assert command[command.index("--backend-store-uri") + 1] == "postgresql:///mlflow"
+    assert command[command.index("--artifacts-destination") + 1] == "s3://bucket/mlflow"
+    assert command[command.index("--workers") + 1] == "2"
+
+
+def test_ui_command_binds_what_it_is_given() -> None:
+    command = serve.ui_command("sqlite:////x/mlflow.db", "127.0.0.1", 5000)
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert command[command.index("--backend-store-uri") + 1] == "sqlite:////x/mlflow.db"
+
+
+def test_both_modes_default_to_loopback() -> None:
+    for mode in ("ui", "server"):
+        args = serve.parser().parse_args([mode])
+        assert args.host == "127.0.0.1" and args.port == 5000
+
+
+def test_runs_link() -> None:
+    assert serve.runs_link("http://127.0.0.1:5000/", "3") == "http://127.0.0.1:5000/#/experiments/3/runs"
+    assert serve.runs_link("http://127.0.0.1:5000", None) == "http://127.0.0.1:5000/"
+
+
+def test_redact_hides_passwords() -> None:
+    assert serve.redact("postgresql://user:s3cret@db:5432/mlflow") == "postgresql://user:***@db:5432/mlflow"
+    assert serve.redact("sqlite:////x/mlflow.db") == "sqlite:////x/mlflow.db"
+
+
+def test_child_env_turns_the_genai_job_runner_off_unless_asked() -> None:
+    assert serve.child_env({})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    env = serve.child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"})
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
+
+
+def test_port_free() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        assert not serve.port_free("127.0.0.1", port)
+    assert serve.port_free("127.0.0.1", port)
+
+
+def write_params(folder: Path) -> Path:
+    params = folder / "params.yaml"
+    params.write_text("tracking:\n  experiment: vanishing-gradient\n", encoding="utf-8")
+    return params
+
+
+def test_server_refuses_a_busy_port_without_starting_mlflow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    started: list[object] = []
+    monkeypatch.setattr(serve.subprocess, "Popen", lambda *a, **k: started.append(a))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        rc = serve.main(["server", "--params", str(write_params(tmp_path)), "--port", str(port)])
+    assert rc == 1 and not started
+    assert "already in use" in caplog.text and "PORT=" in caplog.text
+
+
+def test_ui_over_a_server_uri_points_at_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.chdir(tmp_path)
+    assert serve.main(["ui", "--params", str(write_params(tmp_path))]) == 1
+    assert "http://127.0.0.1:5999" in caplog.text
+
+
+def test_ui_without_a_store_says_to_run_the_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.ERROR)
+    assert serve.main(["ui", "--params", str(write_params(tmp_path))]) == 1
+    assert "make repro" in caplog.text
+
+
+def test_stop_group_stops_every_process_of_the_group() -> None:
+    # A parent with a child that ignores nothing and a grandchild: like mlflow -> uvicorn -> workers.
+    process = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300 & wait"], start_new_session=True)
+    time.sleep(0.3)
+    serve.stop_group(process, grace_s=5)
+    assert process.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)
+
+
+def test_stop_group_after_the_parent_died_still_stops_its_workers() -> None:
+    process = subprocess.Popen(["sh", "-c", "sleep 300 & exit 3"], start_new_session=True)
+    process.wait(timeout=5)
+    os.killpg(process.pid, 0)  # the orphaned worker is still in the group
+    serve.stop_group(process, grace_s=5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)

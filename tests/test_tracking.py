@@ -1,0 +1,294 @@
+"""The tracking module: store location, the preflight check, run states, concurrent SQLite writers."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import tracking
+from tests.conftest import ROOT
+from tests.helpers_data import stalling_server, stopwatch
+
+SEARCH = "/api/2.0/mlflow/experiments/search"
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@contextmanager
+def answering(status: int, body: bytes, content_type: str = "application/json") -> Iterator[tuple[str, list[str]]]:
+    """A loopback HTTP server that answers every GET with ``status`` and ``body``; yields (URL, paths)."""
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------ location
+def test_default_uri_is_sqlite_at_the_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_queued_experiment_copies_log_to_the_workspace(tmp_path: Path) -> None:
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "run" / "abc123"
+    copy.mkdir(parents=True)
+    assert tracking.project_root(copy) == tmp_path.resolve()
+
+
+# ------------------------------------------------------------------------ preflight
+def test_preflight_accepts_a_tracking_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    with answering(200, b'{"experiments": []}') as (url, hits):
+        tracking.preflight(url, timeout_s=2, attempts=1)
+    assert hits == [f"{SEARCH}?max_results=1"]
+
+
+def test_preflight_refused_port_fails_fast_and_says_what_to_do() -> None:
+    uri = f"http://127.0.0.1:{closed_port()}"
+    with stopwatch() as elapsed, pytest.raises(tracking.TrackingError) as err:
+        tracking.preflight(uri, timeout_s=2, attempts=3)
+    assert elapsed() < 10, "bounded retries, not MLflow's minutes of back-off"
+    message = str(err.value)
+    assert uri in message and "connection refused" in message
+    assert "make server" in message and "MLFLOW_TRACKING_URI" in message
+
+
+def test_preflight_stalling_server_is_bounded_by_the_timeout() -> None:
+    with stalling_server() as uri, stopwatch() as elapsed, pytest.raises(tracking.TrackingError) as err:
+        tracking.preflight(uri, timeout_s=0.5, attempts=2)
+    # 2 attempts x 0.5 s + 0.5 s back-off; generous bound for slow machines.
+    assert elapsed() < 10
+    assert "no answer within 0.5 s" in str(err.value) and uri in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "expected"),
+    [
+        (404, b"<html>not found</html>", "text/html", "does not look like an MLflow tracking server"),
+        (200, b"<html>some other app</html>", "text/html", "does not look like an MLflow tracking server"),
+        (401, b"", "text/plain", "MLFLOW_TRACKING_USERNAME"),
+        (403, b"", "text/plain", "MLFLOW_TRACKING_TOKEN"),
+        (500, b'{"error_code": "INTERNAL_ERROR"}', "application/json", "backend store"),
+    ],
+)
+def test_preflight_misconfigured_server(status: int, body: bytes, content_type: str, expected: str) -> None:
+    with answering(status, body, content_type) as (url, _), stopwatch() as elapsed:
+        with pytest.raises(tracking.TrackingError) as err:
+            tracking.preflight(url, timeout_s=2, attempts=2)
+        assert elapsed() < 15
+    assert expected in str(err.value) and url in str(err.value)
+
+
+def test_preflight_file_store_is_refused(tmp_path: Path) -> None:
+    for uri in (str(tmp_path / "mlruns"), f"file://{tmp_path / 'mlruns'}"):
+        with pytest.raises(tracking.TrackingError, match="file store"):
+            tracking.preflight(uri)
+
+
+def test_preflight_sqlite_folder_missing(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'nope' / 'mlflow.db'}"
+    with pytest.raises(tracking.TrackingError, match="missing or not writable"):
+        tracking.preflight(uri)
+
+
+def test_preflight_leaves_a_new_sqlite_store_to_open_store(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.preflight(uri)
+    assert list(tmp_path.iterdir()) == [], "a stage that fails after preflight must leave no store"
+    tracking.open_store(uri)
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"experiments", "runs", "metrics"} <= tables
+
+
+def test_preflight_corrupt_sqlite_store(tmp_path: Path) -> None:
+    (tmp_path / "mlflow.db").write_bytes(b"this is not a database" * 100)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.preflight(uri)
+    assert uri in str(err.value) and "cannot be opened" in str(err.value)
+
+
+def test_preflight_unknown_scheme() -> None:
+    with pytest.raises(tracking.TrackingError, match=re.escape("htpp://127.0.0.1:5000")):
+        tracking.preflight("htpp://127.0.0.1:5000", timeout_s=2, attempts=1)
+
+
+def test_store_lock_held_elsewhere_times_out_clearly(tmp_path: Path) -> None:
+    import fcntl
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with (tmp_path / "mlflow.db-lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with stopwatch() as elapsed, pytest.raises(tracking.TrackingError, match="another process"):
+            tracking.open_store(uri, lock_timeout_s=0.3)
+        assert elapsed() < 5
+    tracking.open_store(uri, lock_timeout_s=0.3)  # released: opens
+
+
+# ------------------------------------------------------------------------ run states
+class FakeClient:
+    def __init__(self) -> None:
+        self.created: list[str] = []
+        self.ended: dict[str, str] = {}
+
+    def create_run(self, experiment_id: str, tags: dict[str, str], run_name: str) -> Any:
+        self.created.append(run_name)
+        info = type("Info", (), {"run_id": f"id-{run_name}"})
+        return type("Run", (), {"info": info})
+
+    def set_terminated(self, run_id: str, status: str) -> None:
+        self.ended[run_id] = status
+
+
+def test_run_set_finished() -> None:
+    client = FakeClient()
+    with tracking.run_set(client, "1", ["a", "b"], {}) as runs:
+        assert runs.run_ids == ["id-a", "id-b"]
+    assert client.ended == {"id-a": "FINISHED", "id-b": "FINISHED"}
+
+
+def test_run_set_failed_on_exception() -> None:
+    client = FakeClient()
+    with pytest.raises(ValueError, match="boom"), tracking.run_set(client, "1", ["a", "b"], {}):
+        raise ValueError("boom")
+    assert client.ended == {"id-a": "FAILED", "id-b": "FAILED"}
+
+
+def test_run_set_killed_on_ctrl_c() -> None:
+    client = FakeClient()
+    with pytest.raises(KeyboardInterrupt), tracking.run_set(client, "1", ["a"], {}):
+        raise KeyboardInterrupt
+    assert client.ended == {"id-a": "KILLED"}
+
+
+def test_run_set_turns_sigterm_into_killed_and_restores_the_handler() -> None:
+    client = FakeClient()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(tracking.RunInterrupted), tracking.run_set(client, "1", ["a", "b"], {}):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode
+        pytest.fail("SIGTERM was not turned into RunInterrupted")
+    assert client.ended == {"id-a": "KILLED", "id-b": "KILLED"}
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ------------------------------------------------------------------ concurrent writers
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from pipeline import tracking
+    from mlflow.entities import Metric
+
+    uri, go, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    Path(str(go) + "." + name).touch()  # ready: imports done
+    while not go.exists():
+        time.sleep(0.005)
+    tracking.preflight(uri)
+    client = tracking.make_client(uri)
+    experiment = tracking.ensure_experiment(client, "stress", Path(sys.argv[4]))
+    with tracking.run_set(client, experiment, [f"{name}-0", f"{name}-1"], {"writer": name}) as runs:
+        for epoch in range(1, 16):  # what callbacks.MlflowLogger sends: one batch per run and flush
+            now = int(time.time() * 1000)
+            for run_id in runs.run_ids:
+                metrics = [Metric(f"m{k}", float(epoch), now, epoch) for k in range(20)]
+                client.log_batch(run_id, metrics=metrics, synchronous=True)
+    print("done", name)
+    """
+)
+
+
+@pytest.mark.slow
+def test_concurrent_writers_share_a_new_sqlite_store(tmp_path: Path) -> None:
+    """Several stages opening one new SQLite store at once (``dvc queue start -j N``): MLflow
+    creates the schema unguarded, so without the lock in ``open_store`` most of them fail with
+    "table ... already exists" or "database is locked"."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    go = tmp_path / "go"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(ROOT)
+    names = [f"w{i}" for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), uri, str(go), name, str(tmp_path)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in names
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(Path(f"{go}.{n}").exists() for n in names):
+            assert time.monotonic() < deadline, "writers did not start"
+            assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+            time.sleep(0.05)
+        go.touch()  # all at once
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out
+        assert "database is locked" not in out
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        runs = db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
+        metrics = db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
+        experiments = db.execute("SELECT COUNT(*) FROM experiments WHERE name = 'stress'").fetchone()[0]
+    assert runs == [("FINISHED", 8)]
+    assert metrics == 8 * 15 * 20
+    assert experiments == 1
