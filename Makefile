@@ -29,6 +29,7 @@ venv: $(STAMP) ## Create .venv from the pinned requirements.lock (once; no-op wh
 
 repro: $(STAMP) ## Run the whole pipeline (dvc repro), logged to the local MLflow store
 	@test -d .dvc || $(BIN)/dvc init --quiet
+	@$(BIN)/python -m pipeline.params params.yaml
 	$(BIN)/dvc repro
 
 test: $(STAMP) ## Run the whole test suite (unit, end-to-end, failure paths, PyPI download)
@@ -87,5 +88,5 @@ lock: ## Regenerate requirements.lock from requirements.txt in a scratch venv
 	rm -rf .venv-lock
 
 clean: ## Remove pipeline outputs, the MLflow store and caches (keeps .venv and the DVC cache)
-	rm -rf data/raw data/processed results reports mlflow.db mlartifacts .pytest_cache .ruff_cache
+	rm -rf data/raw data/processed results reports dvc_plots mlflow.db mlflow.db-lock mlartifacts .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

@@ -57,6 +57,7 @@ from pipeline.params import (
     NpzMirror,
     ParamsError,
     PypiMirror,
+    check_file,
     load_section,
 )
 
@@ -458,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:
+        check_file(args.params)
         params: FetchParams = load_section("fetch", args.params)
         fetch(params, args.out)
     except (ParamsError, FetchError) as exc:

@@ -291,6 +291,22 @@ def load_section(name: str, path: str | Path = "params.yaml") -> Any:
     return parse(SECTIONS[name], raw[name], name)
 
 
+def check_file(path: str | Path = "params.yaml") -> None:
+    """Validate the whole file: no unknown sections (a typo must not be ignored), every section
+    present valid, and the study's variants (``grid`` + ``remedies``) well formed.
+
+    Stages call this first, so a mistake anywhere stops the first stage that runs, before it
+    writes anything. Missing sections are left to the stages that need them.
+    """
+    raw = read_params_file(path)
+    unknown = sorted(map(str, set(raw) - set(SECTIONS)))
+    if unknown:
+        raise ParamsError(f"{path}: unknown section(s) {', '.join(unknown)}; allowed sections: {', '.join(SECTIONS)}")
+    parsed = {name: parse(SECTIONS[name], raw[name], name) for name in SECTIONS if name in raw}
+    if "grid" in parsed:
+        study_variants(parsed["grid"], parsed.get("remedies", {}))
+
+
 def parse(cls: type[T], data: Any, where: str) -> T:
     """Build dataclass ``cls`` from ``data``, checking keys and types; errors name ``where``."""
     return _convert(cls, data, where)
@@ -383,6 +399,22 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.params [params.yaml]``: check the file, exit 1 with the reason if it is invalid."""
+    import sys
+
+    path = (argv if argv is not None else sys.argv[1:]) or ["params.yaml"]
+    try:
+        check_file(path[0])
+    except ParamsError as exc:
+        print(f"params: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
 __all__ = [
     "ACTIVATIONS",
     "CONTENT_KEYS",
@@ -402,6 +434,7 @@ __all__ = [
     "TrackingParams",
     "TrainParams",
     "Variant",
+    "check_file",
     "load_section",
     "parse",
     "read_params_file",

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.mnist import NUM_CLASSES, DataError, MnistArrays, npz_to_arrays, write_npz
 from pipeline.outputs import staged_dir
-from pipeline.params import ParamsError, PreprocessParams, load_section
+from pipeline.params import ParamsError, PreprocessParams, check_file, load_section
 
 log = logging.getLogger("pipeline.preprocess")
 
@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:
+        check_file(args.params)
         params: PreprocessParams = load_section("preprocess", args.params)
         run(args.in_path, args.out, params.limit)
     except (ParamsError, DataError) as exc:

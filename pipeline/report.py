@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 
 from pipeline import curves, figures, tracking
 from pipeline.outputs import staged_dir
-from pipeline.params import ParamsError, ReportParams, TrackingParams, Variant, load_section, study_variants
+from pipeline.params import ParamsError, ReportParams, TrackingParams, Variant, check_file, load_section, study_variants
 
 log = logging.getLogger(__name__)
 
@@ -606,6 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_file(args.params)
         rp: ReportParams = load_section("report", args.params)
         tp: TrackingParams = load_section("tracking", args.params)
         uri = tracking.tracking_uri()

@@ -41,9 +41,12 @@ SERVER_WORKERS = 2
 
 
 def runs_link(base_url: str, experiment_id: str | None) -> str:
-    """Direct link to an experiment's training-runs table (or the UI root)."""
+    """Direct link to an experiment's training-runs table (or the UI root), in the UI's
+    "Model training" mode rather than the GenAI overview MLflow 3 opens on."""
     base = base_url.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs" if experiment_id else f"{base}/"
+    if not experiment_id:
+        return f"{base}/"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def ui_command(store_uri: str, host: str, port: int) -> list[str]:

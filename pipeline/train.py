@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.outputs import staged_dir
-from pipeline.params import ParamsError, TrackingParams, TrainParams, Variant, load_section, parse
+from pipeline.params import ParamsError, TrackingParams, TrainParams, Variant, check_file, load_section, parse
 
 log = logging.getLogger("pipeline.train")
 
@@ -55,6 +55,19 @@ def configure_backend(deterministic: bool = True) -> str:
         # GPUs would otherwise multiply float32 in TF32, which is not the experiment's arithmetic.
         jax.config.update("jax_default_matmul_precision", "highest")
     return backend
+
+
+class OutputError(RuntimeError):
+    """The stage's inputs or outputs cannot be read or written; the message says what to do."""
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training, not after, when ``folder`` cannot hold the outputs."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(prefix=".write-check-", dir=folder).cleanup()
+    except OSError as exc:
+        raise OutputError(f"cannot write into {folder}: {exc.strerror or exc}; make it writable, then rerun") from exc
 
 
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -121,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:
+        check_file(args.params)
         variant = parse(
             Variant,
             {
@@ -130,19 +144,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "init": args.init,
                 "norm": args.norm,
             },
-            "variant",
+            "variant (command line, from grid or remedies in params.yaml)",
         )
         train: TrainParams = load_section("train", args.params)
         track: TrackingParams = load_section("tracking", args.params)
         uri = tracking.tracking_uri()
         tracking.preflight(uri)
-    except (ParamsError, tracking.TrackingError) as exc:
+        check_writable(args.out.parent)
+        for split in ("train.npz", "test.npz"):
+            if not (args.data / split).is_file():
+                raise OutputError(f"{args.data / split} is missing: run the preprocess stage first (dvc repro)")
+    except (ParamsError, tracking.TrackingError, OutputError) as exc:
         log.error("%s", exc)
         return 1
     stage = args.stage or os.environ.get("DVC_STAGE") or f"train@{variant.label}"
     try:
         train_variant(variant, train, track, uri, args.data, args.out, stage, args.params)
-    except tracking.TrackingError as exc:
+    except (tracking.TrackingError, OutputError) as exc:
         log.error("%s", exc)
         return 1
     except (KeyboardInterrupt, tracking.RunInterrupted):
@@ -187,19 +205,24 @@ def train_variant(
     with tracking.run_set(client, experiment_id, names, tags) as runs:
         _log_run_inputs(client, runs.run_ids, variant, train, backend, x, y, digest)
         history = cb.History(train.seeds)
-        trainer.fit(
-            x,
-            y,
-            train.epochs,
-            callbacks=[
-                cb.WeightChange(),
-                cb.GradientProbe(trainer, x[probe], y[probe]),
-                cb.HeldOut(trainer, x_test, y_test),
-                history,
-                cb.MlflowLogger(client, runs.run_ids),
-                cb.Progress(variant.label, train.epochs, train.log_every),
-            ],
-        )
+        logger = cb.MlflowLogger(client, runs.run_ids)
+        try:
+            trainer.fit(
+                x,
+                y,
+                train.epochs,
+                callbacks=[
+                    cb.WeightChange(),
+                    cb.GradientProbe(trainer, x[probe], y[probe]),
+                    cb.HeldOut(trainer, x_test, y_test),
+                    history,
+                    logger,
+                    cb.Progress(variant.label, train.epochs, train.log_every),
+                ],
+            )
+        finally:
+            # Also when interrupted or failing: a KILLED/FAILED run keeps the epochs it finished.
+            logger.flush()
         import pandas as pd
 
         frame = pd.DataFrame(history.rows)
@@ -213,9 +236,16 @@ def train_variant(
             "tracking_uri": uri,
             "group": tags[tracking.GROUP_TAG],
         }
-        with staged_dir(out) as tmp:
-            _write_outputs(tmp, frame, metrics, run_info, [unstack(model, variant, k) for k in range(len(train.seeds))])
-            _log_run_outputs(client, runs.run_ids, train.seeds, tmp, variant)
+        try:
+            with staged_dir(out) as tmp:
+                singles = [unstack(model, variant, k) for k in range(len(train.seeds))]
+                _write_outputs(tmp, frame, metrics, run_info, singles)
+                _log_run_outputs(client, runs.run_ids, train.seeds, tmp, variant)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write {out}: {exc.strerror or exc} ({exc.filename or out}); "
+                f"free disk space or make {out.parent} writable, then rerun"
+            ) from exc
     log.info(
         "%s: final accuracy %.4f ± %.4f, vanishing index %.3g -> %s",
         variant.label,

@@ -14,10 +14,12 @@ from pipeline.params import (
     PypiMirror,
     TrainParams,
     Variant,
+    check_file,
     load_section,
     parse,
     study_variants,
 )
+from pipeline.params import main as params_main
 from tests.conftest import ROOT
 
 
@@ -183,3 +185,30 @@ def test_remedy_duplicating_the_grid_is_an_error() -> None:
     grid = parse(GridParams, {"depth": [4]}, "grid")
     with pytest.raises(ParamsError, match=r"remedies\.same: depth-4 is already in the grid"):
         study_variants(grid, {"same": Variant(depth=4)})
+
+
+def test_check_file_accepts_the_repo_params() -> None:
+    check_file(ROOT / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("trian: {epochs: 3}\n", "unknown section(s) trian; allowed sections: fetch, preprocess, train"),
+        ("grid: {depth: []}\n", "grid.depth: must list at least one value"),
+        ("train: {epochs: 0}\n", "train.epochs: must be >= 1"),
+        (
+            "grid: {depth: [4]}\nremedies: {x: {depth: 4, activation: sigmoid, loss: mse, init: glorot_uniform, "
+            "norm: none}}\n",
+            "remedies.x: depth-4 is already in the grid",
+        ),
+    ],
+)
+def test_check_file_rejects(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        check_file(path)
+    assert fragment in str(err.value)
+    # The command-line form used by `make repro` exits 1 with the message.
+    assert params_main([str(path)]) == 1

@@ -14,7 +14,7 @@ from tests.synthetic_results import DEFAULT_VARIANTS, write_results, write_varia
 
 D1, D2, REMEDY = (v.label for v in DEFAULT_VARIANTS)
 PARAMS = """\
-train: {not: read}
+train: {epochs: 5}
 grid: {depth: [1, 2]}
 remedies:
   relu-ce-he: {depth: 2, activation: relu, loss: cross_entropy, init: he_normal, norm: none}

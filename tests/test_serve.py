@@ -47,7 +47,9 @@ def test_both_modes_default_to_loopback() -> None:
 
 
 def test_runs_link() -> None:
-    assert serve.runs_link("http://127.0.0.1:5000/", "3") == "http://127.0.0.1:5000/#/experiments/3/runs"
+    assert serve.runs_link("http://127.0.0.1:5000/", "3") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+    )
     assert serve.runs_link("http://127.0.0.1:5000", None) == "http://127.0.0.1:5000/"
 
 

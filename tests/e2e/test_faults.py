@@ -279,26 +279,9 @@ BAD_PARAMS = {
     "missing-section": (_drop("tracking"), ["'tracking'", "missing"]),
     "missing-key": (_drop("grid", "depth"), ["grid.depth"]),
     "unknown-key": (_set("train", epoch=5), ["unknown key(s) epoch", "allowed keys: seeds, epochs"]),
-    # Known gaps: each stage validates only its own sections, and only when it runs.
-    "empty-depth-list": pytest.param(
-        _set("grid", depth=[]),
-        ["grid.depth", "must list at least one value"],
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="DVC expands an empty matrix to no train stage, then fails the report stage on its missing "
-            "results/ dependency without naming grid.depth (with remedies, they train first and the report "
-            "stage rejects grid.depth at the end). Needs a params check before DVC runs anything.",
-        ),
-    ),
-    "unknown-section": pytest.param(
-        lambda params: params.update(trian={"epochs": 10}),
-        ["unknown", "trian"],
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="No stage reads unknown top-level sections, so a misspelt section is ignored and the "
-            "pipeline succeeds. Needs a whole-file params check.",
-        ),
-    ),
+    # Checked by params.check_file, which every stage runs first: the first stage to run stops.
+    "empty-depth-list": (_set("grid", depth=[]), ["grid.depth", "must list at least one value"]),
+    "unknown-section": (lambda params: params.update(trian={"epochs": 10}), ["unknown section(s) trian"]),
 }
 
 
