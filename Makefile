@@ -46,10 +46,10 @@ format: $(STAMP) ## Reformat the code with ruff
 	$(BIN)/ruff check --fix pipeline tests
 	$(BIN)/ruff format pipeline tests
 
-ui: $(STAMP) ## Browse the MLflow store at http://$(HOST):$(PORT) (prints the runs link)
+ui: $(STAMP) ## Browse the MLflow store in the MLflow UI on 127.0.0.1:5000 (HOST=, PORT=); prints the runs link
 	$(BIN)/python -m pipeline.serve ui --host $(HOST) --port $(PORT)
 
-server: $(STAMP) ## MLflow tracking server at http://$(HOST):$(PORT) (SQLite + artifacts in mlserver/)
+server: $(STAMP) ## MLflow tracking server on 127.0.0.1:5000 (HOST=, PORT=); SQLite and artifacts in mlserver/
 	$(BIN)/python -m pipeline.serve server --host $(HOST) --port $(PORT)
 
 bench: $(STAMP) ## Benchmark seed-style Keras fit against the project's trainer (BENCH_ARGS=...)

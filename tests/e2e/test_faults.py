@@ -63,10 +63,16 @@ def runs(project: Path) -> list[tuple[str, str]]:
         return sorted(db.execute("SELECT name, status FROM runs").fetchall())
 
 
+def written_results(project: Path) -> list[str]:
+    """What the stages put in ``results/`` (the folder itself is in git, with a .gitkeep)."""
+    results = project / "results"
+    return sorted(p.name for p in results.iterdir() if p.name != ".gitkeep") if results.exists() else []
+
+
 def assert_nothing_written(project: Path, variant: str = VARIANT) -> None:
     results = project / "results"
     if results.exists():
-        leftovers = [p.name for p in results.iterdir() if p.name.startswith(".")]
+        leftovers = [name for name in written_results(project) if name.startswith(".")]
         assert leftovers == [], f"scratch folders left behind: {leftovers}"
     folder = results / variant
     for name in OUTPUTS:
@@ -111,7 +117,7 @@ def test_unreachable_or_wrong_server_fails_fast_before_training(make_project) ->
             assert f"failed to reproduce '{STAGE}'" in output
             assert uri in output and reason in output and "make server" in output, output
             assert took < 60, f"took {took:.0f} s"
-            assert not (project / "results").exists()
+            assert written_results(project) == []
             assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
             assert (project / "dvc.lock").read_bytes() == lock
             assert "Running stage 'report'" not in output
@@ -275,7 +281,7 @@ BAD_PARAMS = {
     "unknown-activation": (_set("grid", activation=["sigmoidd"]), ["'sigmoidd'", "allowed: sigmoid, tanh, relu"]),
     "unknown-loss": (_set("grid", loss=["hinge"]), ["'hinge'", "allowed: mse, cross_entropy"]),
     "unknown-optimizer": (_set("train", optimizer="adam"), ["train.optimizer", "'adam'", "allowed: sgd"]),
-    "depth-zero": (_set("grid", depth=[0]), ["depth", "must be >= 1", "got 0"]),
+    "depth-zero": (_set("grid", depth=[0]), ["grid.depth", "must be >= 1", "got [0]"]),
     "missing-section": (_drop("tracking"), ["'tracking'", "missing"]),
     "missing-key": (_drop("grid", "depth"), ["grid.depth"]),
     "unknown-key": (_set("train", epoch=5), ["unknown key(s) epoch", "allowed keys: seeds, epochs"]),
@@ -314,12 +320,12 @@ def test_bad_params_fail_before_any_output_or_run(
         for text in expected:
             assert text in output, f"{text!r} not in:\n{output}"
         assert "Traceback" not in output
-        assert not (project / "results").exists(), "a stage wrote results before the error"
+        assert written_results(project) == [], "a stage wrote results before the error"
         assert runs(project) == [], "an MLflow run was created before the error"
         assert (project / "dvc.lock").read_bytes() == lock
     finally:
         (project / "params.yaml").write_text(good)
-        for name in ("results", "reports", "mlartifacts"):
+        for name in ("reports", "mlartifacts", *(f"results/{r}" for r in written_results(project))):
             shutil.rmtree(project / name, ignore_errors=True)
         for store in project.glob("mlflow.db*"):
             store.unlink()
@@ -417,7 +423,6 @@ def test_unwritable_results_fail_cleanly(make_project, mount_options: str, error
     if isinstance(prefix, str):
         pytest.skip(prefix)
     project = prepared(make_project)
-    (project / "results").mkdir()
     lock = (project / "dvc.lock").read_bytes()
     script = (
         f"mount -t tmpfs -o {mount_options} tmpfs results || exit 99; "
@@ -430,6 +435,14 @@ def test_unwritable_results_fail_cleanly(make_project, mount_options: str, error
     assert error in output
     left = result.stdout.split("--- left in results:")[1].split()
     assert left == [], f"left in results: {left}"
-    assert runs(project) == [("depth-1-seed-0", "FAILED"), ("depth-1-seed-1", "FAILED")]
+    assert "Traceback" not in output
+    if mount_options == "ro":
+        # Checked before training starts: no run at all.
+        assert "cannot write into results" in output
+        assert runs(project) == []
+    else:
+        # Found only when the outputs are written: the runs fail.
+        assert "cannot write results/" in output and "free disk space" in output
+        assert runs(project) == [("depth-1-seed-0", "FAILED"), ("depth-1-seed-1", "FAILED")]
     assert (project / "dvc.lock").read_bytes() == lock
     assert "Running stage 'report'" not in output
