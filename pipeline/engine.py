@@ -164,7 +164,10 @@ class _TensorFlowBackend(_Backend):
             n = ops.cast(ops.shape(xb)[0], "float32")
             return per_replicate * n, replicate_correct(yb, pred)
 
-        @tf.function(reduce_retracing=True)
+        # XLA fuses a single model's small ops (17% faster at depth 4 here), but its
+        # matrix products on the wide stacked shapes are slower than oneDNN's (measured:
+        # 0.20 vs 0.19 s/epoch for 4 replicates), so only a lone model is compiled with it.
+        @tf.function(reduce_retracing=True, jit_compile=trainer.replicates == 1)
         def epoch(x: Any, y: Any, batches: Any) -> tuple[Any, Any]:
             # A graph-level loop over the epoch's full batches: one Python call per epoch.
             s = trainer.replicates
