@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,11 +77,13 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: boo
 
 
 def copy_repo(dst: Path) -> Path:
-    """Copy the files git tracks (not the workspace's pipeline outputs), then commit them in a fresh repo."""
+    """Copy the files git tracks, less the committed study's results, then commit them in a fresh repo."""
     files = subprocess.run(
         ["git", "ls-files", "-c", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split("\0")
     for rel in filter(None, files):
+        if rel == "dvc.lock" or (rel.startswith("results/") and rel != "results/.gitkeep"):
+            continue  # the committed study's results: each test starts a fresh pipeline
         src = ROOT / rel
         if src.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -96,18 +99,40 @@ def write_params(project: Path, params: dict[str, Any]) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
 
+def prepare_project(base: Path, edit: Callable[[dict[str, Any]], None] | None = None, name: str = "repo") -> Path:
+    """A repository copy in ``base/name`` with the small profile; ``edit(params)`` may change it further."""
+    project = copy_repo(base / name)
+    data = base / "mnist-small.npz"
+    params = small_profile(yaml.safe_load((project / "params.yaml").read_text()), data, synthetic_mnist(data))
+    if edit:
+        edit(params)
+    write_params(project, params)
+    return project
+
+
+def start_background(command: list[str], project: Path) -> tuple[subprocess.Popen[str], list[str], threading.Thread]:
+    """Start ``command`` in its own process group; its output lines collect in the returned list."""
+    process = subprocess.Popen(
+        command,
+        cwd=project,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout or []), daemon=True)
+    reader.start()
+    return process, lines, reader
+
+
 @pytest.fixture
 def make_project(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """Factory: a repository copy with the small profile; ``edit(params)`` may change it further."""
+    """Factory: :func:`prepare_project` in the test's temporary folder."""
 
     def factory(edit: Callable[[dict[str, Any]], None] | None = None, name: str = "repo") -> Path:
-        project = copy_repo(tmp_path / name)
-        data = tmp_path / "mnist-small.npz"
-        md5 = synthetic_mnist(data)
-        params = small_profile(yaml.safe_load((project / "params.yaml").read_text()), data, md5)
-        if edit:
-            edit(params)
-        write_params(project, params)
-        return project
+        return prepare_project(tmp_path, edit, name)
 
     yield factory

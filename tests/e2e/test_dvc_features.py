@@ -16,9 +16,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.e2e.conftest import BIN, copy_repo, run, small_profile, synthetic_mnist, write_params
+from tests.e2e.conftest import BIN, prepare_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +39,7 @@ def variants(project: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The small profile after `dvc repro`, committed (so that HEAD has results to compare with)."""
-    base = tmp_path_factory.mktemp("study")
-    project = copy_repo(base / "repo")
-    data = base / "mnist-small.npz"
-    params = small_profile(yaml.safe_load((project / "params.yaml").read_text()), data, synthetic_mnist(data))
-    write_params(project, params)
+    project = prepare_project(tmp_path_factory.mktemp("study"))
     run(["dvc", "repro"], project)
     commit(project, "small study")
     return project

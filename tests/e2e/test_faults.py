@@ -29,7 +29,13 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.e2e.conftest import clean_env, copy_repo, run, small_profile, synthetic_mnist, write_params
+from tests.e2e.conftest import (
+    clean_env,
+    prepare_project,
+    run,
+    start_background,
+    write_params,
+)
 
 VARIANT = "d1-sigmoid-mse-glorot_uniform-none"
 STAGE = "train@1-sigmoid-mse-glorot_uniform-none"
@@ -135,19 +141,7 @@ def closed_url() -> str:
 # ------------------------------------------------------------------------- signals
 def start_repro(project: Path) -> tuple[subprocess.Popen[str], list[str], threading.Thread]:
     """``dvc repro`` in its own process group, its output collected line by line."""
-    process = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=project,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout or []), daemon=True)
-    reader.start()
-    return process, lines, reader
+    return start_background(["dvc", "repro"], project)
 
 
 def wait_until_training(project: Path, process: subprocess.Popen[str], lines: list[str]) -> None:
@@ -294,12 +288,7 @@ BAD_PARAMS = {
 @pytest.fixture(scope="module")
 def params_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One prepared project shared by the bad-params cases (a rejected params.yaml writes nothing)."""
-    root = tmp_path_factory.mktemp("bad-params")
-    project = copy_repo(root / "repo")
-    data = root / "mnist-small.npz"
-    params = small_profile(yaml.safe_load((project / "params.yaml").read_text()), data, synthetic_mnist(data))
-    one_variant(params)
-    write_params(project, params)
+    project = prepare_project(tmp_path_factory.mktemp("bad-params"), one_variant)
     run(["dvc", "repro", "preprocess"], project)
     return project
 

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -28,7 +27,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.e2e.conftest import BIN, clean_env, run
+from tests.e2e.conftest import BIN, clean_env, run, start_background
 
 pytestmark = pytest.mark.slow
 
@@ -62,19 +61,7 @@ def mlflow_server(project: Path, args: list[str] | None = None) -> Iterator[str]
         command = ["make", "--no-print-directory", "-o", ".venv/.installed", "server", f"PORT={port}", f"BIN={BIN}"]
     else:
         command = [sys.executable, "-m", "pipeline.serve", "server", "--port", str(port), "--workers", "1", *args]
-    process = subprocess.Popen(
-        command,
-        cwd=project,
-        env=clean_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout or []), daemon=True)
-    reader.start()
+    process, lines, reader = start_background(command, project)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
