@@ -178,5 +178,7 @@ def test_mlflow_ui_shows_runs_charts_and_report(make_project, browser, tmp_path:
 
 def test_make_ui_runs_the_serve_module() -> None:
     """`make ui` is `python -m pipeline.serve ui` with HOST and PORT (the link comes from there)."""
-    result = run(["make", "-n", "-o", ".venv/.installed", "ui", "PORT=5123", "HOST=127.0.0.1"], ROOT)
-    assert re.search(r"python -m pipeline\.serve ui --host 127\.0\.0\.1 --port 5123$", result.stdout.strip())
+    # --no-print-directory: under `make test` this is a sub-make, which would print directory lines.
+    command = ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "ui", "PORT=5123", "HOST=127.0.0.1"]
+    result = run(command, ROOT)
+    assert re.search(r"python -m pipeline\.serve ui --host 127\.0\.0\.1 --port 5123$", result.stdout.strip(), re.M)
