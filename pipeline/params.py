@@ -316,7 +316,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _convert_dataclass(tp, value, where)
-    if tp is Mirror or (origin in (Union, types.UnionType) and set(get_args(tp)) == set(MIRROR_KINDS.values())):
+    if origin in (Union, types.UnionType) and set(get_args(tp)) == set(MIRROR_KINDS.values()):
         return _convert_mirror(value, where)
     if origin in (Union, types.UnionType):
         args = get_args(tp)

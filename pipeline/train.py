@@ -30,6 +30,7 @@ from pipeline.outputs import staged_dir
 from pipeline.params import ParamsError, TrackingParams, TrainParams, Variant, check_file, load_section, parse
 
 log = logging.getLogger("pipeline.train")
+CSV_FLOAT = "%.8g"  # float32 values round-trip through history.csv
 
 
 def configure_backend(deterministic: bool = True) -> str:
@@ -240,7 +241,7 @@ def train_variant(
             with staged_dir(out) as tmp:
                 singles = [unstack(model, variant, k) for k in range(len(train.seeds))]
                 _write_outputs(tmp, frame, metrics, run_info, singles)
-                _log_run_outputs(client, runs.run_ids, train.seeds, tmp, variant)
+                _log_run_outputs(client, runs.run_ids, train.seeds, tmp, frame, variant)
         except OSError as exc:
             raise OutputError(
                 f"cannot write {out}: {exc.strerror or exc} ({exc.filename or out}); "
@@ -259,7 +260,7 @@ def train_variant(
 def _write_outputs(
     folder: Path, history: Any, metrics: dict[str, float], run_info: dict[str, Any], models: list[Any]
 ) -> None:
-    history.to_csv(folder / "history.csv", index=False, float_format="%.8g")
+    history.to_csv(folder / "history.csv", index=False, float_format=CSV_FLOAT)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (folder / "run.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
     (folder / "models").mkdir()
@@ -292,17 +293,17 @@ def _log_run_inputs(
         client.log_inputs(run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])])
 
 
-def _log_run_outputs(client: Any, run_ids: list[str], seeds: Sequence[int], folder: Path, variant: Variant) -> None:
-    import pandas as pd
-
+def _log_run_outputs(
+    client: Any, run_ids: list[str], seeds: Sequence[int], folder: Path, history: Any, variant: Variant
+) -> None:
+    """Per run: its own rows of the history, its classic figure, its model and the variant's metrics."""
     from pipeline.figures import classic_figure
 
-    history = pd.read_csv(folder / "history.csv")
     for seed, run_id in zip(seeds, run_ids, strict=True):
         rows = history[history["seed"] == seed]
         with tempfile.TemporaryDirectory() as scratch:
             csv = Path(scratch) / "history.csv"
-            rows.to_csv(csv, index=False, float_format="%.8g")
+            rows.to_csv(csv, index=False, float_format=CSV_FLOAT)
             client.log_artifact(run_id, str(csv))
             fig = classic_figure(rows, f"{variant.label}, seed {seed}")
             png = Path(scratch) / "figure.png"
