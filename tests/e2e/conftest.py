@@ -62,6 +62,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    # DVC runs stage commands through $SHELL, else /bin/sh; pin the fallback so that a
+    # developer's login shell does not make local runs differ from CI's.
+    env["SHELL"] = "/bin/sh"
     env.update(extra)
     return env
 
@@ -110,12 +113,14 @@ def prepare_project(base: Path, edit: Callable[[dict[str, Any]], None] | None = 
     return project
 
 
-def start_background(command: list[str], project: Path) -> tuple[subprocess.Popen[str], list[str], threading.Thread]:
+def start_background(
+    command: list[str], project: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], list[str], threading.Thread]:
     """Start ``command`` in its own process group; its output lines collect in the returned list."""
     process = subprocess.Popen(
         command,
         cwd=project,
-        env=clean_env(),
+        env=env or clean_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -139,9 +139,10 @@ def closed_url() -> str:
 
 
 # ------------------------------------------------------------------------- signals
-def start_repro(project: Path) -> tuple[subprocess.Popen[str], list[str], threading.Thread]:
-    """``dvc repro`` in its own process group, its output collected line by line."""
-    return start_background(["dvc", "repro"], project)
+def start_repro(project: Path, shell: str = "/bin/sh") -> tuple[subprocess.Popen[str], list[str], threading.Thread]:
+    """``dvc repro`` in its own process group, its output collected line by line; DVC runs the
+    stage commands through ``shell``."""
+    return start_background(["dvc", "repro"], project, env=clean_env(SHELL=shell))
 
 
 def wait_until_training(project: Path, process: subprocess.Popen[str], lines: list[str]) -> None:
@@ -156,12 +157,13 @@ def wait_until_training(project: Path, process: subprocess.Popen[str], lines: li
         time.sleep(0.1)
 
 
-def interrupt(project: Path, signum: int, target: str) -> tuple[int, str]:
+def interrupt(project: Path, signum: int, target: str, shell: str = "/bin/sh") -> tuple[int, str, bool]:
     """Start ``dvc repro``, wait until both runs are training, send ``signum`` to the process group
-    (``group``) or to the training process alone (``train``); wait until every process has ended."""
+    (``group``) or to the training process alone (``train``); wait until every process has ended.
+    Returns dvc's exit status, its output, and whether training had ended by the time dvc did."""
     import psutil
 
-    process, lines, reader = start_repro(project)
+    process, lines, reader = start_repro(project, shell)
     try:
         wait_until_training(project, process, lines)
         children = psutil.Process(process.pid).children(recursive=True)
@@ -172,13 +174,14 @@ def interrupt(project: Path, signum: int, target: str) -> tuple[int, str]:
         else:
             train[0].send_signal(signum)
         rc = process.wait(timeout=120)
+        ended_first = not train[0].is_running()
         _, alive = psutil.wait_procs(train, timeout=120)  # when dvc itself died, training still ends its runs
         assert not alive, "training process still running"
         reader.join(timeout=30)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    return rc, "".join(lines)
+    return rc, "".join(lines), ended_first
 
 
 def assert_interrupted_cleanly(project: Path, rc: int, output: str, lock: bytes) -> None:
@@ -196,20 +199,25 @@ def long_training(params: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("signum", "target"),
+    ("signum", "target", "shell"),
     [
-        (signal.SIGINT, "group"),  # Ctrl-C in a terminal: the whole foreground process group
-        (signal.SIGTERM, "train"),  # `kill <pid>` of the training process alone
+        # Ctrl-C in a terminal: the whole foreground process group. Under dash (/bin/sh, DVC's
+        # fallback) and bash: the stage commands `exec` Python, so no shell sits in between.
+        (signal.SIGINT, "group", "/bin/sh"),
+        (signal.SIGINT, "group", "/bin/bash"),
+        (signal.SIGTERM, "train", "/bin/sh"),  # `kill <pid>` of the training process alone
     ],
-    ids=["sigint-group", "sigterm-train"],
+    ids=["sigint-group-sh", "sigint-group-bash", "sigterm-train"],
 )
-def test_signal_mid_training_kills_runs_and_writes_nothing(make_project, signum: int, target: str) -> None:
+def test_signal_mid_training_kills_runs_and_writes_nothing(make_project, signum: int, target: str, shell: str) -> None:
     project = prepared(make_project, long_training)
     lock = (project / "dvc.lock").read_bytes()
-    rc, output = interrupt(project, signum, target)
+    rc, output, ended_first = interrupt(project, signum, target, shell)
     assert_interrupted_cleanly(project, rc, output, lock)
-    # dvc outlived the signal: it names the stage and the exit status 130 (128 + SIGINT).
-    assert f"failed to reproduce '{STAGE}'" in output and "exited with 130" in output
+    # dvc outlived the signal and waited for training to end its runs: it names the stage and
+    # training's own exit status 130 (a shell killed by the signal in between would show -2).
+    assert f"failed to reproduce '{STAGE}'" in output and "exited with 130" in output, output
+    assert ended_first, "dvc exited while training was still ending its runs"
 
 
 @pytest.mark.slow
@@ -221,7 +229,7 @@ def test_sigterm_to_dvc_then_rerun_then_run_cache_restore(make_project) -> None:
     train stages declare ``run.json`` with ``cache: false``, which keeps DVC from run-caching them.)"""
     project = prepared(make_project, long_training)
     lock = (project / "dvc.lock").read_bytes()
-    rc, output = interrupt(project, signal.SIGTERM, "group")
+    rc, output, _ = interrupt(project, signal.SIGTERM, "group")
     assert_interrupted_cleanly(project, rc, output, lock)
 
     set_params(project, lambda p: p["train"].update(epochs=3))
