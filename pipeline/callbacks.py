@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import keras
@@ -155,3 +155,17 @@ class Progress(keras.callbacks.Callback):
         elif done % self.every == 0 or done in (1, self.epochs):
             self.stream.write(line + "\n")
             self.stream.flush()
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Honours a deferred stop signal at the end of each epoch (see ``tracking.StopSignals``).
+
+    Last in the list, so that the epoch it stops after is fully recorded first.
+    """
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        super().__init__()
+        self.check = check
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.check()

@@ -25,7 +25,7 @@ import time
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,58 @@ class TrackingError(RuntimeError):
 
 
 class RunInterrupted(BaseException):
-    """Raised inside training when SIGTERM or SIGINT arrives (ends runs as KILLED)."""
+    """Training stopped on a signal (SIGINT, SIGTERM, SIGHUP): the runs end KILLED."""
+
+    def __init__(self, signum: int, finished: bool = False) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.finished = finished  # it came after the runs had ended FINISHED
+
+    @property
+    def exit_status(self) -> int:
+        """The shell convention for a process stopped by a signal: 128 + its number."""
+        return 128 + self.signum
+
+
+class StopSignals:
+    """Defers SIGINT, SIGTERM and SIGHUP to a safe point while runs are open.
+
+    Python raises a signal's exception wherever the main thread happens to be, and inside
+    TensorFlow's Python layers (or a finalizer, where it is swallowed) that can leave the
+    runtime corrupted: under stress the process then trained on or aborted with a glibc heap
+    error. So the first signal is only recorded, and :meth:`check` (called by the
+    ``StopOnSignal`` callback at every epoch end, and before outputs are committed) raises it.
+    A second signal raises at once, for a process stuck somewhere that never checks.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.signum is not None:
+            raise RunInterrupted(signum)
+        self.signum = signum
+
+    def check(self) -> None:
+        """Raise :class:`RunInterrupted` when a signal has arrived."""
+        if self.signum is not None:
+            raise RunInterrupted(self.signum)
+
+    @contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        """Handle the signals for the duration; the previous handlers come back afterwards.
+        A no-op outside the main thread, where Python cannot install handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -324,6 +375,7 @@ class RunSet:
 
     client: Any
     run_ids: list[str]
+    stop: StopSignals = field(default_factory=StopSignals)
 
     def end(self, status: str) -> None:
         for run_id in self.run_ids:
@@ -342,28 +394,26 @@ def run_set(
 ) -> Iterator[RunSet]:
     """Create one run per name; end them FINISHED, FAILED on an exception, KILLED on a signal.
 
-    SIGTERM is turned into :class:`RunInterrupted` for the duration, so ``kill`` and
-    Ctrl-C (``KeyboardInterrupt``) both end the runs as KILLED before the process exits.
+    SIGINT, SIGTERM and SIGHUP are deferred for the duration (:class:`StopSignals`): the body
+    calls ``runs.stop.check()`` at safe points, which raises :class:`RunInterrupted`. A signal
+    that arrives after the body's last check still stops the process (the runs, complete,
+    end FINISHED) so that ``dvc repro`` does not go on to the next stage.
     """
     runs = RunSet(client, [])
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum: int, frame: types.FrameType | None) -> None:
-        raise RunInterrupted(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        for name in run_names:
-            run = client.create_run(experiment_id, tags=dict(tags), run_name=name)
-            runs.run_ids.append(run.info.run_id)
-        yield runs
-    except (KeyboardInterrupt, RunInterrupted):
-        runs.end("KILLED")
-        raise
-    except BaseException:
-        runs.end("FAILED")
-        raise
-    else:
-        runs.end("FINISHED")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with runs.stop.installed():
+        try:
+            for name in run_names:
+                run = client.create_run(experiment_id, tags=dict(tags), run_name=name)
+                runs.run_ids.append(run.info.run_id)
+            runs.stop.check()
+            yield runs
+        except (KeyboardInterrupt, RunInterrupted):
+            runs.end("KILLED")
+            raise
+        except BaseException:
+            runs.end("FAILED")
+            raise
+        else:
+            runs.end("FINISHED")
+    if runs.stop.signum is not None:
+        raise RunInterrupted(runs.stop.signum, finished=True)

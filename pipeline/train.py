@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,9 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (tracking.TrackingError, OutputError) as exc:
         log.error("%s", exc)
         return 1
-    except (KeyboardInterrupt, tracking.RunInterrupted):
-        log.error("interrupted: the MLflow runs are marked KILLED and %s was not written", args.out)
-        return 130
+    except tracking.RunInterrupted as exc:
+        if exc.finished:
+            log.error("%s after training had finished and written %s: stopping here", exc, args.out)
+        else:
+            log.error("interrupted (%s): the MLflow runs are marked KILLED and %s was not written", exc, args.out)
+        return exc.exit_status
+    except KeyboardInterrupt:  # before the runs existed: nothing to mark
+        log.error("interrupted: %s was not written", args.out)
+        return 128 + signal.SIGINT
     return 0
 
 
@@ -219,6 +226,7 @@ def train_variant(
                     history,
                     logger,
                     cb.Progress(variant.label, train.epochs, train.log_every),
+                    cb.StopOnSignal(runs.stop.check),
                 ],
             )
         finally:
@@ -242,6 +250,7 @@ def train_variant(
                 singles = [unstack(model, variant, k) for k in range(len(train.seeds))]
                 _write_outputs(tmp, frame, metrics, run_info, singles)
                 _log_run_outputs(client, runs.run_ids, train.seeds, tmp, frame, variant)
+                runs.stop.check()  # a signal during writing: the staged outputs are discarded
         except OSError as exc:
             raise OutputError(
                 f"cannot write {out}: {exc.strerror or exc} ({exc.filename or out}); "

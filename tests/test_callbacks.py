@@ -91,3 +91,29 @@ def test_mlflow_logger_steps_are_epochs(tmp_path) -> None:
     # Non-finite values are skipped rather than failing the batch.
     assert client.get_metric_history(runs[0], "grad/hidden_1") == []
     assert len(client.get_metric_history(runs[1], "grad/hidden_1")) == 3
+
+
+def test_stop_on_signal_ends_training_after_the_epoch_in_which_it_arrived() -> None:
+    """A SIGTERM during epoch 2 is recorded, not raised inside the training loop; the
+    epoch is recorded in full, then StopOnSignal raises."""
+    import os
+    import signal
+
+    from pipeline.engine import StackedTrainer
+    from pipeline.tracking import RunInterrupted, StopSignals
+
+    class SendDuringEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 784), dtype=np.float32)
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 20)]
+    model = build_model(Variant(depth=1), [0, 1])
+    trainer = StackedTrainer(model, "mse", 0.2, 10, 0)
+    history = cb.History([0, 1])
+    stop = StopSignals()
+    with pytest.raises(RunInterrupted, match="SIGTERM"), stop.installed():
+        trainer.fit(x, y, 10, callbacks=[SendDuringEpoch(), history, cb.StopOnSignal(stop.check)])
+    assert sorted({row["epoch"] for row in history.rows}) == [1, 2]

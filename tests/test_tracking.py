@@ -210,15 +210,45 @@ def test_run_set_killed_on_ctrl_c() -> None:
     assert client.ended == {"id-a": "KILLED"}
 
 
-def test_run_set_turns_sigterm_into_killed_and_restores_the_handler() -> None:
+def _handlers() -> dict[int, Any]:
+    return {sig: signal.getsignal(sig) for sig in tracking.StopSignals.SIGNALS}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_run_set_defers_a_signal_to_the_next_check_then_ends_the_runs_killed(signum: int) -> None:
     client = FakeClient()
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(tracking.RunInterrupted), tracking.run_set(client, "1", ["a", "b"], {}):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises at the next bytecode
-        pytest.fail("SIGTERM was not turned into RunInterrupted")
+    before = _handlers()
+    with pytest.raises(tracking.RunInterrupted) as info, tracking.run_set(client, "1", ["a", "b"], {}) as runs:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)  # Python runs the handler at the next bytecode: it only records
+        assert runs.stop.signum == signum
+        assert client.ended == {}
+        runs.stop.check()
+        pytest.fail("check() did not raise")
+    assert info.value.exit_status == 128 + signum and not info.value.finished
     assert client.ended == {"id-a": "KILLED", "id-b": "KILLED"}
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert _handlers() == before
+
+
+def test_run_set_second_signal_raises_at_once() -> None:
+    client = FakeClient()
+    with pytest.raises(tracking.RunInterrupted), tracking.run_set(client, "1", ["a"], {}):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+        pytest.fail("the second signal did not raise")
+    assert client.ended == {"id-a": "KILLED"}
+
+
+def test_run_set_signal_after_the_last_check_finishes_the_runs_then_stops() -> None:
+    """The runs are complete, so FINISHED; the process still stops, so DVC goes no further."""
+    client = FakeClient()
+    with pytest.raises(tracking.RunInterrupted) as info, tracking.run_set(client, "1", ["a"], {}):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    assert info.value.finished and info.value.exit_status == 130
+    assert client.ended == {"id-a": "FINISHED"}
 
 
 # ------------------------------------------------------------------ concurrent writers

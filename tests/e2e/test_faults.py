@@ -173,7 +173,10 @@ def interrupt(project: Path, signum: int, target: str, shell: str = "/bin/sh") -
             os.killpg(process.pid, signum)
         else:
             train[0].send_signal(signum)
-        rc = process.wait(timeout=120)
+        try:
+            rc = process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("dvc repro still running 120 s after the signal:\n" + "".join(lines))
         ended_first = not train[0].is_running()
         _, alive = psutil.wait_procs(train, timeout=120)  # when dvc itself died, training still ends its runs
         assert not alive, "training process still running"
@@ -184,9 +187,10 @@ def interrupt(project: Path, signum: int, target: str, shell: str = "/bin/sh") -
     return rc, "".join(lines), ended_first
 
 
-def assert_interrupted_cleanly(project: Path, rc: int, output: str, lock: bytes) -> None:
+def assert_interrupted_cleanly(project: Path, rc: int, output: str, lock: bytes, signum: int) -> None:
     assert rc != 0, output
-    assert "interrupted: the MLflow runs are marked KILLED" in output
+    name = signal.Signals(signum).name
+    assert f"interrupted (stopped by {name}): the MLflow runs are marked KILLED" in output, output
     assert runs(project) == [("depth-1-seed-0", "KILLED"), ("depth-1-seed-1", "KILLED")]
     assert_nothing_written(project)
     assert (project / "dvc.lock").read_bytes() == lock
@@ -213,10 +217,10 @@ def test_signal_mid_training_kills_runs_and_writes_nothing(make_project, signum:
     project = prepared(make_project, long_training)
     lock = (project / "dvc.lock").read_bytes()
     rc, output, ended_first = interrupt(project, signum, target, shell)
-    assert_interrupted_cleanly(project, rc, output, lock)
+    assert_interrupted_cleanly(project, rc, output, lock, signum)
     # dvc outlived the signal and waited for training to end its runs: it names the stage and
-    # training's own exit status 130 (a shell killed by the signal in between would show -2).
-    assert f"failed to reproduce '{STAGE}'" in output and "exited with 130" in output, output
+    # training's own exit status 128 + signum (a shell killed by SIGINT in between would show -2).
+    assert f"failed to reproduce '{STAGE}'" in output and f"exited with {128 + signum}" in output, output
     assert ended_first, "dvc exited while training was still ending its runs"
 
 
@@ -230,7 +234,7 @@ def test_sigterm_to_dvc_then_rerun_then_run_cache_restore(make_project) -> None:
     project = prepared(make_project, long_training)
     lock = (project / "dvc.lock").read_bytes()
     rc, output, _ = interrupt(project, signal.SIGTERM, "group")
-    assert_interrupted_cleanly(project, rc, output, lock)
+    assert_interrupted_cleanly(project, rc, output, lock, signal.SIGTERM)
 
     set_params(project, lambda p: p["train"].update(epochs=3))
     again = run(["dvc", "repro"], project)
