@@ -587,6 +587,7 @@ def log_report(uri: str, experiment: str, folder: Path, params_file: Path) -> st
     try:
         with tracking.run_set(client, experiment_id, [STAGE], tags) as runs:
             client.log_artifacts(runs.run_ids[0], str(folder))
+            runs.stop.check()  # a signal during the upload: the run ends KILLED, no report is written
     except Exception as exc:  # the run is already marked FAILED; report one clear line
         raise tracking.TrackingError(f"logging the report to MLflow at {uri} failed: {exc}") from exc
     return runs.run_ids[0]
@@ -624,6 +625,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (tracking.TrackingError, ReportError, OSError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, tracking.RunInterrupted) as exc:
+        print(f"report: interrupted: {out} was not written", file=sys.stderr)
+        return exc.exit_status if isinstance(exc, tracking.RunInterrupted) else 130
     log.info("report: %d variant(s) -> %s (MLflow run %s)", len(summary), out / "index.html", run_id)
     return 0
 

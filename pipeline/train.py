@@ -51,6 +51,9 @@ def configure_backend(deterministic: bool = True) -> str:
         tf.config.threading.set_inter_op_parallelism_threads(1)
         if deterministic:
             tf.config.experimental.enable_op_determinism()
+        # Recent NVIDIA GPUs would otherwise multiply float32 in TF32 (a 10-bit mantissa),
+        # which is not the experiment's arithmetic. No effect on a CPU.
+        tf.config.experimental.enable_tensor_float_32_execution(False)
     elif backend == "jax" and "JAX_DEFAULT_MATMUL_PRECISION" not in os.environ:
         import jax
 

@@ -141,8 +141,10 @@ def test_gradients_match_hand_computed_backprop() -> None:
         expected.reverse()
         layers = [*hidden_layers(model), model.get_layer("output")]
         for layer, (gw, gb) in zip(layers, expected, strict=True):
-            np.testing.assert_allclose(grads[layer.kernel.path][k], gw, rtol=1e-4, atol=1e-9)
-            np.testing.assert_allclose(grads[layer.bias.path][k], gb, rtol=1e-4, atol=1e-9)
+            # float32 sums of terms that cancel: entries near zero are exact only up to the
+            # tensor's own scale (on a GPU they differ by ~1e-7 of it, not of the entry).
+            for got, want in ((grads[layer.kernel.path][k], gw), (grads[layer.bias.path][k], gb)):
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
