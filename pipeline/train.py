@@ -215,6 +215,7 @@ def train_variant(
     log.info("training %s: seeds %s, %d epochs, backend %s", variant.label, list(train.seeds), train.epochs, backend)
     with tracking.run_set(client, experiment_id, names, tags) as runs:
         _log_run_inputs(client, runs.run_ids, variant, train, backend, x, y, digest)
+        runs.stop.check()  # no need to wait for the first epoch (and its compilation)
         history = cb.History(train.seeds)
         logger = cb.MlflowLogger(client, runs.run_ids)
         try:
