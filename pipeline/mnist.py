@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from pipeline.params import CONTENT_KEYS
+from pipeline.params import CONTENT_KEYS, IDX_GZ_FILES
 
 try:  # NumPy >= 2 moved the reconstruction helper; old pickles still name numpy.core.
     from numpy._core.multiarray import _reconstruct
@@ -33,13 +33,6 @@ except ImportError:  # pragma: no cover - NumPy 1.x
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-# File names of the classic distribution, mapped to the CONTENT_KEYS they hold.
-IDX_GZ_FILES = {
-    "train-images-idx3-ubyte.gz": "train_images",
-    "train-labels-idx1-ubyte.gz": "train_labels",
-    "t10k-images-idx3-ubyte.gz": "test_images",
-    "t10k-labels-idx1-ubyte.gz": "test_labels",
-}
 # Guards against decompression bombs: the real pickle inflates to 220 MB and the
 # largest IDX file to 47 MB; anything far beyond that is not MNIST.
 MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024

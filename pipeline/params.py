@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -79,6 +80,15 @@ class FileMirror:
 Mirror = NpzMirror | IdxMirror | PypiMirror | FileMirror
 MIRROR_KINDS: dict[str, type] = {"npz": NpzMirror, "idx": IdxMirror, "pypi": PypiMirror, "file": FileMirror}
 CONTENT_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+# File names of the classic distribution, mapped to the CONTENT_KEYS they hold.
+IDX_GZ_FILES = {
+    "train-images-idx3-ubyte.gz": "train_images",
+    "train-labels-idx1-ubyte.gz": "train_labels",
+    "t10k-images-idx3-ubyte.gz": "test_images",
+    "t10k-labels-idx1-ubyte.gz": "test_labels",
+}
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_MD5 = re.compile(r"[0-9a-fA-F]{32}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,28 @@ class FetchParams:
         )
         _require(self.timeout_s > 0, "fetch.timeout_s", f"must be > 0; got {self.timeout_s}")
         _require(self.retries >= 0, "fetch.retries", f"must be >= 0; got {self.retries}")
+        for key, digest in self.content_md5.items():
+            _require_hex(digest, _MD5, f"fetch.content_md5.{key}", "md5")
+        for i, m in enumerate(self.mirrors):
+            where = f"fetch.mirrors[{i}]"
+            if isinstance(m, NpzMirror | PypiMirror):
+                _require_hex(m.sha256, _SHA256, f"{where}.sha256", "sha256")
+            if isinstance(m, IdxMirror):
+                _require(
+                    set(m.md5) == set(IDX_GZ_FILES),
+                    f"{where}.md5",
+                    f"must give the md5 of exactly {', '.join(IDX_GZ_FILES)}; got {', '.join(m.md5)}",
+                )
+                for name, digest in m.md5.items():
+                    _require_hex(digest, _MD5, f"{where}.md5.{name}", "md5")
+            if isinstance(m, PypiMirror):
+                # A leading dash would be read by pip as an option, not a requirement.
+                _require(
+                    bool(m.requirement.strip()) and not m.requirement.lstrip().startswith("-"),
+                    f"{where}.requirement",
+                    f"expected a requirement like 'name==1.0'; got {m.requirement!r}",
+                )
+                _require(bool(m.member.strip()), f"{where}.member", "must name the file inside the wheel")
 
 
 # ---------------------------------------------------------------------- preprocess
@@ -395,6 +427,10 @@ def _require(ok: bool, where: str, message: str) -> None:
         raise ParamsError(f"{where}: {message}")
 
 
+def _require_hex(value: str, pattern: re.Pattern[str], where: str, what: str) -> None:
+    _require(pattern.fullmatch(value) is not None, where, f"expected a hex {what} digest; got {value!r}")
+
+
 def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
@@ -418,6 +454,7 @@ if __name__ == "__main__":
 __all__ = [
     "ACTIVATIONS",
     "CONTENT_KEYS",
+    "IDX_GZ_FILES",
     "INITIALIZERS",
     "LOSSES",
     "NORMS",

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from pipeline.params import (
+    CONTENT_KEYS,
     FetchParams,
     GridParams,
     ParamsError,
@@ -191,12 +192,20 @@ def test_check_file_accepts_the_repo_params() -> None:
     check_file(ROOT / "params.yaml")
 
 
+ANY_MD5S = "{" + ", ".join(f"{key}: {'a' * 32}" for key in CONTENT_KEYS) + "}"
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
         ("trian: {epochs: 3}\n", "unknown section(s) trian; allowed sections: fetch, preprocess, train"),
         ("grid: {depth: []}\n", "grid.depth: must list at least one value"),
         ("train: {epochs: 0}\n", "train.epochs: must be >= 1"),
+        (
+            # A malformed digest in a mirror is a params error here, not only when fetch runs.
+            f"fetch: {{mirrors: [{{kind: npz, url: 'https://x', sha256: abc}}], content_md5: {ANY_MD5S}}}\n",
+            "fetch.mirrors[0].sha256: expected a hex sha256 digest; got 'abc'",
+        ),
         (
             "grid: {depth: [4]}\nremedies: {x: {depth: 4, activation: sigmoid, loss: mse, init: glorot_uniform, "
             "norm: none}}\n",
