@@ -581,7 +581,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 def log_report(uri: str, experiment: str, folder: Path, params_file: Path) -> str:
     """Log every file in ``folder`` as artifacts of one run named ``report``; returns its run id."""
     root = tracking.project_root()
-    client = tracking.make_client(uri)
+    client = tracking.open_store(uri)
     experiment_id = tracking.ensure_experiment(client, experiment, root)
     tags = tracking.lineage_tags(root, STAGE, params_file)
     try:

@@ -101,7 +101,7 @@ def redact(uri: str) -> str:
 def experiment_id(store_uri: str, name: str) -> str | None:
     """Id of experiment ``name`` in the store, or None when it does not exist yet."""
     try:
-        experiment = tracking.make_client(store_uri).get_experiment_by_name(name)
+        experiment = tracking.open_store(store_uri).get_experiment_by_name(name)
     except Exception:  # noqa: BLE001 - an empty or new store is not an error for a viewer
         return None
     return None if experiment is None else str(experiment.experiment_id)

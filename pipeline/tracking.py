@@ -363,12 +363,6 @@ def ensure_experiment(client: Any, name: str, root: Path) -> str:
         return str(existing.experiment_id)
 
 
-def make_client(uri: str) -> Any:
-    """An ``MlflowClient`` bound to ``uri``, its store open (see :func:`open_store`; MLflow is
-    imported lazily: it is slow to import)."""
-    return open_store(uri)
-
-
 @dataclass
 class RunSet:
     """Several MLflow runs that live and end together (one per replicate seed)."""

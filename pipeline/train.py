@@ -208,7 +208,7 @@ def train_variant(
     trainer = StackedTrainer(model, variant.loss, train.learning_rate, train.batch_size, train.shuffle_seed)
 
     root = tracking.project_root()
-    client = tracking.make_client(uri)
+    client = tracking.open_store(uri)
     experiment_id = tracking.ensure_experiment(client, track.experiment, root)
     tags = tracking.lineage_tags(root, stage, params_file) | {"data.digest": digest, "variant": variant.label}
     names = [f"{variant.label}-seed-{s}" for s in train.seeds]

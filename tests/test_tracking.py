@@ -264,7 +264,7 @@ WRITER = textwrap.dedent(
     while not go.exists():
         time.sleep(0.005)
     tracking.preflight(uri)
-    client = tracking.make_client(uri)
+    client = tracking.open_store(uri)
     experiment = tracking.ensure_experiment(client, "stress", Path(sys.argv[4]))
     with tracking.run_set(client, experiment, [f"{name}-0", f"{name}-1"], {"writer": name}) as runs:
         for epoch in range(1, 16):  # what callbacks.MlflowLogger sends: one batch per run and flush
