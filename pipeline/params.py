@@ -22,17 +22,18 @@ import yaml
 
 T = TypeVar("T")
 
-ACTIVATIONS = ("sigmoid", "tanh", "relu")
-LOSSES = ("mse", "cross_entropy")
-INITIALIZERS = ("glorot_uniform", "he_normal")
-NORMS = ("none", "batch")
-OPTIMIZERS = ("sgd",)
-
 Activation = Literal["sigmoid", "tanh", "relu"]
 Loss = Literal["mse", "cross_entropy"]
 Initializer = Literal["glorot_uniform", "he_normal"]
 Norm = Literal["none", "batch"]
 Optimizer = Literal["sgd"]
+
+# The allowed values, for messages and for checks on directly built dataclasses.
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+LOSSES: tuple[str, ...] = get_args(Loss)
+INITIALIZERS: tuple[str, ...] = get_args(Initializer)
+NORMS: tuple[str, ...] = get_args(Norm)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 
 class ParamsError(ValueError):
