@@ -237,11 +237,10 @@ def classic_plots(
     for r in classic:
         seed = int(r.history["seed"].min())
         fig = figures.classic_figure(figures.one_seed(r.history), f"{r.label} (seed {seed})", rp.change_clip_quantile)
-        final = summary.set_index("variant").loc[r.label]
-        accuracy = figures.format_mean_std(final["accuracy_mean"], final["accuracy_std"])
+        seeds = int(summary.set_index("variant").loc[r.label, "seeds"])
         caption = (
             f"{r.label}, seed {seed}: training accuracy and weight change per hidden layer. "
-            f"Final training accuracy over {int(final['seeds'])} seed(s): {accuracy}."
+            f"Final training accuracy over {seeds} seed(s): {final_accuracy(summary, r.label)}."
         )
         plots.append(render(fig, folder, f"classic-{r.label}.png", rp.dpi, caption))
     if not classic:
@@ -283,12 +282,14 @@ def classic_plots(
     return plots
 
 
+def final_accuracy(summary: pd.DataFrame, label: str) -> str:
+    """Final training accuracy of variant ``label``: mean ± std over its seeds."""
+    row = summary.set_index("variant").loc[label]
+    return figures.format_mean_std(row["accuracy_mean"], row["accuracy_std"])
+
+
 def _accuracy_caption(classic: Sequence[VariantResult], summary: pd.DataFrame) -> str:
-    table = summary.set_index("variant")
-    finals = ", ".join(
-        f"{r.label} {figures.format_mean_std(table.loc[r.label, 'accuracy_mean'], table.loc[r.label, 'accuracy_std'])}"
-        for r in classic
-    )
+    finals = ", ".join(f"{r.label} {final_accuracy(summary, r.label)}" for r in classic)
     return f"Training accuracy of the classic networks by depth. Final accuracy (mean ± std over seeds): {finals}."
 
 
@@ -331,8 +332,7 @@ def remedy_plots(results: Sequence[VariantResult], summary: pd.DataFrame, rp: Re
     plots = []
     for depth, group in remedy_groups(results).items():
         facts = "; ".join(
-            f"{r.label}: final accuracy "
-            f"{figures.format_mean_std(table.loc[r.label, 'accuracy_mean'], table.loc[r.label, 'accuracy_std'])}, "
+            f"{r.label}: final accuracy {final_accuracy(summary, r.label)}, "
             f"vanishing index "
             f"{figures.format_mean_std(table.loc[r.label, 'vanishing_index_mean'], np.nan, '.3g')}"
             for r in group
