@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 EXPS_TMP = (".dvc", "tmp", "exps")
+SWEEP_ENV = "PIPELINE_SWEEP"
+SWEEP_TAG = "pipeline.sweep"
 GROUP_TAG = "pipeline.group"
 
 
@@ -338,6 +340,8 @@ def lineage_tags(root: Path, stage: str, params_file: str | Path = "params.yaml"
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get(SWEEP_ENV):  # set by pipeline.sweep for every experiment of one sweep
+        tags[SWEEP_TAG] = os.environ[SWEEP_ENV]
     return tags
 
 
