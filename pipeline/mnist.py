@@ -10,6 +10,7 @@ files are always read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -38,7 +39,6 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
 
 _IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST uses
-_CHUNK = 1 << 20
 
 
 class DataError(ValueError):
@@ -175,8 +175,9 @@ def npz_to_arrays(source: str | Path | bytes) -> MnistArrays:
 def write_npz(file: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
     """Write an uncompressed ``.npz`` whose bytes depend only on the arrays.
 
-    ``np.savez`` stamps the current time into the zip, so identical data would get a
-    new DVC hash on every run and needlessly invalidate downstream stages.
+    Timestamps and file modes inside the zip are fixed here rather than left to the
+    NumPy version at hand, so identical data keeps its DVC hash and does not
+    needlessly invalidate downstream stages.
     """
     with zipfile.ZipFile(file, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, arr in arrays.items():
@@ -184,13 +185,6 @@ def write_npz(file: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
             info.external_attr = 0o644 << 16
             with zf.open(info, mode="w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asarray(arr), allow_pickle=False)
-
-
-def arrays_to_npz_bytes(arrays: MnistArrays) -> bytes:
-    """The arrays as deterministic ``.npz`` bytes in the Keras layout."""
-    buf = io.BytesIO()
-    write_npz(buf, arrays.as_npz())
-    return buf.getvalue()
 
 
 # -------------------------------------------------------------------------- IDX gz
@@ -344,22 +338,10 @@ def _describe(obj: Any) -> str:
 
 # -------------------------------------------------------------------------- hashes
 def file_digest(path: str | Path, algorithm: str) -> str:
-    """Hex digest of a file, read in chunks (``algorithm``: sha256 or md5)."""
-    h = hashlib.new(algorithm, usedforsecurity=False)
+    """Hex digest of a file, streamed (``algorithm``: sha256 or md5)."""
+    # usedforsecurity=False keeps md5 available on FIPS builds of OpenSSL.
     with Path(path).open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a file (streamed)."""
-    return file_digest(path, "sha256")
-
-
-def md5_file(path: str | Path) -> str:
-    """md5 of a file (streamed)."""
-    return file_digest(path, "md5")
+        return hashlib.file_digest(f, functools.partial(hashlib.new, algorithm, usedforsecurity=False)).hexdigest()
 
 
 __all__ = [
@@ -371,7 +353,6 @@ __all__ = [
     "DataError",
     "MnistArrays",
     "RestrictedUnpickler",
-    "arrays_to_npz_bytes",
     "content_digest",
     "content_md5",
     "file_digest",
@@ -379,9 +360,7 @@ __all__ = [
     "from_idx_gz",
     "from_pickle_gz",
     "gunzip",
-    "md5_file",
     "npz_to_arrays",
-    "sha256_file",
     "to_idx",
     "unpickle_restricted",
     "write_npz",

@@ -35,16 +35,13 @@ def scale(images: np.ndarray) -> np.ndarray:
 
 
 def preprocess(arrays: MnistArrays, limit: int | None) -> dict[str, np.ndarray]:
-    """Network-ready arrays; ``limit`` keeps the first N training images (None: all)."""
+    """Network-ready arrays; ``limit`` (None or > 0, as PreprocessParams checks) keeps the first N training images."""
     n_train = len(arrays.x_train)
-    if limit is not None:
-        if limit <= 0:
-            raise ParamsError(f"preprocess.limit: must be null or > 0; got {limit}")
-        if limit > n_train:
-            raise ParamsError(
-                f"preprocess.limit: {limit} is more than the {n_train} training images; "
-                f"set it to null (all) or at most {n_train}"
-            )
+    if limit is not None and limit > n_train:
+        raise ParamsError(
+            f"preprocess.limit: {limit} is more than the {n_train} training images; "
+            f"set it to null (all) or at most {n_train}"
+        )
     keep = slice(0, limit)
     return {
         "x_train": scale(arrays.x_train[keep]),

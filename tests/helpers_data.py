@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.mnist import IDX_GZ_FILES, MnistArrays, arrays_to_npz_bytes, content_md5, to_idx
+from pipeline.mnist import IDX_GZ_FILES, MnistArrays, content_md5, to_idx, write_npz
 
 
 def synthetic_arrays(n_train: int = 20, n_test: int = 10, seed: int = 0) -> MnistArrays:
@@ -33,6 +33,13 @@ def synthetic_arrays(n_train: int = 20, n_test: int = 10, seed: int = 0) -> Mnis
         x_test=rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
         y_test=rng.integers(0, 10, size=n_test, dtype=np.uint8),
     )
+
+
+def npz_bytes(arrays: MnistArrays) -> bytes:
+    """The arrays as a Keras-layout ``.npz``, written as the fetch stage writes it."""
+    buf = io.BytesIO()
+    write_npz(buf, arrays.as_npz())
+    return buf.getvalue()
 
 
 def idx_gz_files(arrays: MnistArrays) -> dict[str, bytes]:
@@ -109,7 +116,7 @@ class Dataset:
 
 def make_dataset(n_train: int = 20, n_test: int = 10, seed: int = 0) -> Dataset:
     arrays = synthetic_arrays(n_train, n_test, seed)
-    return Dataset(arrays, arrays_to_npz_bytes(arrays), idx_gz_files(arrays), pickle_gz(arrays), content_md5(arrays))
+    return Dataset(arrays, npz_bytes(arrays), idx_gz_files(arrays), pickle_gz(arrays), content_md5(arrays))
 
 
 def write_params(

@@ -6,6 +6,7 @@ import gzip
 import logging
 import os
 import pickle
+import re
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def data() -> Dataset:
 
 
 def fetch_section(data: Dataset, mirrors: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    section = {"mirrors": mirrors, "content_md5": data.content_md5, "timeout_s": 2, "retries": 0, "allow_http": True}
+    section = {"mirrors": mirrors, "content_md5": data.content_md5, "timeout_s": 2, "retries": 0}
     section.update(extra)
     return section
 
@@ -230,14 +231,65 @@ def test_all_mirrors_failing(tmp_path: Path, data: Dataset, caplog: pytest.LogCa
     assert_nothing_written(out)
 
 
-def test_http_refused_unless_allowed(tmp_path: Path, data: Dataset, caplog: pytest.LogCaptureFixture) -> None:
-    with serve({"/mnist.npz": data.npz}) as (base, hits):
-        section = fetch_section(data, [npz_mirror(f"{base}/mnist.npz", data.npz)], allow_http=False)
-        rc, out = run_fetch(tmp_path, section)
+def test_plain_http_to_another_host_is_refused(
+    tmp_path: Path, data: Dataset, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    opened: list[str] = []
+    monkeypatch.setattr(fetch, "_download_once", lambda url, *args: opened.append(url))
+    # 192.0.2.0/24 is reserved for documentation: nothing answers there, and nothing may be asked.
+    section = fetch_section(data, [npz_mirror("http://192.0.2.1/mnist.npz", data.npz)])
+    rc, out = run_fetch(tmp_path, section)
     assert rc == 1
-    assert hits == [], "nothing is requested over plain http"
-    assert "refusing plain http" in caplog.text
+    assert opened == [], "nothing is requested over plain http"
+    assert "refusing plain http URL http://192.0.2.1/mnist.npz: use https" in caplog.text
     assert_nothing_written(out)
+
+
+def test_plain_http_to_localhost_by_name(tmp_path: Path, data: Dataset) -> None:
+    with serve({"/mnist.npz": data.npz}) as (base, hits):
+        url = base.replace("127.0.0.1", "localhost") + "/mnist.npz"
+        rc, out = run_fetch(tmp_path, fetch_section(data, [npz_mirror(url, data.npz)]))
+    assert rc == 0
+    assert hits == ["/mnist.npz"]
+    assert_output(out, data)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/mnist.npz",
+        "HTTPS://example.com/mnist.npz",
+        "http://127.0.0.1:8000/mnist.npz",
+        "http://127.255.0.9/mnist.npz",
+        "http://localhost/mnist.npz",
+        "http://LocalHost:8080/mnist.npz",
+        "http://[::1]:8080/mnist.npz",
+        "http://[::ffff:127.0.0.1]/mnist.npz",
+    ],
+)
+def test_urls_allowed(url: str) -> None:
+    fetch.check_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://example.com/mnist.npz", "refusing plain http URL"),
+        ("http://10.0.0.1/mnist.npz", "refusing plain http URL"),
+        ("http://128.0.0.1/mnist.npz", "refusing plain http URL"),
+        ("http://0.0.0.0/mnist.npz", "refusing plain http URL"),
+        ("http://[::2]/mnist.npz", "refusing plain http URL"),
+        ("http://localhost.example.com/mnist.npz", "refusing plain http URL"),
+        ("http://127.0.0.1.example.com/mnist.npz", "refusing plain http URL"),
+        ("http:///mnist.npz", "refusing plain http URL"),
+        ("file:///etc/passwd", "scheme 'file' is not https"),
+        ("ftp://127.0.0.1/mnist.npz", "scheme 'ftp' is not https"),
+        ("mnist.npz", "scheme '(none)' is not https"),
+    ],
+)
+def test_urls_refused(url: str, reason: str) -> None:
+    with pytest.raises(fetch.FetchError, match=re.escape(reason)):
+        fetch.check_url(url)
 
 
 def test_redirects_are_followed_within_policy(tmp_path: Path, data: Dataset) -> None:
@@ -248,18 +300,36 @@ def test_redirects_are_followed_within_policy(tmp_path: Path, data: Dataset) -> 
     assert_output(out, data)
 
 
-@pytest.mark.parametrize("target", ["http://example.com/mnist.npz", "file:///etc/passwd"])
-def test_redirect_cannot_downgrade_or_change_scheme(target: str) -> None:
-    handler = fetch._RedirectHandler(allow_http=False)
+def test_redirect_to_plain_http_elsewhere_is_not_followed(
+    tmp_path: Path, data: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serve({"/old.npz": Redirect("http://192.0.2.1/mnist.npz")}) as (base, hits):
+        rc, out = run_fetch(tmp_path, fetch_section(data, [npz_mirror(f"{base}/old.npz", data.npz)]))
+    assert rc == 1
+    assert hits == ["/old.npz"]
+    assert "refusing plain http URL http://192.0.2.1/mnist.npz" in caplog.text
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        ("http://example.com/mnist.npz", "refusing plain http URL"),
+        # Loopback http is fine to start with, but a remote server must not send us there.
+        ("http://127.0.0.1/mnist.npz", "https must not become http"),
+        ("file:///etc/passwd", "scheme 'file' is not https"),
+    ],
+)
+def test_redirect_from_https_cannot_downgrade_or_change_scheme(target: str, reason: str) -> None:
     request = urllib.request.Request("https://example.com/mnist.npz")
-    with pytest.raises(fetch.FetchError, match="refusing"):
-        handler.redirect_request(request, None, 302, "Found", {}, target)
+    with pytest.raises(fetch.FetchError, match=re.escape(reason)):
+        fetch._RedirectHandler().redirect_request(request, None, 302, "Found", {}, target)
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/mnist.npz", "mnist.npz"])
-def test_other_schemes_always_refused(url: str) -> None:
-    with pytest.raises(fetch.FetchError, match="refusing"):
-        fetch.check_url(url, allow_http=True)
+def test_redirect_from_https_to_https_is_followed() -> None:
+    request = urllib.request.Request("https://example.com/mnist.npz")
+    new = fetch._RedirectHandler().redirect_request(request, None, 302, "Found", {}, "https://cdn.example.com/m.npz")
+    assert new.full_url == "https://cdn.example.com/m.npz"
 
 
 def test_bad_params_exit_1(tmp_path: Path, data: Dataset, caplog: pytest.LogCaptureFixture) -> None:

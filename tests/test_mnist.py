@@ -8,13 +8,14 @@ import hashlib
 import io
 import os
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
 
 from pipeline import mnist
 from pipeline.mnist import DataError, MnistArrays
-from tests.helpers_data import Py2StylePickler, idx_gz_files, pickle_gz, synthetic_arrays
+from tests.helpers_data import Py2StylePickler, idx_gz_files, npz_bytes, pickle_gz, synthetic_arrays
 
 HEADER_3D = bytes.fromhex("00000803000000020000001c0000001c")  # 2 images of 28x28
 HEADER_1D = bytes.fromhex("0000080100000003")  # 3 labels
@@ -87,7 +88,8 @@ def test_content_md5_of_tiny_dataset() -> None:
     }
     assert mnist.content_md5(arrays) == expected
     mnist.verify_content(arrays, expected)
-    assert len(mnist.content_digest(arrays)) == 64
+    idx = b"".join(mnist.to_idx(a) for a in (arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test))
+    assert mnist.content_digest(arrays) == hashlib.sha256(idx).hexdigest()
 
 
 def test_verify_content_names_mismatches() -> None:
@@ -111,8 +113,14 @@ def test_content_digest_changes_with_content() -> None:
 # ---------------------------------------------------------------------------- npz
 def test_npz_round_trip_is_deterministic(tmp_path) -> None:
     arrays = synthetic_arrays()
-    data = mnist.arrays_to_npz_bytes(arrays)
-    assert data == mnist.arrays_to_npz_bytes(synthetic_arrays())  # no timestamps inside
+    data = npz_bytes(arrays)
+    assert data == npz_bytes(synthetic_arrays())
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:  # nothing in the archive depends on when it was written
+        members = zf.infolist()
+    assert [m.filename for m in members] == ["x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy"]
+    assert {(m.date_time, m.compress_type, m.external_attr) for m in members} == {
+        ((1980, 1, 1, 0, 0, 0), zipfile.ZIP_STORED, 0o644 << 16)
+    }
     path = tmp_path / "m.npz"
     path.write_bytes(data)
     for source in (data, path, str(path)):
@@ -254,5 +262,6 @@ def test_file_digests(tmp_path) -> None:
     path = tmp_path / "f.bin"
     data = os.urandom(3 * (1 << 20) + 17)  # spans several read chunks
     path.write_bytes(data)
-    assert mnist.sha256_file(path) == hashlib.sha256(data).hexdigest()
-    assert mnist.md5_file(path) == hashlib.md5(data).hexdigest()
+    assert mnist.file_digest(path, "sha256") == hashlib.sha256(data).hexdigest()
+    assert mnist.file_digest(path, "md5") == hashlib.md5(data).hexdigest()
+    assert mnist.file_digest(str(path), "sha256") == hashlib.sha256(data).hexdigest()

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline import preprocess as pp
-from pipeline.mnist import arrays_to_npz_bytes
 from pipeline.params import ParamsError
-from tests.helpers_data import synthetic_arrays, write_params
+from tests.helpers_data import npz_bytes, synthetic_arrays, write_params
 
 
 def test_shapes_dtypes_scaling_and_one_hot() -> None:
@@ -54,7 +53,7 @@ def test_limit_larger_than_data() -> None:
 def stage(tmp_path: Path) -> dict[str, Path]:
     raw = tmp_path / "raw" / "mnist.npz"
     raw.parent.mkdir()
-    raw.write_bytes(arrays_to_npz_bytes(synthetic_arrays(20, 10)))
+    raw.write_bytes(npz_bytes(synthetic_arrays(20, 10)))
     out = tmp_path / "data" / "processed"
     return {"raw": raw, "out": out, "params": tmp_path / "params.yaml"}
 
