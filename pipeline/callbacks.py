@@ -10,7 +10,6 @@ Order therefore matters: measurements first, then :class:`History`,
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -107,9 +106,8 @@ class MlflowLogger(keras.callbacks.Callback):
         for key, value in logs.items():
             values = np.asarray(value)
             for k in range(len(self.run_ids)):
-                v = float(values[k])
-                if math.isfinite(v):
-                    self._buffer[k].append(Metric(key=key, value=v, timestamp=now_ms, step=epoch + 1))
+                # NaN and ±inf too: MLflow stores them, and a diverging run must show that it diverged.
+                self._buffer[k].append(Metric(key=key, value=float(values[k]), timestamp=now_ms, step=epoch + 1))
         if time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
 

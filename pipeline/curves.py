@@ -13,40 +13,23 @@ templates in ``.dvc/plots/`` draw one line per variant (colour) and per hidden l
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
-SCALARS = ("accuracy", "loss", "test_accuracy", "test_loss")
-LAYER_KINDS = ("weight_change", "grad", "grad_bias")
-LAYER_COLUMN = re.compile(r"^(?P<kind>[a-z_]+)/hidden_(?P<layer>\d+)$")
+from pipeline.history import LAYER_KINDS, SCALARS, depth_of, mean_curves, parse_layer_column
+
 CURVES_FILE = "curves.csv"
 LAYERS_FILE = "layers.csv"
 
 
-def mean_curves(history: pd.DataFrame) -> pd.DataFrame:
-    """Per-epoch mean over seeds of every measured column: one row per epoch, sorted,
-    ``epoch`` first, no ``seed`` column, column order otherwise kept."""
-    if "epoch" not in history:
-        raise ValueError("history has no 'epoch' column")
-    values = [c for c in history.columns if c not in ("seed", "epoch")]
-    means = history.groupby("epoch", sort=True)[values].mean().reset_index()
-    means["epoch"] = means["epoch"].astype(int)
-    return means
-
-
 def study_curves(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per (variant, epoch), variants in the given order: the seed-mean of
-    accuracy, loss, test accuracy and test loss (those present)."""
-    frames = []
-    for label, history in histories.items():
-        means = mean_curves(history)
-        frame = means[["epoch", *[c for c in SCALARS if c in means]]]
-        frame.insert(0, "depth", _depth(history))
-        frame.insert(0, "variant", label)
-        frames.append(frame)
+    accuracy, loss, test accuracy and test loss."""
+    frames = [
+        mean_curves(h)[["epoch", *SCALARS]].assign(variant=name, depth=depth_of(h)) for name, h in histories.items()
+    ]
     return _concat(frames, ["variant", "depth", "epoch", *SCALARS])
 
 
@@ -54,18 +37,15 @@ def layer_curves(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per (variant, hidden layer, epoch): the seed-mean weight change and
     gradients of that layer (``layer`` 1 is next to the input)."""
     frames = []
-    for label, history in histories.items():
+    for name, history in histories.items():
         means = mean_curves(history)
-        columns: dict[int, dict[str, str]] = {}
-        for column in means.columns:
-            if (m := LAYER_COLUMN.match(column)) and m["kind"] in LAYER_KINDS:
-                columns.setdefault(int(m["layer"]), {})[m["kind"]] = column
-        for layer in sorted(columns):
-            renamed = {column: kind for kind, column in columns[layer].items()}
-            frame = means[["epoch", *renamed]].rename(columns=renamed)
-            frame.insert(0, "layer", layer)
-            frame.insert(0, "variant", label)
-            frames.append(frame)
+        long = means.melt(id_vars="epoch", var_name="column")
+        parsed = long["column"].map(parse_layer_column)
+        long = long[parsed.notna()].assign(kind=[p[0] for p in parsed.dropna()], layer=[p[1] for p in parsed.dropna()])
+        wide = long[long["kind"].isin(LAYER_KINDS)].pivot_table(
+            index=["layer", "epoch"], columns="kind", values="value", sort=True
+        )
+        frames.append(wide.reset_index().assign(variant=name))
     return _concat(frames, ["variant", "layer", "epoch", *LAYER_KINDS])
 
 
@@ -79,13 +59,8 @@ def write_plot_data(histories: Mapping[str, pd.DataFrame], folder: Path) -> list
     return written
 
 
-def _depth(history: pd.DataFrame) -> int:
-    layers = [int(m["layer"]) for c in history.columns if (m := LAYER_COLUMN.match(c))]
-    return max(layers, default=0)
-
-
 def _concat(frames: list[pd.DataFrame], order: list[str]) -> pd.DataFrame:
     if not frames:
-        return pd.DataFrame(columns=order[:3])
+        return pd.DataFrame(columns=order)
     out = pd.concat(frames, ignore_index=True)
     return out[[c for c in order if c in out.columns]]

@@ -1,20 +1,12 @@
-"""Figures and tables of the study: pandas DataFrames in, matplotlib Figures out.
+"""Figures of the study: histories (:mod:`pipeline.history`) in, matplotlib Figures out.
 
 Pure functions: nothing here reads or writes files, and no figure touches pyplot's
 global state (every figure is a :class:`matplotlib.figure.Figure` made directly), so
 they are safe on any backend and in any thread. The report stage saves them.
-
-A history is the train stage's ``history.csv``: one row per (seed, epoch) with
-``accuracy``, ``loss``, optional ``test_accuracy``/``test_loss``, and per hidden
-layer i ``weight_change/hidden_i``, optional ``grad/hidden_i`` (mean |∂C/∂W|) and
-``grad_bias/hidden_i`` (‖∂C/∂b‖, Nielsen's speed of learning). Statistics over
-replicate seeds use the population std (``ddof=0``), as ``metrics.json`` does.
 """
 
 from __future__ import annotations
 
-import itertools
-import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,11 +14,19 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from pipeline.params import Variant
+from pipeline.history import (
+    GRAD,
+    GRAD_BIAS,
+    WEIGHT_CHANGE,
+    depth_of,
+    first_to_last,
+    layer_columns,
+    layer_name,
+    layer_ratios,
+    one_seed,
+    seed_stats,
+)
 
-WEIGHT_CHANGE = "weight_change"
-GRAD = "grad"
-GRAD_BIAS = "grad_bias"
 BOUND_LABEL = "σ'(x) ≤ 1/4 per sigmoid layer"
 BAND_NOTE = "line: mean over seeds; bands: ±1 std and min–max"
 ACCURACY_LABEL = "training accuracy"
@@ -48,79 +48,6 @@ def sigmoid_prime(x: np.ndarray | float) -> np.ndarray | float:
 
 # The bound every sigmoid layer puts on back-propagated error, computed rather than typed.
 SIGMOID_BOUND = float(sigmoid_prime(0.0))
-
-
-def layer_columns(history: pd.DataFrame, kind: str) -> list[str]:
-    """Columns ``<kind>/hidden_<i>`` of ``history``, in layer order (``kind``: weight_change, grad, grad_bias)."""
-    pattern = re.compile(rf"^{re.escape(kind)}/hidden_(\d+)$")
-    found = [(int(m.group(1)), col) for col in history.columns if (m := pattern.match(str(col)))]
-    return [col for _, col in sorted(found)]
-
-
-def layer_name(column: str) -> str:
-    """``grad/hidden_2`` -> ``hidden_2``."""
-    return column.split("/", 1)[-1]
-
-
-def depth_of(history: pd.DataFrame) -> int:
-    """Number of hidden layers a history describes (its weight-change columns)."""
-    return len(layer_columns(history, WEIGHT_CHANGE))
-
-
-def has_gradients(history: pd.DataFrame) -> bool:
-    """Whether the history carries per-layer gradient columns (older runs do not)."""
-    return bool(layer_columns(history, GRAD) or layer_columns(history, GRAD_BIAS))
-
-
-def has_test(history: pd.DataFrame) -> bool:
-    """Whether the history carries held-out accuracy."""
-    return "test_accuracy" in history.columns
-
-
-def speed_kind(history: pd.DataFrame) -> str:
-    """The gradient measure used for layer ratios: ``grad_bias`` (Nielsen's speed) when present, else ``grad``."""
-    return GRAD_BIAS if layer_columns(history, GRAD_BIAS) else GRAD
-
-
-def seed_stats(history: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Per epoch (index), ``mean``, ``std`` (ddof=0), ``min``, ``max`` and ``count`` of ``column`` over seeds."""
-    grouped = history.groupby("epoch")[column]
-    stats = grouped.agg(["mean", "min", "max", "count"])
-    stats["std"] = grouped.std(ddof=0).fillna(0.0)
-    return stats.sort_index()
-
-
-def with_ratio(history: pd.DataFrame, numerator: str, denominator: str, name: str) -> pd.DataFrame:
-    """``history`` plus column ``name`` = numerator / denominator per row (per seed and epoch; 0 -> NaN)."""
-    denom = history[denominator].where(history[denominator] != 0)
-    return history.assign(**{name: history[numerator] / denom})
-
-
-def final_rows(history: pd.DataFrame) -> pd.DataFrame:
-    """Each seed's last-epoch row."""
-    by = "seed" if "seed" in history.columns else None
-    ordered = history.sort_values("epoch")
-    return ordered.groupby(by).tail(1) if by else ordered.tail(1)
-
-
-def final_values(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """Long table of per-seed final-epoch values: label, depth, seed, accuracy and test_accuracy (NaN if absent)."""
-    frames = []
-    for label, history in histories.items():
-        last = final_rows(history)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "label": label,
-                    "depth": depth_of(history),
-                    "seed": last["seed"].to_numpy() if "seed" in last else 0,
-                    "accuracy": last["accuracy"].to_numpy(),
-                    "test_accuracy": last["test_accuracy"].to_numpy() if has_test(last) else np.nan,
-                }
-            )
-        )
-    columns = ["label", "depth", "seed", "accuracy", "test_accuracy"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def plot_stats(ax: Axes, stats: pd.DataFrame, label: str, color: str, log: bool = False) -> None:
@@ -145,13 +72,6 @@ def clip_top(ax: Axes, history: pd.DataFrame, columns: list[str], quantile: floa
     top = float(np.quantile(later, quantile))
     if top > 0:
         ax.set_ylim(0, top * 1.05)
-
-
-def one_seed(history: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the lowest seed (all rows when there is no seed column), ordered by epoch."""
-    if "seed" in history.columns and history["seed"].nunique() > 1:
-        history = history[history["seed"] == history["seed"].min()]
-    return history.sort_values("epoch")
 
 
 def _figure(rows: int, cols: int = 1, width: float = 7.0, row_height: float = 3.2, **kw: object) -> tuple[Figure, list]:
@@ -218,7 +138,7 @@ def final_accuracy_vs_depth(summary: pd.DataFrame) -> Figure:
     """Final training accuracy against depth: mean ± std error bars and each seed's value as a strip.
 
     ``summary`` has one row per (variant, seed) with columns ``depth`` and ``accuracy``
-    (as :func:`final_values` returns).
+    (as :func:`pipeline.history.final_values` returns).
     """
     fig, (ax,) = _figure(1, row_height=4.0)
     by_depth = summary.groupby("depth")["accuracy"]
@@ -272,96 +192,60 @@ def bands_figure(history: pd.DataFrame, title: str, clip_quantile: float = 0.99)
 def gradient_figure(history: pd.DataFrame, title: str) -> Figure:
     """Per-layer gradients (log) and the layer-to-layer ratio against the σ' bound of 1/4.
 
-    Panels: mean |∂C/∂W| per layer (if logged), ‖∂C/∂b‖ per layer (if logged), and for two
-    or more layers the ratio of each layer's speed to the next layer's (‖∂C/∂b‖ when logged,
-    else mean |∂C/∂W|), with the reference line at σ'(0). Raises ValueError without gradients.
+    Panels: mean |∂C/∂W| per layer, ‖∂C/∂b‖ per layer, and for two or more layers the ratio
+    of each layer's speed (‖∂C/∂b‖) to the next layer's, with the reference line at σ'(0).
     """
-    if not has_gradients(history):
-        raise ValueError("history has no grad/ or grad_bias/ columns")
-    kinds = [
-        (kind, ylabel)
-        for kind, ylabel in ((GRAD, "mean |∂C/∂W| (log)"), (GRAD_BIAS, "‖∂C/∂b‖ (log)"))
-        if layer_columns(history, kind)
-    ]
-    speed = layer_columns(history, speed_kind(history))
-    fig, axes = _figure(len(kinds) + (len(speed) >= 2), row_height=3.0, sharex=True)
-    for ax, (kind, ylabel) in zip(axes, kinds, strict=False):
+    ratios = layer_ratios(history)
+    fig, axes = _figure(2 + bool(ratios), row_height=3.0, sharex=True)
+    for ax, kind, what, ylabel in (
+        (axes[0], GRAD, "Kernel gradient", "mean |∂C/∂W| (log)"),
+        (axes[1], GRAD_BIAS, "Bias gradient (Nielsen's speed of learning)", "‖∂C/∂b‖ (log)"),
+    ):
         for i, column in enumerate(layer_columns(history, kind)):
             plot_stats(ax, seed_stats(history, column), layer_name(column), f"C{i}", log=True)
         ax.set_yscale("log")
-        what = "Kernel gradient" if kind == GRAD else "Bias gradient (Nielsen's speed of learning)"
         _label(ax, f"{what} per hidden layer", ylabel)
         ax.legend(loc="best", fontsize="small")
-    if len(speed) >= 2:
-        _ratio_panel(axes[-1], history, speed)
+    if ratios:
+        ax = axes[2]
+        for i, (name, stats) in enumerate(ratios.items()):
+            plot_stats(ax, stats, name, f"C{i}", log=True)
+        ax.axhline(SIGMOID_BOUND, color="k", linestyle="--", linewidth=1, label=BOUND_LABEL)
+        ax.set_yscale("log")
+        _label(ax, "Layer-to-layer gradient ratio (earlier / next layer)", "‖∂C/∂b‖ ratio (log)")
+        ax.legend(loc="best", fontsize="small")
     fig.suptitle(title)
     return fig
 
 
-def _ratio_panel(ax: Axes, history: pd.DataFrame, speed: list[str]) -> None:
-    for i, (earlier, later) in enumerate(itertools.pairwise(speed)):
-        name = f"{layer_name(earlier)} / {layer_name(later)}"
-        plot_stats(ax, seed_stats(with_ratio(history, earlier, later, name), name), name, f"C{i}", log=True)
-    ax.axhline(SIGMOID_BOUND, color="k", linestyle="--", linewidth=1, label=BOUND_LABEL)
-    ax.set_yscale("log")
-    measure = "‖∂C/∂b‖" if speed[0].startswith(f"{GRAD_BIAS}/") else "mean |∂C/∂W|"
-    _label(ax, "Layer-to-layer gradient ratio (earlier / next layer)", f"{measure} ratio (log)")
-    ax.legend(loc="best", fontsize="small")
-
-
-def first_to_last(history: pd.DataFrame, kind: str) -> pd.DataFrame | None:
-    """Seed stats of the first / last hidden layer ratio of ``kind`` (None when the columns are missing)."""
-    columns = layer_columns(history, kind)
-    if not columns:
-        return None
-    name = "first/last"
-    return seed_stats(with_ratio(history, columns[0], columns[-1], name), name)
-
-
 # ---------------------------------------------------------------------- remedies
 def remedies_figure(histories: Mapping[str, pd.DataFrame]) -> Figure:
-    """At one depth: training accuracy per variant, and the first / last hidden layer gradient ratio (log).
+    """At one depth: training accuracy per variant, and the first / last hidden layer's speed ratio (log).
 
-    The ratio panel is left out when no variant logged gradients; the bound (1/4)^(depth-1)
-    is drawn when every variant has the same depth of two or more.
+    The bound (1/4)^(depth-1) is drawn when every variant has the same depth of two or more.
     """
-    with_grads = {label: h for label, h in histories.items() if has_gradients(h)}
-    fig, axes = _figure(1, 2 if with_grads else 1, width=12.0 if with_grads else 7.0, row_height=4.5)
+    fig, axes = _figure(1, 2, width=12.0, row_height=4.5)
     for i, (label, history) in enumerate(histories.items()):
         plot_stats(axes[0], seed_stats(history, "accuracy"), label, f"C{i}")
+        plot_stats(axes[1], first_to_last(history), label, f"C{i}", log=True)
     _label(axes[0], f"Training accuracy\n({BAND_NOTE})", "accuracy")
     axes[0].legend(loc="lower right", fontsize="small")
-    if with_grads:
-        kind = GRAD_BIAS if all(layer_columns(h, GRAD_BIAS) for h in with_grads.values()) else GRAD
-        _first_to_last_panel(axes[1], histories, kind)
     depths = sorted({depth_of(h) for h in histories.values()})
+    if len(depths) == 1 and depths[0] >= 2:
+        bound = SIGMOID_BOUND ** (depths[0] - 1)
+        label = f"{BOUND_LABEL}: (1/{1 / SIGMOID_BOUND:.0f})^{depths[0] - 1}"
+        axes[1].axhline(bound, color="k", linestyle="--", linewidth=1, label=label)
+    axes[1].set_yscale("log")
+    _label(axes[1], "Gradient flow: first / last hidden layer", "‖∂C/∂b‖ ratio (log)")
+    axes[1].legend(loc="best", fontsize="small")
     fig.suptitle(f"Remedies at depth {', '.join(map(str, depths))}")
     return fig
 
 
-def _first_to_last_panel(ax: Axes, histories: Mapping[str, pd.DataFrame], kind: str) -> None:
-    for i, (label, history) in enumerate(histories.items()):
-        stats = first_to_last(history, kind)
-        if stats is not None:
-            plot_stats(ax, stats, label, f"C{i}", log=True)
-    depths = {depth_of(h) for h in histories.values()}
-    if len(depths) == 1 and (depth := depths.pop()) >= 2:
-        bound = SIGMOID_BOUND ** (depth - 1)
-        label = f"{BOUND_LABEL}: (1/{1 / SIGMOID_BOUND:.0f})^{depth - 1}"
-        ax.axhline(bound, color="k", linestyle="--", linewidth=1, label=label)
-    ax.set_yscale("log")
-    measure = "‖∂C/∂b‖" if kind == GRAD_BIAS else "mean |∂C/∂W|"
-    _label(ax, "Gradient flow: first / last hidden layer", f"{measure} ratio (log)")
-    ax.legend(loc="best", fontsize="small")
-
-
 def test_vs_train_figure(histories: Mapping[str, pd.DataFrame]) -> Figure:
     """Training accuracy (left) beside held-out accuracy (right) for variants that logged test accuracy."""
-    tested = {label: h for label, h in histories.items() if has_test(h)}
-    if not tested:
-        raise ValueError("no history has a test_accuracy column")
     fig, (train_ax, test_ax) = _figure(1, 2, width=12.0, row_height=4.5, sharey=True)
-    for i, (label, history) in enumerate(tested.items()):
+    for i, (label, history) in enumerate(histories.items()):
         plot_stats(train_ax, seed_stats(history, "accuracy"), label, f"C{i}")
         plot_stats(test_ax, seed_stats(history, "test_accuracy"), label, f"C{i}")
     _label(train_ax, "Training accuracy", "accuracy")
@@ -369,67 +253,3 @@ def test_vs_train_figure(histories: Mapping[str, pd.DataFrame]) -> Figure:
     test_ax.legend(loc="lower right", fontsize="small")
     fig.suptitle(f"Held-out beside training accuracy\n({BAND_NOTE})")
     return fig
-
-
-# ------------------------------------------------------------------------- table
-SUMMARY_COLUMNS = [
-    "variant",
-    "depth",
-    "activation",
-    "loss",
-    "init",
-    "norm",
-    "seeds",
-    "epochs",
-    "accuracy_mean",
-    "accuracy_std",
-    "test_accuracy_mean",
-    "test_accuracy_std",
-    "vanishing_index_mean",
-    "vanishing_index_std",
-]
-
-
-def summary_table(
-    histories: Mapping[str, pd.DataFrame],
-    variants: Mapping[str, Variant],
-    metrics: Mapping[str, Mapping[str, float]] | None = None,
-) -> pd.DataFrame:
-    """One row per variant (keys of ``histories``): its settings and final values, mean and std over seeds.
-
-    Accuracy and test accuracy are taken from ``metrics`` (the train stage's ``metrics.json``)
-    when present there, else computed from each seed's last epoch (std with ddof=0); the
-    vanishing index comes from ``metrics`` only (NaN without it).
-    """
-    rows = []
-    for label, history in histories.items():
-        variant, given, last = variants[label], (metrics or {}).get(label, {}), final_rows(history)
-        seeds = int(history["seed"].nunique()) if "seed" in history else 1
-        rows.append(
-            [
-                *(label, variant.depth, variant.activation, variant.loss, variant.init, variant.norm),
-                *(seeds, int(history["epoch"].max())),
-                *_mean_std(given, last, "accuracy"),
-                *_mean_std(given, last, "test_accuracy"),
-                *_mean_std(given, None, "vanishing_index"),
-            ]
-        )
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-
-
-def _mean_std(given: Mapping[str, float], last: pd.DataFrame | None, key: str) -> tuple[float, float]:
-    """``key`` and ``key_std`` from ``given`` (metrics.json), else mean and std (ddof=0) of ``last[key]``."""
-    if key in given:
-        return float(given[key]), float(given.get(f"{key}_std", np.nan))
-    if last is None or key not in last.columns:
-        return np.nan, np.nan
-    return float(last[key].mean()), float(last[key].std(ddof=0))
-
-
-def format_mean_std(mean: float, std: float, fmt: str = ".4f") -> str:
-    """``0.9123 ± 0.0012``; ``n/a`` for a missing mean; the std is left out when missing."""
-    if mean is None or not np.isfinite(mean):
-        return "n/a"
-    if std is None or not np.isfinite(std):
-        return format(mean, fmt)
-    return f"{format(mean, fmt)} ± {format(std, fmt)}"

@@ -163,6 +163,11 @@ def build_model(variant: Variant, seeds: Sequence[int], hidden_units: int = 15) 
     return keras.Model(inputs, outputs, name=f"stacked-{variant.label}")
 
 
+def logits_model(model: keras.Model) -> keras.Model:
+    """The same network up to the output layer's pre-activation (shares every variable)."""
+    return keras.Model(model.input, model.get_layer("output").output, name=f"{model.name}-logits")
+
+
 def hidden_layers(model: keras.Model) -> list[StackedDense]:
     """The hidden StackedDense layers in order (the output layer excluded)."""
     return [layer for layer in model.layers if isinstance(layer, StackedDense) and layer.name.startswith("hidden_")]

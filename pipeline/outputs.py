@@ -56,17 +56,16 @@ def _replace(src: Path, dst: Path) -> None:
             backup.unlink()
 
 
-@contextmanager
-def staged_file(out: Path) -> Iterator[Path]:
-    """Yield a path beside ``out``; on success the file there replaces ``out`` (``os.replace``)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a hidden file beside it, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     tmp = Path(name)
     try:
-        yield tmp
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
         tmp.chmod(0o666 & ~_umask())
-        tmp.replace(out)
+        tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -2,15 +2,17 @@
 
 ``python -m pipeline.report --params params.yaml --results results --out reports``
 
-Reads every ``results/<name>/`` folder holding ``history.csv``, ``metrics.json`` and
-``run.json`` (written by the train stage), draws the figures of :mod:`pipeline.figures`
-and writes ``<out>/index.html`` (images embedded, no external resources), the same
+Reads every ``results/<name>/`` folder holding ``history.csv`` and ``run.json`` (written
+by the train stage) and ``metrics.json`` (the summarize stage), draws the figures of :mod:`pipeline.figures`
+and writes ``<out>/index.html`` (the Jinja2 template ``templates/report.html.j2``, images
+embedded, no external resources), the same
 figures as PNG files, ``<out>/summary.md`` and, for ``dvc plots``, the seed-mean curves
 in ``<out>/plots/``. Everything is built in a temporary
 folder beside ``--out``, logged to MLflow as the artifacts of one run named ``report``,
 and only then moved into place, so a failure leaves no half-written report.
 
-Depends on the ``report`` and ``tracking`` sections of params.yaml, and on ``grid`` and
+Depends on the ``report`` section of params.yaml (``tracking`` only names the MLflow
+experiment its run goes to), and on ``grid`` and
 ``remedies`` only to know which variants belong to the study (folders of variants since
 removed are skipped); how they were trained (seeds, epochs) is read from the results.
 """
@@ -19,13 +21,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
 import io
-import itertools
 import json
 import logging
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,23 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline import curves, figures, tracking
+from pipeline import curves, figures, history, tracking
 from pipeline.outputs import staged_dir
-from pipeline.params import ParamsError, ReportParams, TrackingParams, Variant, check_file, load_section, study_variants
+from pipeline.params import (
+    ParamsError,
+    ReportParams,
+    TrackingParams,
+    Variant,
+    check_file,
+    load_section,
+    parse,
+    study_variants,
+)
 
 log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("history.csv", "metrics.json", "run.json")
-REQUIRED_COLUMNS = ("seed", "epoch", "accuracy")
+REQUIRED_COLUMNS = ("seed", "epoch", *history.SCALARS)
 LOCAL_UI = "http://127.0.0.1:5000/"
 STAGE = "report"
 CLASSIC = ("sigmoid", "mse", "glorot_uniform", "none")  # activation, loss, init, norm
@@ -63,8 +71,9 @@ class VariantResult:
     run: dict[str, Any]
 
     @property
-    def label(self) -> str:
-        return self.variant.label
+    def name(self) -> str:
+        """The variant's one name: its folder, its DVC stage item and its MLflow runs."""
+        return str(self.run.get("name") or self.folder.name)
 
     @property
     def classic(self) -> bool:
@@ -91,20 +100,20 @@ def is_classic(variant: Variant) -> bool:
 def load_variant(folder: Path) -> VariantResult:
     """Read one results folder; ReportError names the file that is missing or malformed."""
     try:
-        history = pd.read_csv(folder / "history.csv")
+        table = pd.read_csv(folder / "history.csv")
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ReportError(f"{folder / 'history.csv'}: cannot be read ({exc})") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in history.columns]
-    if missing or history.empty:
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing or table.empty:
         raise ReportError(f"{folder / 'history.csv'}: missing column(s) {missing} or no rows; rerun the train stage")
     metrics, run = _read_json(folder / "metrics.json"), _read_json(folder / "run.json")
     try:
-        variant = Variant(**run["variant"])
+        variant = parse(Variant, run["variant"], f"{folder / 'run.json'} variant")
     except (KeyError, TypeError, ParamsError) as exc:
         raise ReportError(f"{folder / 'run.json'}: no valid 'variant' ({exc})") from exc
-    if figures.depth_of(history) not in (0, variant.depth):
-        raise ReportError(f"{folder / 'history.csv'}: has {figures.depth_of(history)} layers, run.json says {variant}")
-    return VariantResult(folder, variant, history, metrics, run)
+    if history.depth_of(table) != variant.depth:
+        raise ReportError(f"{folder / 'history.csv'}: has {history.depth_of(table)} layers, run.json says {variant}")
+    return VariantResult(folder, variant, table, metrics, run)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -136,18 +145,18 @@ def load_results(results: Path, study: Sequence[Variant] | None = None) -> list[
             "run the train stage first (dvc repro)"
         )
     loaded = [load_variant(folder) for folder in folders]
-    seen: dict[str, Path] = {}
+    seen: dict[Variant, Path] = {}
     for result in loaded:
-        if result.label in seen:
-            raise ReportError(f"{seen[result.label]} and {result.folder} both hold variant {result.label}")
-        seen[result.label] = result.folder
+        if result.variant in seen:
+            raise ReportError(f"{seen[result.variant]} and {result.folder} both hold variant {result.variant}")
+        seen[result.variant] = result.folder
     if study is not None:
         wanted = set(study)
         for result in loaded:
             if result.variant not in wanted:
-                log.info("skipping %s: %s is not in the study's params (grid, remedies)", result.folder, result.label)
+                log.info("skipping %s: it is not in the study's params (grid, remedies)", result.folder)
         loaded = [result for result in loaded if result.variant in wanted]
-        missing = sorted(v.label for v in wanted - {result.variant for result in loaded})
+        missing = sorted(str(v) for v in wanted - {result.variant for result in loaded})
         if missing:
             raise ReportError(f"no results for {', '.join(missing)} in {results}; run their train stages (dvc repro)")
     return sorted(loaded, key=study_order)
@@ -155,7 +164,7 @@ def load_results(results: Path, study: Sequence[Variant] | None = None) -> list[
 
 def study_order(result: VariantResult) -> tuple[bool, int, str]:
     """Classic variants by depth first, then remedies by depth and name."""
-    return (not result.classic, result.variant.depth, result.label)
+    return (not result.classic, result.variant.depth, result.name)
 
 
 def remedy_groups(results: Sequence[VariantResult]) -> dict[int, list[VariantResult]]:
@@ -179,25 +188,19 @@ def run_link(base: str, experiment_id: str, run_id: str) -> str:
 
 # ------------------------------------------------------------------- computed text
 def histories(results: Iterable[VariantResult]) -> dict[str, pd.DataFrame]:
-    """Label -> history."""
-    return {r.label: r.history for r in results}
+    """Name -> history."""
+    return {r.name: r.history for r in results}
 
 
-def mean_later_change(history: pd.DataFrame, column: str = "weight_change/hidden_1") -> float:
+def mean_later_change(table: pd.DataFrame, column: str = "weight_change/hidden_1") -> float:
     """Mean of ``column`` over epochs >= 2 and seeds (the first epoch's large change left out)."""
-    later = history.loc[history["epoch"] >= 2, column] if column in history else pd.Series(dtype=float)
+    later = table.loc[table["epoch"] >= 2, column]
     return float(later.mean()) if len(later) else float("nan")
 
 
-def median_layer_ratios(history: pd.DataFrame) -> dict[str, float]:
+def median_layer_ratios(table: pd.DataFrame) -> dict[str, float]:
     """Per adjacent layer pair, the median over epochs of the seed-mean speed ratio (earlier / next)."""
-    columns = figures.layer_columns(history, figures.speed_kind(history))
-    out = {}
-    for earlier, later in itertools.pairwise(columns):
-        name = f"{figures.layer_name(earlier)}/{figures.layer_name(later)}"
-        stats = figures.seed_stats(figures.with_ratio(history, earlier, later, name), name)
-        out[name] = float(stats["mean"].median())
-    return out
+    return {name: float(stats["mean"].median()) for name, stats in history.layer_ratios(table).items()}
 
 
 def _num(value: float, fmt: str = ".4f") -> str:
@@ -236,17 +239,17 @@ def classic_plots(
     plots = []
     for r in classic:
         seed = int(r.history["seed"].min())
-        fig = figures.classic_figure(figures.one_seed(r.history), f"{r.label} (seed {seed})", rp.change_clip_quantile)
-        seeds = int(summary.set_index("variant").loc[r.label, "seeds"])
+        fig = figures.classic_figure(history.one_seed(r.history), f"{r.name} (seed {seed})", rp.change_clip_quantile)
+        seeds = int(summary.set_index("variant").loc[r.name, "seeds"])
         caption = (
-            f"{r.label}, seed {seed}: training accuracy and weight change per hidden layer. "
-            f"Final training accuracy over {seeds} seed(s): {final_accuracy(summary, r.label)}."
+            f"{r.name}, seed {seed}: training accuracy and weight change per hidden layer. "
+            f"Final training accuracy over {seeds} seed(s): {final_accuracy(summary, r.name)}."
         )
-        plots.append(render(fig, folder, f"classic-{r.label}.png", rp.dpi, caption))
+        plots.append(render(fig, folder, f"classic-{r.name}.png", rp.dpi, caption))
     if not classic:
         return plots
     hs = histories(classic)
-    changes = {r.label: mean_later_change(r.history) for r in classic}
+    changes = {r.name: mean_later_change(r.history) for r in classic}
     base_label, base = next(iter(changes.items()))
     relative = ", ".join(
         f"{label} {_num(change, '.3g')} ({_num(change / base, '.3g')}× {base_label})"
@@ -264,7 +267,7 @@ def classic_plots(
             f"Weight change of the first hidden layer (log scale). Mean over epochs ≥ 2 and seeds: {relative}.",
         ),
         render(
-            figures.final_accuracy_vs_depth(figures.final_values(hs)),
+            figures.final_accuracy_vs_depth(history.final_values(hs)),
             folder,
             "final_accuracy_vs_depth.png",
             rp.dpi,
@@ -285,11 +288,11 @@ def classic_plots(
 def final_accuracy(summary: pd.DataFrame, label: str) -> str:
     """Final training accuracy of variant ``label``: mean ± std over its seeds."""
     row = summary.set_index("variant").loc[label]
-    return figures.format_mean_std(row["accuracy_mean"], row["accuracy_std"])
+    return format_mean_std(row["accuracy_mean"], row["accuracy_std"])
 
 
 def _accuracy_caption(classic: Sequence[VariantResult], summary: pd.DataFrame) -> str:
-    finals = ", ".join(f"{r.label} {final_accuracy(summary, r.label)}" for r in classic)
+    finals = ", ".join(f"{r.name} {final_accuracy(summary, r.name)}" for r in classic)
     return f"Training accuracy of the classic networks by depth. Final accuracy (mean ± std over seeds): {finals}."
 
 
@@ -297,11 +300,11 @@ def band_plots(results: Sequence[VariantResult], rp: ReportParams, folder: Path)
     """Replicate spread of every variant."""
     return [
         render(
-            figures.bands_figure(r.history, r.label, rp.change_clip_quantile),
+            figures.bands_figure(r.history, r.name, rp.change_clip_quantile),
             folder,
-            f"bands-{r.label}.png",
+            f"bands-{r.name}.png",
             rp.dpi,
-            f"{r.label}: seeds {', '.join(map(str, sorted(r.history['seed'].unique())))}; {figures.BAND_NOTE}.",
+            f"{r.name}: seeds {', '.join(map(str, sorted(r.history['seed'].unique())))}; {figures.BAND_NOTE}.",
         )
         for r in results
     ]
@@ -311,9 +314,6 @@ def gradient_plots(results: Sequence[VariantResult], rp: ReportParams, folder: P
     """Per-layer gradients and layer ratios of every variant that logged gradients."""
     plots = []
     for r in results:
-        if not figures.has_gradients(r.history):
-            log.info("%s: no gradient columns in %s; gradient figure skipped", r.label, r.folder / "history.csv")
-            continue
         ratios = median_layer_ratios(r.history)
         if ratios:
             listed = ", ".join(f"{name} {_num(value, '.3g')}" for name, value in ratios.items())
@@ -321,7 +321,7 @@ def gradient_plots(results: Sequence[VariantResult], rp: ReportParams, folder: P
         else:
             text = "One hidden layer: no layer-to-layer ratio."
         plots.append(
-            render(figures.gradient_figure(r.history, r.label), folder, f"gradients-{r.label}.png", rp.dpi, text)
+            render(figures.gradient_figure(r.history, r.name), folder, f"gradients-{r.name}.png", rp.dpi, text)
         )
     return plots
 
@@ -332,9 +332,9 @@ def remedy_plots(results: Sequence[VariantResult], summary: pd.DataFrame, rp: Re
     plots = []
     for depth, group in remedy_groups(results).items():
         facts = "; ".join(
-            f"{r.label}: final accuracy {final_accuracy(summary, r.label)}, "
+            f"{r.name}: final accuracy {final_accuracy(summary, r.name)}, "
             f"vanishing index "
-            f"{figures.format_mean_std(table.loc[r.label, 'vanishing_index_mean'], np.nan, '.3g')}"
+            f"{format_mean_std(table.loc[r.name, 'vanishing_index_mean'], np.nan, '.3g')}"
             for r in group
         )
         fig = figures.remedies_figure(histories(group))
@@ -344,68 +344,34 @@ def remedy_plots(results: Sequence[VariantResult], summary: pd.DataFrame, rp: Re
 
 def held_out_plots(results: Sequence[VariantResult], rp: ReportParams, folder: Path) -> list[Plot]:
     """Test beside training accuracy, when any variant logged test accuracy."""
-    hs = {label: h for label, h in histories(results).items() if figures.has_test(h)}
-    if not hs:
-        return []
+    hs = histories(results)
     caption = "Held-out (test) accuracy beside training accuracy for every variant."
     return [render(figures.test_vs_train_figure(hs), folder, "test_vs_train.png", rp.dpi, caption)]
 
 
 # ------------------------------------------------------------------------------ html
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.5}
-h1{font-size:1.7em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:1em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}th{background:#f3f3f3}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-figure{margin:1.5em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:.9em;color:#555}.note{background:#f8f8e8;padding:.5em 1em;border-left:3px solid #cc9}
-code{background:#f3f3f3;padding:0 .2em}
-"""
+TEMPLATE = "report.html.j2"
 
 
-def esc(value: Any) -> str:
-    """HTML-escaped text."""
-    return html.escape(str(value), quote=True)
+def page_html(context: Mapping[str, Any]) -> str:
+    """``index.html`` from the Jinja2 template (autoescaped: every value is text unless marked safe)."""
+    import jinja2
 
-
-def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Iterable[int] = ()) -> str:
-    """A table; cells are escaped unless wrapped in :class:`Raw`; ``numeric`` columns are right-aligned."""
-    numeric = set(numeric)
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f"<td{' class=num' if i in numeric else ''}>{cell if isinstance(cell, Raw) else esc(cell)}</td>"
-            for i, cell in enumerate(row)
-        )
-        + "</tr>"
-        for row in rows
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,  # a missing value is an error, not an empty cell
+        keep_trailing_newline=True,
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    env.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
+    return env.get_template(TEMPLATE).render(context)
 
 
-class Raw(str):
-    """HTML that must not be escaped again."""
-
-    __slots__ = ()
-
-
-def figure_html(plot: Plot) -> str:
-    """An embedded image with its caption."""
-    data = base64.b64encode(plot.png).decode("ascii")
-    return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{esc(plot.caption)}">'
-        f"<figcaption>{esc(plot.caption)} <code>{esc(plot.file)}</code></figcaption></figure>"
-    )
-
-
-def setup_section(results: Sequence[VariantResult], rp: ReportParams, tp: TrackingParams, uri: str) -> str:
-    """What was trained (from the results) and how this report was made (its params)."""
-    rows = [
+def variant_rows(results: Sequence[VariantResult]) -> list[tuple[Any, ...]]:
+    """The setup table: what was trained, as recorded in the results."""
+    return [
         (
-            r.label,
+            r.name,
             r.variant.depth,
             r.variant.activation,
             r.variant.loss,
@@ -414,148 +380,179 @@ def setup_section(results: Sequence[VariantResult], rp: ReportParams, tp: Tracki
             ", ".join(map(str, r.seeds)),
             r.epochs,
             "classic" if r.classic else "remedy",
-            r.folder.name,
         )
         for r in results
     ]
-    variants = html_table(
-        ["variant", "depth", "activation", "loss", "init", "norm", "seeds", "epochs", "kind", "folder"], rows, [1, 7]
-    )
-    settings = html_table(
-        ["setting", "value"],
-        [
-            ("report.change_clip_quantile", rp.change_clip_quantile),
-            ("report.dpi", rp.dpi),
-            ("tracking.experiment", tp.experiment),
-            ("tracking URI", uri),
-        ],
-    )
-    return f"<h2>1. Setup</h2><p>The variants trained, as recorded in their results:</p>{variants}{settings}"
 
 
-def intro(results: Sequence[VariantResult]) -> str:
-    """Opening paragraph, every number taken from the results."""
-    classic = [r for r in results if r.classic]
-    seeds = sorted({len(r.seeds) for r in results})
-    epochs = sorted({r.epochs for r in results})
-    return (
-        "<p>Each network is a multilayer perceptron trained on MNIST with plain SGD. Back-propagation multiplies "
-        "the error reaching a hidden layer by the derivative of that layer's activation; for the sigmoid that "
-        f"derivative never exceeds σ'(0) = {esc(_quarter())}, so in the classic setup the error shrinks on its way "
-        "back and the first layers may learn slowest; the figures below measure whether they do. "
-        f"This report covers {len(results)} variant(s): {len(classic)} classic network(s) with "
-        f"{esc(', '.join(str(r.variant.depth) for r in classic) or 'no')} hidden layer(s), and "
-        f"{len(results) - len(classic)} remedy variant(s); each trained for {esc(' / '.join(map(str, epochs)))} "
-        f"epochs with {esc(' / '.join(map(str, seeds)))} replicate seed(s).</p>"
-    )
-
-
-def results_section(summary: pd.DataFrame, held_out: Sequence[Plot]) -> str:
-    """Held-out accuracy and the table of final values."""
-    rows = [
+def result_rows(summary: pd.DataFrame) -> list[tuple[Any, ...]]:
+    """The results table: final values, mean ± std over seeds."""
+    return [
         (
             row.variant,
             row.depth,
             row.seeds,
-            figures.format_mean_std(row.accuracy_mean, row.accuracy_std),
-            figures.format_mean_std(row.test_accuracy_mean, row.test_accuracy_std),
-            figures.format_mean_std(row.vanishing_index_mean, row.vanishing_index_std, ".3g"),
+            format_mean_std(row.accuracy_mean, row.accuracy_std),
+            format_mean_std(row.test_accuracy_mean, row.test_accuracy_std),
+            format_mean_std(row.vanishing_index_mean, row.vanishing_index_std, ".3g"),
         )
         for row in summary.itertuples(index=False)
     ]
-    table = html_table(
-        ["variant", "depth", "seeds", "final training accuracy", "test accuracy", "vanishing index"],
-        rows,
-        [1, 2, 3, 4, 5],
-    )
-    return (
-        "<h2>6. Results</h2>"
-        + "".join(figure_html(p) for p in held_out)
-        + "<p>Final-epoch values, mean ± std over replicate seeds. The vanishing index is the first hidden layer's "
-        "speed of learning (‖∂C/∂b‖) divided by the last hidden layer's, averaged over the early epochs: below 1 "
-        "the first layer learns slower.</p>" + table
-    )
 
 
-def runs_section(results: Sequence[VariantResult], uri: str) -> str:
-    """Every training run, linked to the MLflow UI."""
+def run_rows(results: Sequence[VariantResult], uri: str) -> tuple[list[dict[str, str]], bool]:
+    """Every training run with its MLflow UI link; and whether any link points at the local UI."""
     rows, local = [], False
     for r in results:
         base = ui_base(str(r.run.get("tracking_uri") or uri))
         local = local or base == LOCAL_UI
         experiment = str(r.run.get("experiment_id", ""))
         for seed, run_id in r.run_ids.items():
-            link = run_link(base, experiment, run_id)
-            rows.append((r.label, seed, experiment, Raw(f'<a href="{esc(link)}">{esc(run_id)}</a>')))
-    note = (
-        f'<p class="note">The links open the local MLflow UI at {esc(LOCAL_UI)}: '
-        "start it with <code>make ui</code>.</p>"
-        if local
-        else ""
-    )
-    return "<h2>7. Runs</h2>" + note + html_table(["variant", "seed", "experiment", "MLflow run"], rows, [1, 2])
+            rows.append(
+                {
+                    "variant": r.name,
+                    "seed": seed,
+                    "experiment": experiment,
+                    "run_id": run_id,
+                    "link": run_link(base, experiment, run_id),
+                }
+            )
+    return rows, local
 
 
-def section(title: str, text: str, plots: Sequence[Plot]) -> str:
-    """A heading, a paragraph and its figures (nothing when there are no figures)."""
-    if not plots:
-        return f"<h2>{esc(title)}</h2><p>No data for this section in these results.</p>"
-    return f"<h2>{esc(title)}</h2><p>{esc(text)}</p>" + "".join(figure_html(p) for p in plots)
+def intro_facts(results: Sequence[VariantResult]) -> dict[str, Any]:
+    """The opening paragraph's numbers, taken from the results."""
+    classic = [r for r in results if r.classic]
+    return {
+        "variants": len(results),
+        "classic": len(classic),
+        "classic_depths": ", ".join(str(r.variant.depth) for r in classic) or "no",
+        "remedies": len(results) - len(classic),
+        "epochs": " / ".join(map(str, sorted({r.epochs for r in results}))),
+        "seeds": " / ".join(map(str, sorted({len(r.seeds) for r in results}))),
+    }
 
 
 def build_report(
     results: Sequence[VariantResult], rp: ReportParams, tp: TrackingParams, uri: str, folder: Path
 ) -> pd.DataFrame:
     """Write the PNGs, ``index.html`` and ``summary.md`` into ``folder``; returns the summary table."""
-    summary = figures.summary_table(
-        histories(results), {r.label: r.variant for r in results}, {r.label: r.metrics for r in results}
+    summary = summary_table(
+        histories(results), {r.name: r.variant for r in results}, {r.name: r.metrics for r in results}
     )
-    classic = classic_plots(results, summary, rp, folder)
-    bands = band_plots(results, rp, folder)
-    gradients = gradient_plots(results, rp, folder)
-    remedies = remedy_plots(results, summary, rp, folder)
-    held_out = held_out_plots(results, rp, folder)
     q = _quarter()
-    body = [
-        "<h1>The vanishing-gradient problem on MNIST</h1>",
-        intro(results),
-        setup_section(results, rp, tp, uri),
-        section(
-            "2. The classic picture",
-            "Nielsen's figures: for each depth, training accuracy and how much each hidden layer's weights change "
-            "per epoch; then all depths together.",
-            classic,
-        ),
-        section(
-            "3. Across replicates",
-            "The same quantities over every replicate seed: the spread shows what is signal and what is seed noise.",
-            bands,
-        ),
-        section(
-            f"4. Gradients against the {q} bound",
-            "Per-layer gradients on a fixed probe batch at the end of each epoch, and the ratio of each layer's "
-            f"gradient to the next layer's; a sigmoid layer can pass back at most {q} of the error it receives "
-            "(times its weights).",
-            gradients,
-        ),
-        section(
-            "5. Remedies",
-            "Each remedy at its depth beside the classic network of the same depth: training accuracy and the ratio "
-            "of the first to the last hidden layer's gradient.",
-            remedies,
-        ),
-        results_section(summary, held_out),
-        runs_section(results, uri),
+    runs, local = run_rows(results, uri)
+    sections = [
+        {
+            "title": "2. The classic picture",
+            "text": "Nielsen's figures: for each depth, training accuracy and how much each hidden layer's weights "
+            "change per epoch; then all depths together.",
+            "plots": classic_plots(results, summary, rp, folder),
+        },
+        {
+            "title": "3. Across replicates",
+            "text": "The same quantities over every replicate seed: the spread shows what is signal and what is "
+            "seed noise.",
+            "plots": band_plots(results, rp, folder),
+        },
+        {
+            "title": f"4. Gradients against the {q} bound",
+            "text": "Per-layer gradients on a fixed probe batch at the end of each epoch, and the ratio of each "
+            f"layer's gradient to the next layer's; a sigmoid layer can pass back at most {q} of the error it "
+            "receives (times its weights).",
+            "plots": gradient_plots(results, rp, folder),
+        },
+        {
+            "title": "5. Remedies",
+            "text": "Each remedy at its depth beside the classic network of the same depth: training accuracy and "
+            "the ratio of the first to the last hidden layer's gradient.",
+            "plots": remedy_plots(results, summary, rp, folder),
+        },
     ]
-    page = (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        "<title>Vanishing-gradient study</title>"
-        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
-    )
-    (folder / "index.html").write_text(page, encoding="utf-8")
+    context = {
+        "quarter": q,
+        "intro": intro_facts(results),
+        "variants": variant_rows(results),
+        "settings": [
+            ("report.change_clip_quantile", rp.change_clip_quantile),
+            ("report.dpi", rp.dpi),
+            ("tracking.experiment", tp.experiment),
+            ("tracking URI", tracking.redact(uri)),
+        ],
+        "sections": sections,
+        "held_out": held_out_plots(results, rp, folder),
+        "results": result_rows(summary),
+        "runs": runs,
+        "local_ui": LOCAL_UI if local else None,
+    }
+    (folder / "index.html").write_text(page_html(context), encoding="utf-8")
     (folder / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
     curves.write_plot_data(histories(results), folder / "plots")  # seed means for `dvc plots show`
     return summary
+
+
+# ------------------------------------------------------------------------ tables
+SUMMARY_COLUMNS = [
+    "variant",
+    "depth",
+    "activation",
+    "loss",
+    "init",
+    "norm",
+    "seeds",
+    "epochs",
+    "accuracy_mean",
+    "accuracy_std",
+    "test_accuracy_mean",
+    "test_accuracy_std",
+    "vanishing_index_mean",
+    "vanishing_index_std",
+]
+
+
+def summary_table(
+    histories: Mapping[str, pd.DataFrame],
+    variants: Mapping[str, Variant],
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+) -> pd.DataFrame:
+    """One row per variant (keys of ``histories``): its settings and final values, mean and std over seeds.
+
+    Accuracy and test accuracy are taken from ``metrics`` (the summarize stage's ``metrics.json``)
+    when present there, else computed from each seed's last epoch (std with ddof=0); the
+    vanishing index comes from ``metrics`` only (NaN without it).
+    """
+    rows = []
+    for label, table in histories.items():
+        variant, given, last = variants[label], (metrics or {}).get(label, {}), history.final_rows(table)
+        seeds = int(table["seed"].nunique())
+        rows.append(
+            [
+                *(label, variant.depth, variant.activation, variant.loss, variant.init, variant.norm),
+                *(seeds, int(table["epoch"].max())),
+                *_mean_std(given, last, "accuracy"),
+                *_mean_std(given, last, "test_accuracy"),
+                *_mean_std(given, None, "vanishing_index"),
+            ]
+        )
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _mean_std(given: Mapping[str, float], last: pd.DataFrame | None, key: str) -> tuple[float, float]:
+    """``key`` and ``key_std`` from ``given`` (metrics.json), else mean and std (ddof=0) of ``last[key]``."""
+    if key in given:  # metrics.json writes a non-finite value as null
+        return tuple(np.nan if v is None else float(v) for v in (given[key], given.get(f"{key}_std")))
+    if last is None or key not in last.columns:
+        return np.nan, np.nan
+    return float(last[key].mean()), float(last[key].std(ddof=0))
+
+
+def format_mean_std(mean: float, std: float, fmt: str = ".4f") -> str:
+    """``0.9123 ± 0.0012``; ``n/a`` for a missing mean; the std is left out when missing."""
+    if mean is None or not np.isfinite(mean):
+        return "n/a"
+    if std is None or not np.isfinite(std):
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(std, fmt)}"
 
 
 def summary_markdown(summary: pd.DataFrame) -> str:
@@ -569,9 +566,9 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         "|---|---|---|---|",
     ]
     lines += [
-        f"| {row.variant} | {figures.format_mean_std(row.accuracy_mean, row.accuracy_std)} "
-        f"| {figures.format_mean_std(row.test_accuracy_mean, row.test_accuracy_std)} "
-        f"| {figures.format_mean_std(row.vanishing_index_mean, row.vanishing_index_std, '.3g')} |"
+        f"| {row.variant} | {format_mean_std(row.accuracy_mean, row.accuracy_std)} "
+        f"| {format_mean_std(row.test_accuracy_mean, row.test_accuracy_std)} "
+        f"| {format_mean_std(row.vanishing_index_mean, row.vanishing_index_std, '.3g')} |"
         for row in summary.itertuples(index=False)
     ]
     return "\n".join(lines) + "\n"
@@ -602,10 +599,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the stage; 0 on success, 1 with one error line on a known failure (nothing written)."""
+    """Run the stage; 0 on success, 1 on a known failure (nothing written), with its traceback in the log."""
     args = parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         check_file(args.params)
         rp: ReportParams = load_section("report", args.params)
@@ -615,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         study = study_variants(load_section("grid", args.params), load_section("remedies", args.params))
         results = load_results(args.results, study)
     except (ParamsError, tracking.TrackingError, ReportError) as exc:
-        print(f"report: error: {exc}", file=sys.stderr)
+        log.error("report: %s", exc)  # bad input: the message says all, a traceback would bury it
         return 1
     out: Path = args.out
     try:
@@ -623,10 +620,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = build_report(results, rp, tp, uri, tmp)
             run_id = log_report(uri, tp.experiment, tmp, args.params)
     except (tracking.TrackingError, ReportError, OSError) as exc:
-        print(f"report: error: {exc}", file=sys.stderr)
+        log.error("report: %s; %s was not written", exc, out, exc_info=True)
         return 1
     except (KeyboardInterrupt, tracking.RunInterrupted) as exc:
-        print(f"report: interrupted: {out} was not written", file=sys.stderr)
+        log.error("report: interrupted: %s was not written", out)
         return exc.exit_status if isinstance(exc, tracking.RunInterrupted) else 130
     log.info("report: %d variant(s) -> %s (MLflow run %s)", len(summary), out / "index.html", run_id)
     return 0

@@ -19,10 +19,12 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
-import time
 import types
+import urllib.parse
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 EXPS_TMP = (".dvc", "tmp", "exps")
+EXECUTION_ENV = "PIPELINE_EXECUTION"
+EXECUTION_TAG = "pipeline.execution"
 SWEEP_ENV = "PIPELINE_SWEEP"
 SWEEP_TAG = "pipeline.sweep"
 GROUP_TAG = "pipeline.group"
@@ -257,30 +261,18 @@ def _init_lock(uri: str, timeout_s: float) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; MLflow's own behaviour
-        yield
-        return
+    from filelock import FileLock, Timeout
+
     path = sqlite_path(uri)
     lock = path.with_name(path.name + "-lock")
-    with lock.open("a") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TrackingError(
-                        f"MLflow store {uri}: another process has held {lock} for over {timeout_s:g} s; "
-                        "if none is running, delete that file."
-                    ) from None
-                time.sleep(0.1)
-        try:
+    try:
+        with FileLock(lock, timeout=timeout_s):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except Timeout:
+        raise TrackingError(
+            f"MLflow store {uri}: another process has held {lock} for over {timeout_s:g} s; "
+            "if none is running, delete that file."
+        ) from None
 
 
 def open_store(uri: str, lock_timeout_s: float = 300.0) -> Any:
@@ -321,28 +313,66 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
-def group_id(commit: str, params_text: str) -> str:
-    """Runs with the same code and params form one group: one ``dvc repro``."""
-    digest = hashlib.sha256(f"{commit}\n{params_text}".encode()).hexdigest()
-    return digest[:12]
+def study_digest(code_dir: Path, params_file: Path) -> str:
+    """What defines a study: the pipeline's code and the parsed params (comments and layout ignored).
+
+    Not git's view of the tree: the stages themselves rewrite committed files (``dvc.lock``,
+    ``history.csv``), so a dirty flag would split one ``dvc repro`` into several groups.
+    """
+    import json
+
+    import yaml
+
+    h = hashlib.sha256()
+    for source in sorted(code_dir.glob("*.py")):
+        h.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    params = yaml.safe_load(params_file.read_text(encoding="utf-8")) if params_file.is_file() else None
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:12]
+
+
+def execution_id() -> str:
+    """One id per ``dvc repro`` (or other parent process): every stage it runs shares it.
+
+    Stage commands ``exec`` Python, so the parent is DVC itself; its pid and start time
+    (``/proc``) identify that one invocation. ``PIPELINE_EXECUTION`` overrides it; without
+    ``/proc`` each process gets its own id.
+    """
+    if os.environ.get(EXECUTION_ENV):
+        return os.environ[EXECUTION_ENV]
+    parent = os.getppid()
+    try:
+        # Field 22 of /proc/<pid>/stat is the start time; the command name (field 2) may hold spaces.
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return uuid.uuid4().hex[:12]
+    return hashlib.sha256(f"{socket.gethostname()}:{parent}:{started}".encode()).hexdigest()[:12]
 
 
 def lineage_tags(root: Path, stage: str, params_file: str | Path = "params.yaml") -> dict[str, str]:
-    """Tags that tie a run to its code, pipeline stage and ``dvc repro``."""
+    """Tags that tie a run to its code, pipeline stage, study and ``dvc repro``."""
     commit = git_commit(root)
-    params_path = Path(params_file)
-    params_text = params_path.read_text(encoding="utf-8") if params_path.is_file() else ""
     tags = {
         "mlflow.source.git.commit": commit.removesuffix("-dirty"),
         "git.commit": commit,
         "dvc.stage": stage,
-        GROUP_TAG: group_id(commit, params_text),
+        GROUP_TAG: study_digest(Path(__file__).resolve().parent, Path(params_file)),
+        EXECUTION_TAG: execution_id(),
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get(SWEEP_ENV):  # set by pipeline.sweep for every experiment of one sweep
         tags[SWEEP_TAG] = os.environ[SWEEP_ENV]
     return tags
+
+
+def redact(uri: str) -> str:
+    """``uri`` without a password (``user:secret@host`` -> ``user:***@host``), for files and pages."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def ensure_experiment(client: Any, name: str, root: Path) -> str:
@@ -376,11 +406,20 @@ class RunSet:
     stop: StopSignals = field(default_factory=StopSignals)
 
     def end(self, status: str) -> None:
+        """Mark every run ``status``; raise :class:`TrackingError` naming those that could not be marked
+        (after trying them all), since a run left RUNNING misleads whoever reads the store."""
+        failed = []
         for run_id in self.run_ids:
             try:
                 self.client.set_terminated(run_id, status=status)
-            except Exception:
-                log.exception("could not mark run %s as %s", run_id, status)
+            except Exception as exc:
+                log.error("could not mark MLflow run %s as %s: %s", run_id, status, exc, exc_info=True)
+                failed.append(run_id)
+        if failed:
+            raise TrackingError(
+                f"could not mark MLflow run(s) {', '.join(failed)} as {status}; they stay RUNNING in the store. "
+                "Check the store, then set their status in the MLflow UI or with `mlflow runs` if needed."
+            )
 
 
 @contextmanager

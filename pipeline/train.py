@@ -1,30 +1,33 @@
 """Stage ``train``: train every replicate seed of one variant at once, tracked in MLflow.
 
 ``python -m pipeline.train --depth 3 [--activation ... --loss ... --init ... --norm ...]
---data data/processed --out results/<variant>``
+--data data/processed --out results/<name>``
 
-Writes, atomically, ``<out>/history.csv`` (one row per seed and epoch),
-``<out>/metrics.json`` (final values, mean and std over seeds), ``<out>/run.json``
-(variant, seeds, MLflow run ids) and ``<out>/models/seed-<s>.keras`` (each replicate
-as a plain Keras ``Sequential``). One MLflow run per seed, ended FINISHED, FAILED on
-an error or KILLED on SIGINT/SIGTERM; nothing is written to ``<out>`` unless training
-completed.
+The variant's name is the name of its output folder (``dvc.yaml`` passes ``results/${key}``,
+DVC's name for the stage item), and its MLflow runs are named after it. Writes, atomically,
+``<out>/history.csv`` (one row per seed and epoch), ``<out>/run.json`` (variant, seeds,
+MLflow run ids) and ``<out>/models/seed-<s>.keras`` (each replicate as a plain Keras
+``Sequential``). Summary statistics and figures are computed downstream (``summarize``,
+``report``), so changing them retrains nothing. One MLflow run per seed, ended FINISHED,
+FAILED on an error or KILLED on SIGINT/SIGTERM/SIGHUP; nothing is written to ``<out>``
+unless training completed.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import signal
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pipeline import tracking
 from pipeline.outputs import staged_dir
@@ -34,36 +37,46 @@ log = logging.getLogger("pipeline.train")
 CSV_FLOAT = "%.8g"  # float32 values round-trip through history.csv
 
 
-def configure_backend(deterministic: bool = True) -> str:
-    """Pin thread pools and determinism before the backend does any work.
+class OutputError(RuntimeError):
+    """The stage's inputs or outputs cannot be read or written; the message says what to do."""
 
-    One intra-op and one inter-op thread is *faster* here: the ops are small, and
-    thread hand-offs cost more than they save (measured: 0.10 s vs 0.32 s per epoch
-    at depth 4 on 2 cores). It also makes results bit-for-bit repeatable.
+
+@dataclass(frozen=True)
+class Arrays:
+    """The preprocessed data one variant trains and is evaluated on."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def fit_replicates(
+    variant: Variant, params: TrainParams, data: Arrays, callbacks: Sequence[Any] = ()
+) -> tuple[Any, pd.DataFrame]:
+    """Train every seed of ``variant`` as one stacked model; returns it and the per-epoch history.
+
+    Measures each epoch (weight change, probe gradients, held-out loss and accuracy), then
+    hands the epoch's ``logs`` to ``callbacks`` (tracking, progress, stop checks), in order.
     """
     import keras
 
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
+    from pipeline import callbacks as cb
+    from pipeline.engine import StackedTrainer
+    from pipeline.model import build_model
 
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-        if deterministic:
-            tf.config.experimental.enable_op_determinism()
-        # Recent NVIDIA GPUs would otherwise multiply float32 in TF32 (a 10-bit mantissa),
-        # which is not the experiment's arithmetic. No effect on a CPU.
-        tf.config.experimental.enable_tensor_float_32_execution(False)
-    elif backend == "jax" and "JAX_DEFAULT_MATMUL_PRECISION" not in os.environ:
-        import jax
-
-        # GPUs would otherwise multiply float32 in TF32, which is not the experiment's arithmetic.
-        jax.config.update("jax_default_matmul_precision", "highest")
-    return backend
-
-
-class OutputError(RuntimeError):
-    """The stage's inputs or outputs cannot be read or written; the message says what to do."""
+    keras.utils.set_random_seed(params.shuffle_seed)
+    model = build_model(variant, params.seeds, params.hidden_units)
+    trainer = StackedTrainer(model, variant.loss, params.learning_rate, params.batch_size, params.shuffle_seed)
+    probe = slice(0, min(params.probe_size, len(data.x)))
+    history = cb.History(params.seeds)
+    measurements = [
+        cb.WeightChange(),
+        cb.GradientProbe(trainer, data.x[probe], data.y[probe]),
+        cb.HeldOut(trainer, data.x_test, data.y_test),
+    ]
+    trainer.fit(data.x, data.y, params.epochs, callbacks=[*measurements, history, *callbacks])
+    return model, pd.DataFrame(history.rows)
 
 
 def check_writable(folder: Path) -> None:
@@ -81,6 +94,14 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return data["x"], data["y"]
 
 
+def load_arrays(folder: Path) -> Arrays:
+    """The train and test splits written by the preprocess stage."""
+    for split in ("train.npz", "test.npz"):
+        if not (folder / split).is_file():
+            raise OutputError(f"{folder / split} is missing: run the preprocess stage first (dvc repro)")
+    return Arrays(*load_split(folder / "train.npz"), *load_split(folder / "test.npz"))
+
+
 def data_digest(*arrays: np.ndarray) -> str:
     """sha256 over the exact training inputs (shapes, dtypes and bytes)."""
     import hashlib
@@ -94,77 +115,46 @@ def data_digest(*arrays: np.ndarray) -> str:
 
 def run_params(variant: Variant, train: TrainParams, seed: int, backend: str) -> dict[str, str]:
     """Every parameter that determines one replicate, flattened for MLflow."""
-    params: dict[str, Any] = dataclasses.asdict(variant) | dataclasses.asdict(train)
+    params: dict[str, Any] = variant.model_dump() | train.model_dump()
     params["seeds"] = ",".join(map(str, train.seeds))
     params["seed"] = seed
     params["backend"] = backend
     return {k: str(v) for k, v in params.items()}
 
 
-def final_metrics(history: Any, depth: int, window: int) -> dict[str, float]:
-    """metrics.json: final-epoch values and the vanishing index, mean and std over seeds."""
-    from pipeline.measures import vanishing_index
-
-    last = history[history["epoch"] == history["epoch"].max()]
-    out: dict[str, float] = {}
-    for key in ("accuracy", "loss", "test_accuracy", "test_loss"):
-        out[key] = float(last[key].mean())
-        out[f"{key}_std"] = float(last[key].std(ddof=0))
-    indices = [
-        vanishing_index(rows["grad_bias/hidden_1"], rows[f"grad_bias/hidden_{depth}"], window)
-        for _, rows in history.sort_values("epoch").groupby("seed")
-    ]
-    out["vanishing_index"] = float(np.mean(indices))
-    out["vanishing_index_std"] = float(np.std(indices))
-    out["epochs"] = int(history["epoch"].max())
-    out["replicates"] = int(history["seed"].nunique())
-    return out
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--data", required=True, type=Path, help="folder with train.npz and test.npz")
-    p.add_argument("--out", required=True, type=Path, help="output folder for this variant")
-    p.add_argument("--stage", default=None, help="DVC stage name, recorded as a tag")
+    p.add_argument("--out", required=True, type=Path, help="output folder; its name is the variant's name")
     p.add_argument("--depth", required=True, type=int)
     p.add_argument("--activation", default="sigmoid")
     p.add_argument("--loss", default="mse")
     p.add_argument("--init", default="glorot_uniform")
     p.add_argument("--norm", default="none")
+    # Presentation only, so not a DVC param: changing it must not retrain anything.
+    p.add_argument("--log-every", type=int, default=10, help="progress line every N epochs when not on a terminal")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    fields = ("depth", "activation", "loss", "init", "norm")
     try:
         check_file(args.params)
-        variant = parse(
-            Variant,
-            {
-                "depth": args.depth,
-                "activation": args.activation,
-                "loss": args.loss,
-                "init": args.init,
-                "norm": args.norm,
-            },
-            "variant (command line, from grid or remedies in params.yaml)",
-        )
+        variant = parse(Variant, {k: getattr(args, k) for k in fields}, "variant (command line, from dvc.yaml)")
         train: TrainParams = load_section("train", args.params)
         track: TrackingParams = load_section("tracking", args.params)
         uri = tracking.tracking_uri()
         tracking.preflight(uri)
         check_writable(args.out.parent)
-        for split in ("train.npz", "test.npz"):
-            if not (args.data / split).is_file():
-                raise OutputError(f"{args.data / split} is missing: run the preprocess stage first (dvc repro)")
+        data = load_arrays(args.data)
     except (ParamsError, tracking.TrackingError, OutputError) as exc:
         log.error("%s", exc)
         return 1
-    stage = args.stage or os.environ.get("DVC_STAGE") or f"train@{variant.label}"
     try:
-        train_variant(variant, train, track, uri, args.data, args.out, stage, args.params)
+        train_and_track(variant, args.out.name, train, track, uri, data, args)
     except (tracking.TrackingError, OutputError) as exc:
         log.error("%s", exc)
         return 1
@@ -180,101 +170,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def train_variant(
-    variant: Variant,
-    train: TrainParams,
-    track: TrackingParams,
-    uri: str,
-    data_dir: Path,
-    out: Path,
-    stage: str,
-    params_file: str,
+def train_and_track(
+    variant: Variant, name: str, train: TrainParams, track: TrackingParams, uri: str, data: Arrays, args: Any
 ) -> None:
-    """Train all seeds of ``variant``; log to MLflow; write ``out`` atomically."""
-    backend = configure_backend()
-    import keras
-
+    """The stage's shell around :func:`fit_replicates`: MLflow runs around training, then the
+    outputs, written atomically into ``args.out``."""
     from pipeline import callbacks as cb
-    from pipeline.engine import StackedTrainer
-    from pipeline.model import build_model, unstack
+    from pipeline.engine import configure_backend
+    from pipeline.model import unstack
 
-    x, y = load_split(data_dir / "train.npz")
-    x_test, y_test = load_split(data_dir / "test.npz")
-    digest = data_digest(x, y)
-    probe = slice(0, min(train.probe_size, len(x)))
-
-    keras.utils.set_random_seed(train.shuffle_seed)
-    model = build_model(variant, train.seeds, train.hidden_units)
-    trainer = StackedTrainer(model, variant.loss, train.learning_rate, train.batch_size, train.shuffle_seed)
-
+    backend = configure_backend()
+    digest = data_digest(data.x, data.y)
     root = tracking.project_root()
     client = tracking.open_store(uri)
     experiment_id = tracking.ensure_experiment(client, track.experiment, root)
-    tags = tracking.lineage_tags(root, stage, params_file) | {"data.digest": digest, "variant": variant.label}
-    names = [f"{variant.label}-seed-{s}" for s in train.seeds]
-    log.info("training %s: seeds %s, %d epochs, backend %s", variant.label, list(train.seeds), train.epochs, backend)
+    stage = os.environ.get("DVC_STAGE") or f"train@{name}"
+    tags = tracking.lineage_tags(root, stage, args.params) | {"data.digest": digest, "variant": name}
+    names = [f"{name}-seed-{s}" for s in train.seeds]
+    log.info("training %s: seeds %s, %d epochs, backend %s", name, list(train.seeds), train.epochs, backend)
     with tracking.run_set(client, experiment_id, names, tags) as runs:
-        _log_run_inputs(client, runs.run_ids, variant, train, backend, x, y, digest)
+        _log_run_inputs(client, runs.run_ids, variant, train, backend, data, digest, args.data)
         runs.stop.check()  # no need to wait for the first epoch (and its compilation)
-        history = cb.History(train.seeds)
         logger = cb.MlflowLogger(client, runs.run_ids)
         try:
-            trainer.fit(
-                x,
-                y,
-                train.epochs,
-                callbacks=[
-                    cb.WeightChange(),
-                    cb.GradientProbe(trainer, x[probe], y[probe]),
-                    cb.HeldOut(trainer, x_test, y_test),
-                    history,
-                    logger,
-                    cb.Progress(variant.label, train.epochs, train.log_every),
-                    cb.StopOnSignal(runs.stop.check),
-                ],
+            model, history = fit_replicates(
+                variant,
+                train,
+                data,
+                [logger, cb.Progress(name, train.epochs, args.log_every), cb.StopOnSignal(runs.stop.check)],
             )
         finally:
             # Also when interrupted or failing: a KILLED/FAILED run keeps the epochs it finished.
             logger.flush()
-        import pandas as pd
-
-        frame = pd.DataFrame(history.rows)
-        metrics = final_metrics(frame, variant.depth, train.index_window)
         run_info = {
-            "variant": dataclasses.asdict(variant),
-            "label": variant.label,
+            "name": name,
+            "variant": variant.model_dump(),
             "seeds": list(train.seeds),
             "runs": {str(s): r for s, r in zip(train.seeds, runs.run_ids, strict=True)},
             "experiment_id": experiment_id,
-            "tracking_uri": uri,
+            "tracking_uri": tracking.redact(uri),
             "group": tags[tracking.GROUP_TAG],
+            "execution": tags[tracking.EXECUTION_TAG],
         }
         try:
-            with staged_dir(out) as tmp:
-                singles = [unstack(model, variant, k) for k in range(len(train.seeds))]
-                _write_outputs(tmp, frame, metrics, run_info, singles)
-                _log_run_outputs(client, runs.run_ids, train.seeds, tmp, frame, variant)
+            with staged_dir(args.out) as tmp:
+                _write_outputs(tmp, history, run_info, [unstack(model, variant, k) for k in range(len(train.seeds))])
+                _log_run_outputs(client, runs.run_ids, train.seeds, tmp, history)
                 runs.stop.check()  # a signal during writing: the staged outputs are discarded
         except OSError as exc:
             raise OutputError(
-                f"cannot write {out}: {exc.strerror or exc} ({exc.filename or out}); "
-                f"free disk space or make {out.parent} writable, then rerun"
+                f"cannot write {args.out}: {exc.strerror or exc} ({exc.filename or args.out}); "
+                f"free disk space or make {args.out.parent} writable, then rerun"
             ) from exc
-    log.info(
-        "%s: final accuracy %.4f ± %.4f, vanishing index %.3g -> %s",
-        variant.label,
-        metrics["accuracy"],
-        metrics["accuracy_std"],
-        metrics["vanishing_index"],
-        out,
-    )
+    final = history[history["epoch"] == history["epoch"].max()]["accuracy"]
+    log.info("%s: final accuracy %.4f (%d seeds) -> %s", name, final.mean(), len(final), args.out)
 
 
-def _write_outputs(
-    folder: Path, history: Any, metrics: dict[str, float], run_info: dict[str, Any], models: list[Any]
-) -> None:
+def _write_outputs(folder: Path, history: pd.DataFrame, run_info: dict[str, Any], models: list[Any]) -> None:
     history.to_csv(folder / "history.csv", index=False, float_format=CSV_FLOAT)
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (folder / "run.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
     (folder / "models").mkdir()
     for seed, single in zip(run_info["seeds"], models, strict=True):
@@ -287,9 +240,9 @@ def _log_run_inputs(
     variant: Variant,
     train: TrainParams,
     backend: str,
-    x: np.ndarray,
-    y: np.ndarray,
+    data: Arrays,
     digest: str,
+    source: Path,
 ) -> None:
     from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 
@@ -297,8 +250,10 @@ def _log_run_inputs(
         name="mnist-train",
         digest=digest[:32],  # MLflow keeps at most 36 characters; the full digest is the data.digest tag
         source_type="local",
-        source=json.dumps({"uri": "data/processed/train.npz"}),
-        profile=json.dumps({"num_rows": len(x), "features_shape": list(x.shape), "targets_shape": list(y.shape)}),
+        source=json.dumps({"uri": str(source / "train.npz")}),
+        profile=json.dumps(
+            {"num_rows": len(data.x), "features_shape": list(data.x.shape), "targets_shape": list(data.y.shape)}
+        ),
     )
     for seed, run_id in zip(train.seeds, run_ids, strict=True):
         params = [Param(k, v) for k, v in run_params(variant, train, seed, backend).items()]
@@ -307,23 +262,15 @@ def _log_run_inputs(
 
 
 def _log_run_outputs(
-    client: Any, run_ids: list[str], seeds: Sequence[int], folder: Path, history: Any, variant: Variant
+    client: Any, run_ids: list[str], seeds: Sequence[int], folder: Path, history: pd.DataFrame
 ) -> None:
-    """Per run: its own rows of the history, its classic figure, its model and the variant's metrics."""
-    from pipeline.figures import classic_figure
-
+    """Per run: its own rows of the history and its model."""
     for seed, run_id in zip(seeds, run_ids, strict=True):
-        rows = history[history["seed"] == seed]
         with tempfile.TemporaryDirectory() as scratch:
             csv = Path(scratch) / "history.csv"
-            rows.to_csv(csv, index=False, float_format=CSV_FLOAT)
+            history[history["seed"] == seed].to_csv(csv, index=False, float_format=CSV_FLOAT)
             client.log_artifact(run_id, str(csv))
-            fig = classic_figure(rows, f"{variant.label}, seed {seed}")
-            png = Path(scratch) / "figure.png"
-            fig.savefig(png, dpi=100)
-            client.log_artifact(run_id, str(png))
         client.log_artifact(run_id, str(folder / "models" / f"seed-{seed}.keras"), "model")
-        client.log_artifact(run_id, str(folder / "metrics.json"))
 
 
 if __name__ == "__main__":

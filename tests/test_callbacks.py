@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import keras
 import numpy as np
@@ -24,14 +25,6 @@ def test_mean_abs_and_norm() -> None:
     g = np.array([[[3.0, -4.0]], [[0.0, 1.0]]])
     np.testing.assert_allclose(measures.mean_abs(g), [3.5, 0.5])
     np.testing.assert_allclose(measures.l2_norm(g), [5.0, 1.0])
-
-
-def test_vanishing_index_window_and_zero_speed() -> None:
-    first = [1.0, 2.0, 3.0, 100.0]
-    last = [10.0, 0.0, 30.0, 1.0]
-    # window 3 keeps epochs 1..3; epoch 2 is skipped (last layer speed 0).
-    assert measures.vanishing_index(first, last, 3) == pytest.approx(0.1)
-    assert np.isnan(measures.vanishing_index([1.0], [0.0], 5))
 
 
 def test_weight_change_callback_hand_computed() -> None:
@@ -88,8 +81,9 @@ def test_mlflow_logger_steps_are_epochs(tmp_path) -> None:
     logger.on_train_end()
     history = client.get_metric_history(runs[1], "accuracy")
     assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.0), (2, 0.2), (3, 0.4)]
-    # Non-finite values are skipped rather than failing the batch.
-    assert client.get_metric_history(runs[0], "grad/hidden_1") == []
+    # Non-finite values are logged too (MLflow stores NaN), not dropped: a diverging run shows it.
+    assert all(math.isnan(m.value) for m in client.get_metric_history(runs[0], "grad/hidden_1"))
+    assert len(client.get_metric_history(runs[0], "grad/hidden_1")) == 3
     assert len(client.get_metric_history(runs[1], "grad/hidden_1")) == 3
 
 

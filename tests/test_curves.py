@@ -19,34 +19,14 @@ def history(depth: int, seeds=(0, 1), epochs: int = 3, offset: float = 0.0) -> p
                 row[f"grad/hidden_{layer}"] = 10.0 * layer + seed
                 row[f"grad_bias/hidden_{layer}"] = 100.0 * layer
             row["test_accuracy"] = 0.5 + seed
+            row["test_loss"] = 2.0 / epoch
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def test_mean_curves_one_row_per_epoch() -> None:
-    shuffled = history(2).sample(frac=1.0, random_state=0)
-    means = curves.mean_curves(shuffled)
-    assert list(means["epoch"]) == [1, 2, 3]
-    assert "seed" not in means and means.columns[0] == "epoch"
-    assert means["accuracy"].tolist() == pytest.approx([0.105, 0.205, 0.305])
-    assert means["weight_change/hidden_2"].tolist() == pytest.approx([2.5, 4.5, 6.5])
-    assert means["test_accuracy"].tolist() == pytest.approx([1.0, 1.0, 1.0])
-
-
-def test_mean_curves_single_seed_is_the_history() -> None:
-    one = history(1, seeds=(7,))
-    means = curves.mean_curves(one)
-    pd.testing.assert_frame_equal(means, one.drop(columns="seed").reset_index(drop=True), check_dtype=False)
-
-
-def test_mean_curves_needs_epoch() -> None:
-    with pytest.raises(ValueError, match="epoch"):
-        curves.mean_curves(pd.DataFrame({"seed": [0], "accuracy": [0.1]}))
-
-
 def test_study_curves_long_form_in_study_order() -> None:
     frame = curves.study_curves({"depth-2": history(2), "depth-1": history(1, offset=0.5)})
-    assert list(frame.columns) == ["variant", "depth", "epoch", "accuracy", "loss", "test_accuracy"]
+    assert list(frame.columns) == ["variant", "depth", "epoch", "accuracy", "loss", "test_accuracy", "test_loss"]
     assert frame["variant"].tolist() == ["depth-2"] * 3 + ["depth-1"] * 3
     assert frame["depth"].tolist() == [2] * 3 + [1] * 3
     assert frame["epoch"].tolist() == [1, 2, 3, 1, 2, 3]

@@ -1,17 +1,15 @@
-"""Figures and the summary table on tiny synthetic histories (2 seeds × 5 epochs)."""
+"""Figures on tiny synthetic histories (2 seeds × 5 epochs)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from pipeline import figures
-from pipeline.params import Variant
-from tests.synthetic_results import DEFAULT_VARIANTS, histories, make_history
+from pipeline import figures, history
+from tests.synthetic_results import DEFAULT_VARIANTS, histories, make_history, name_of
 
-D1, D2, REMEDY = (v.label for v in DEFAULT_VARIANTS)
+D1, D2, REMEDY = (name_of(v) for v in DEFAULT_VARIANTS)
 
 
 def line_labels(ax) -> list[str]:
@@ -34,30 +32,6 @@ def test_sigmoid_bound_is_computed_quarter():
     assert np.isclose(figures.SIGMOID_BOUND, 0.25)
     x = np.linspace(-5, 5, 1001)
     assert figures.sigmoid_prime(x).max() == pytest.approx(figures.SIGMOID_BOUND)
-
-
-def test_layer_columns_in_numeric_order():
-    frame = pd.DataFrame(columns=["grad/hidden_10", "grad/hidden_2", "grad/hidden_1", "grad_bias/hidden_1", "x"])
-    assert figures.layer_columns(frame, "grad") == ["grad/hidden_1", "grad/hidden_2", "grad/hidden_10"]
-    assert figures.layer_columns(frame, "grad_bias") == ["grad_bias/hidden_1"]
-
-
-def test_seed_stats_hand_computed():
-    history = pd.DataFrame({"seed": [0, 1, 0, 1], "epoch": [1, 1, 2, 2], "accuracy": [0.2, 0.4, 0.5, 0.9]})
-    stats = figures.seed_stats(history, "accuracy")
-    assert list(stats.index) == [1, 2]
-    assert stats.loc[2, "mean"] == pytest.approx(0.7)
-    assert stats.loc[2, "std"] == pytest.approx(0.2)  # population std, like metrics.json
-    assert (stats.loc[2, "min"], stats.loc[2, "max"], stats.loc[2, "count"]) == (0.5, 0.9, 2)
-
-
-def test_final_values_one_row_per_seed():
-    finals = figures.final_values(histories())
-    assert len(finals) == 6
-    row = finals[(finals["label"] == D2) & (finals["seed"] == 1)].iloc[0]
-    assert row["depth"] == 2
-    assert row["accuracy"] == pytest.approx(0.89)
-    assert row["test_accuracy"] == pytest.approx(0.85)
 
 
 # ------------------------------------------------------------------ classic figures
@@ -105,7 +79,7 @@ def test_first_layer_change_log_scale():
 
 
 def test_final_accuracy_vs_depth_means_and_strip():
-    finals = figures.final_values(histories((DEFAULT_VARIANTS[0], DEFAULT_VARIANTS[1])))
+    finals = history.final_values(histories((DEFAULT_VARIANTS[0], DEFAULT_VARIANTS[1])))
     fig = figures.final_accuracy_vs_depth(finals)
     (ax,) = fig.axes
     (errorbars,) = ax.containers
@@ -155,24 +129,10 @@ def test_gradient_figure_log_panels_ratio_and_bound():
     assert_labelled(fig)
 
 
-def test_gradient_figure_without_bias_columns_uses_kernel_ratio():
-    history = make_history(2).drop(columns=["grad_bias/hidden_1", "grad_bias/hidden_2"])
-    fig = figures.gradient_figure(history, "depth-2")
-    assert len(fig.axes) == 2
-    assert "|∂C/∂W|" in fig.axes[-1].get_ylabel()
-    assert bound_lines(fig.axes[-1])
-
-
 def test_gradient_figure_one_layer_has_no_ratio_panel():
     fig = figures.gradient_figure(make_history(1), "depth-1")
     assert len(fig.axes) == 2
     assert not any(bound_lines(ax) for ax in fig.axes)
-
-
-def test_gradient_figure_needs_gradients():
-    assert not figures.has_gradients(make_history(2, grads=False))
-    with pytest.raises(ValueError, match="grad"):
-        figures.gradient_figure(make_history(2, grads=False), "old run")
 
 
 # ----------------------------------------------------------------------- remedies
@@ -191,61 +151,10 @@ def test_remedies_figure_accuracy_and_first_to_last_ratio():
     assert_labelled(fig)
 
 
-def test_remedies_figure_without_gradients_keeps_accuracy_only():
-    fig = figures.remedies_figure({D2: make_history(2, grads=False), REMEDY: make_history(2, grads=False)})
-    assert len(fig.axes) == 1
-
-
 def test_vs_train_figure_side_by_side():
-    hs = histories()
-    hs["old"] = make_history(1, test=False)
-    fig = figures.test_vs_train_figure(hs)
+    fig = figures.test_vs_train_figure(histories())
     train_ax, test_ax = fig.axes
-    assert line_labels(train_ax) == [D1, D2, REMEDY]  # "old" has no test accuracy
+    assert line_labels(train_ax) == [D1, D2, REMEDY]
     assert line_labels(test_ax) == [D1, D2, REMEDY]
     assert test_ax.get_lines()[0].get_ydata()[-1] == pytest.approx(0.82)
     assert_labelled(fig)
-    with pytest.raises(ValueError, match="test_accuracy"):
-        figures.test_vs_train_figure({"old": hs["old"]})
-
-
-# -------------------------------------------------------------------------- table
-def test_summary_table_from_histories_hand_computed():
-    variants = {v.label: v for v in DEFAULT_VARIANTS}
-    table = figures.summary_table(histories(), variants).set_index("variant")
-    assert list(table.index) == [D1, D2, REMEDY]
-    row = table.loc[D1]
-    # seed 0 ends at 0.80, seed 1 at 0.90: mean 0.85, population std 0.05
-    assert row["accuracy_mean"] == pytest.approx(0.85)
-    assert row["accuracy_std"] == pytest.approx(0.05)
-    assert row["test_accuracy_mean"] == pytest.approx((0.78 + 0.86) / 2)
-    assert row["test_accuracy_std"] == pytest.approx(0.04)
-    assert np.isnan(row["vanishing_index_mean"])
-    assert (row["seeds"], row["epochs"], row["depth"]) == (2, 5, 1)
-    remedy = table.loc[REMEDY]
-    assert (remedy["activation"], remedy["loss"], remedy["init"], remedy["norm"]) == (
-        "relu",
-        "cross_entropy",
-        "he_normal",
-        "none",
-    )
-
-
-def test_summary_table_prefers_metrics_json():
-    variants = {D2: Variant(depth=2)}
-    metrics = {D2: {"accuracy": 0.5, "accuracy_std": 0.01, "vanishing_index": 0.03, "vanishing_index_std": 0.002}}
-    row = figures.summary_table({D2: make_history(2)}, variants, metrics).iloc[0]
-    assert (row["accuracy_mean"], row["accuracy_std"]) == (0.5, 0.01)
-    assert (row["vanishing_index_mean"], row["vanishing_index_std"]) == (0.03, 0.002)
-    assert row["test_accuracy_mean"] == pytest.approx(0.81)  # not in metrics: from the history
-
-
-def test_summary_table_without_test_columns():
-    row = figures.summary_table({D1: make_history(1, test=False)}, {D1: Variant(depth=1)}).iloc[0]
-    assert np.isnan(row["test_accuracy_mean"])
-
-
-def test_format_mean_std():
-    assert figures.format_mean_std(0.85, 0.05) == "0.8500 ± 0.0500"
-    assert figures.format_mean_std(0.03, float("nan"), ".3g") == "0.03"
-    assert figures.format_mean_std(float("nan"), 0.1) == "n/a"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.outputs import staged_dir, staged_file
+from pipeline.outputs import staged_dir, write_text_atomic
 
 
 def test_staged_dir_replaces_on_success(tmp_path: Path) -> None:
@@ -41,13 +41,17 @@ def test_staged_dir_new_target_and_interrupt(tmp_path: Path) -> None:
     assert list((tmp_path / "a").iterdir()) == []
 
 
-def test_staged_file(tmp_path: Path) -> None:
-    out = tmp_path / "f.bin"
-    with staged_file(out) as tmp:
-        tmp.write_bytes(b"123")
-    assert out.read_bytes() == b"123"
-    with pytest.raises(OSError), staged_file(out) as tmp:
-        tmp.write_bytes(b"partial")
-        raise OSError("disk full")
-    assert out.read_bytes() == b"123"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+def test_write_text_atomic_replaces_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "metrics.json"
+    write_text_atomic(out, "old")
+    write_text_atomic(out, "new")
+    assert out.read_text() == "new"
+
+    def full_disk(self: Path, target: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_text_atomic(out, "half")
+    assert out.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no scratch file left

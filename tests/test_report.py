@@ -6,13 +6,14 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline import report
-from pipeline.params import ReportParams, TrackingParams, Variant
-from tests.synthetic_results import DEFAULT_VARIANTS, write_results, write_variant
+from pipeline.params import Variant
+from tests.synthetic_results import DEFAULT_VARIANTS, histories, make_history, name_of, write_results, write_variant
 
-D1, D2, REMEDY = (v.label for v in DEFAULT_VARIANTS)
+D1, D2, REMEDY = (name_of(v) for v in DEFAULT_VARIANTS)
 PARAMS = """\
 train: {epochs: 5}
 grid: {depth: [1, 2]}
@@ -42,13 +43,13 @@ def test_load_results_reads_every_variant_in_study_order(tmp_path):
 
     loaded = report.load_results(results)
 
-    assert [r.label for r in loaded] == [D1, D2, "depth-1-relu", REMEDY]
+    assert [r.name for r in loaded] == [D1, D2, name_of(Variant(depth=1, activation="relu")), REMEDY]
     first = loaded[0]
     assert first.classic and not loaded[2].classic
     assert first.seeds == [0, 1]
     assert first.epochs == 5
     assert first.metrics["accuracy"] == pytest.approx(0.85)
-    assert first.run_ids == {"0": "rundepth1s0", "1": "rundepth1s1"}
+    assert first.run_ids == {"0": f"run{D1.replace('-', '')}s0", "1": f"run{D1.replace('-', '')}s1"}
     assert list(first.history.columns[:4]) == ["seed", "epoch", "loss", "accuracy"]
 
 
@@ -56,8 +57,8 @@ def test_load_results_keeps_only_the_study(tmp_path):
     results = write_results(tmp_path / "results")
     write_variant(results, Variant(depth=3))  # trained once, since removed from params
     loaded = report.load_results(results, list(DEFAULT_VARIANTS))
-    assert [r.label for r in loaded] == [D1, D2, REMEDY]
-    with pytest.raises(report.ReportError, match="no results for depth-5"):
+    assert [r.name for r in loaded] == [D1, D2, REMEDY]
+    with pytest.raises(report.ReportError, match="no results for depth=5"):
         report.load_results(results, [*DEFAULT_VARIANTS, Variant(depth=5)])
 
 
@@ -85,7 +86,7 @@ def test_load_results_rejects_duplicate_variants_and_missing_columns(tmp_path):
     copy.mkdir()
     for name in report.REQUIRED_FILES:
         (copy / name).write_bytes((folder / name).read_bytes())
-    with pytest.raises(report.ReportError, match="both hold variant depth-1"):
+    with pytest.raises(report.ReportError, match="both hold variant depth=1"):
         report.load_results(results)
     (copy / "history.csv").write_text("epoch,loss\n1,0.3\n")
     with pytest.raises(report.ReportError, match="missing column"):
@@ -95,7 +96,7 @@ def test_load_results_rejects_duplicate_variants_and_missing_columns(tmp_path):
 def test_remedy_groups_put_the_classic_variant_first(tmp_path):
     loaded = report.load_results(write_results(tmp_path / "results"))
     groups = report.remedy_groups(loaded)
-    assert {depth: [r.label for r in group] for depth, group in groups.items()} == {2: [D2, REMEDY]}
+    assert {depth: [r.name for r in group] for depth, group in groups.items()} == {2: [D2, REMEDY]}
 
 
 def test_run_links():
@@ -106,17 +107,20 @@ def test_run_links():
 
 
 # ------------------------------------------------------------------ building pages
-def test_build_report_without_gradient_or_test_columns_skips_those_figures(tmp_path):
-    results = tmp_path / "results"
-    for variant in (Variant(depth=1), Variant(depth=2)):
-        write_variant(results, variant, grads=False, test=False)
-    out = tmp_path / "out"
-    out.mkdir()
-    report.build_report(report.load_results(results), ReportParams(dpi=30), TrackingParams(), "sqlite:///x", out)
-    files = sorted(p.name for p in out.iterdir())
-    assert "index.html" in files and "summary.md" in files
-    assert "classic-depth-2.png" in files and "bands-depth-1.png" in files
-    assert not [f for f in files if f.startswith(("gradients-", "test_vs_train", "remedies-"))]
+def test_report_reads_what_summarize_writes(tmp_path):
+    """The metrics.json contract: the summary table takes every value the summarize stage writes
+    (not a recomputation from the history), and a null (a diverged seed) shows as n/a."""
+    folder = write_variant(tmp_path / "results", Variant(depth=2))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics.update(accuracy=0.5, accuracy_std=0.01, test_accuracy=None, test_accuracy_std=None)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (loaded,) = report.load_results(tmp_path / "results")
+    row = report.summary_table({loaded.name: loaded.history}, {loaded.name: loaded.variant}, {loaded.name: metrics})
+    row = row.iloc[0]
+    assert (row["accuracy_mean"], row["accuracy_std"]) == (0.5, 0.01)
+    assert np.isnan(row["test_accuracy_mean"])
+    assert row["vanishing_index_mean"] == pytest.approx(metrics["vanishing_index"])
+    assert report.format_mean_std(row["test_accuracy_mean"], row["test_accuracy_std"]) == "n/a"
 
 
 # ---------------------------------------------------------------------- end to end
@@ -156,7 +160,7 @@ def test_index_html_is_self_contained_and_shows_computed_numbers(e2e):
     # Only the MLflow run links point outside the page.
     external = re.findall(r'(?:src|href)\s*=\s*["\']?(https?://[^"\' >]+)', page)
     assert external and all(re.match(r"http://127\.0\.0\.1:5000/#/experiments/7/runs/\w+$", u) for u in external)
-    assert "http://127.0.0.1:5000/#/experiments/7/runs/rundepth1s0" in page
+    assert f"http://127.0.0.1:5000/#/experiments/7/runs/run{D1.replace('-', '')}s0" in page
     assert "make ui" in page
     assert not re.search(r"<(script|link|iframe)\b", page)
     order = [page.index(heading) for heading in ("Setup", "classic picture", "replicates", "Gradients", "Remedies")]
@@ -185,7 +189,7 @@ def test_main_logs_a_finished_report_run(e2e):
 
 
 # ------------------------------------------------------------------ failure paths
-def test_empty_results_exit_1_and_write_nothing(tmp_path, monkeypatch, capsys):
+def test_empty_results_exit_1_and_write_nothing(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     (tmp_path / "results").mkdir()
@@ -193,8 +197,8 @@ def test_empty_results_exit_1_and_write_nothing(tmp_path, monkeypatch, capsys):
     assert code == 1
     assert not (tmp_path / "reports").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "results"]  # no store, no temp folder
-    err = capsys.readouterr().err
-    assert err.count("error") == 1 and "no variant results" in err
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "no variant results" in errors[0].getMessage()
 
 
 def test_failure_leaves_an_existing_report_untouched(tmp_path, monkeypatch):
@@ -207,20 +211,57 @@ def test_failure_leaves_an_existing_report_untouched(tmp_path, monkeypatch):
     assert (tmp_path / "reports" / "index.html").read_text() == "previous"
 
 
-def test_preflight_runs_before_reading_results(tmp_path, monkeypatch, capsys):
+def test_preflight_runs_before_reading_results(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/no/such/folder/mlflow.db")
     write_results(tmp_path / "results")
     code = report.main(["--params", str(write_params(tmp_path)), "--results", "results", "--out", "reports"])
     assert code == 1
     assert not (tmp_path / "reports").exists()
-    assert "not writable" in capsys.readouterr().err
+    assert "not writable" in caplog.text
 
 
-def test_bad_params_exit_1(tmp_path, monkeypatch, capsys):
+def test_bad_params_exit_1(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text("tracking: {experiment: x}\nreport: {dpi: 5}\ngrid: {depth: [1]}\nremedies: {}\n")
     assert report.main(["--params", str(params), "--results", "results", "--out", "reports"]) == 1
-    assert "report.dpi" in capsys.readouterr().err
+    assert "report.dpi" in caplog.text
     assert not (tmp_path / "reports").exists()
+
+
+# -------------------------------------------------------------------------- table
+def test_summary_table_from_histories_hand_computed():
+    variants = {name_of(v): v for v in DEFAULT_VARIANTS}
+    table = report.summary_table(histories(), variants).set_index("variant")
+    assert list(table.index) == [D1, D2, REMEDY]
+    row = table.loc[D1]
+    # seed 0 ends at 0.80, seed 1 at 0.90: mean 0.85, population std 0.05
+    assert row["accuracy_mean"] == pytest.approx(0.85)
+    assert row["accuracy_std"] == pytest.approx(0.05)
+    assert row["test_accuracy_mean"] == pytest.approx((0.78 + 0.86) / 2)
+    assert row["test_accuracy_std"] == pytest.approx(0.04)
+    assert np.isnan(row["vanishing_index_mean"])
+    assert (row["seeds"], row["epochs"], row["depth"]) == (2, 5, 1)
+    remedy = table.loc[REMEDY]
+    assert (remedy["activation"], remedy["loss"], remedy["init"], remedy["norm"]) == (
+        "relu",
+        "cross_entropy",
+        "he_normal",
+        "none",
+    )
+
+
+def test_summary_table_prefers_metrics_json():
+    variants = {D2: Variant(depth=2)}
+    metrics = {D2: {"accuracy": 0.5, "accuracy_std": 0.01, "vanishing_index": 0.03, "vanishing_index_std": 0.002}}
+    row = report.summary_table({D2: make_history(2)}, variants, metrics).iloc[0]
+    assert (row["accuracy_mean"], row["accuracy_std"]) == (0.5, 0.01)
+    assert (row["vanishing_index_mean"], row["vanishing_index_std"]) == (0.03, 0.002)
+    assert row["test_accuracy_mean"] == pytest.approx(0.81)  # not in metrics: from the history
+
+
+def test_format_mean_std():
+    assert report.format_mean_std(0.85, 0.05) == "0.8500 ± 0.0500"
+    assert report.format_mean_std(0.03, float("nan"), ".3g") == "0.03"
+    assert report.format_mean_std(float("nan"), 0.1) == "n/a"

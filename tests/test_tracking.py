@@ -322,3 +322,69 @@ def test_concurrent_writers_share_a_new_sqlite_store(tmp_path: Path) -> None:
     assert runs == [("FINISHED", 8)]
     assert metrics == 8 * 15 * 20
     assert experiments == 1
+
+
+def test_run_set_that_cannot_mark_its_runs_fails_loudly() -> None:
+    class Unreachable(FakeClient):
+        def set_terminated(self, run_id: str, status: str) -> None:
+            if run_id == "id-a":
+                raise ConnectionError("store went away")
+            super().set_terminated(run_id, status)
+
+    client = Unreachable()
+    with (
+        pytest.raises(tracking.TrackingError, match=r"id-a as FINISHED; they stay RUNNING"),
+        tracking.run_set(client, "1", ["a", "b"], {}),
+    ):
+        pass
+    assert client.ended == {"id-b": "FINISHED"}  # the others were still marked
+
+
+# ------------------------------------------------------------------------- lineage
+def _project(tmp_path: Path, params: str) -> tuple[Path, Path]:
+    code = tmp_path / "pipeline"
+    code.mkdir(exist_ok=True)
+    (code / "train.py").write_text("EPOCHS = 1\n")
+    (tmp_path / "params.yaml").write_text(params)
+    return code, tmp_path / "params.yaml"
+
+
+def test_study_digest_is_code_and_parsed_params(tmp_path: Path) -> None:
+    code, params = _project(tmp_path, "train: {epochs: 3}\n")
+    base = tracking.study_digest(code, params)
+    params.write_text("# a comment\ntrain:\n  epochs: 3   # same study\n")
+    assert tracking.study_digest(code, params) == base  # layout and comments are not the study
+    (tmp_path / "results.csv").write_text("rewritten by a stage")  # outputs are not the study either
+    assert tracking.study_digest(code, params) == base
+    params.write_text("train: {epochs: 4}\n")
+    assert tracking.study_digest(code, params) != base
+    params.write_text("train: {epochs: 3}\n")
+    (code / "train.py").write_text("EPOCHS = 2\n")
+    assert tracking.study_digest(code, params) != base
+
+
+def test_execution_id_is_shared_by_the_children_of_one_parent() -> None:
+    child = [sys.executable, "-c", "from pipeline import tracking; print(tracking.execution_id())"]
+    env = {k: v for k, v in os.environ.items() if k != tracking.EXECUTION_ENV}
+    twice = "import subprocess, sys; [subprocess.run(sys.argv[1:], check=True) for _ in range(2)]"
+    first = subprocess.run([sys.executable, "-c", twice, *child], capture_output=True, text=True, env=env, cwd=ROOT)
+    second = subprocess.run([sys.executable, "-c", twice, *child], capture_output=True, text=True, env=env, cwd=ROOT)
+    a, b = first.stdout.split(), second.stdout.split()
+    assert len(a) == 2 and a[0] == a[1]  # two stages of one `dvc repro`
+    assert b[0] == b[1] and b[0] != a[0]  # another `dvc repro`: another execution
+    assert tracking.execution_id() != a[0]
+    pinned = subprocess.run(child, capture_output=True, text=True, env=env | {"PIPELINE_EXECUTION": "x1"}, cwd=ROOT)
+    assert pinned.stdout.strip() == "x1"
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("http://alice:s3cret@mlflow.example.org:5000/", "http://alice:***@mlflow.example.org:5000/"),
+        ("postgresql+psycopg2://bob:pw@db/mlflow", "postgresql+psycopg2://bob:***@db/mlflow"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("sqlite:////work/mlflow.db", "sqlite:////work/mlflow.db"),
+    ],
+)
+def test_redact_hides_passwords(uri: str, shown: str) -> None:
+    assert tracking.redact(uri) == shown

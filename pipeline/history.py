@@ -1,0 +1,158 @@
+"""The per-epoch history of one variant: its columns, and the statistics drawn from it.
+
+A history is the train stage's ``history.csv``: one row per (seed, epoch) with the
+columns of :data:`SCALARS` and, per hidden layer i, ``<kind>/hidden_<i>`` for every kind
+in :data:`LAYER_KINDS`. This module is the one place that knows that layout: column
+names, statistics over seeds, layer-to-layer ratios, final values and the summary that
+becomes ``metrics.json``. Pure pandas/NumPy; nothing here reads or writes files.
+
+Spread over seeds is the population standard deviation (``ddof=0``): the seeds are the
+whole set of replicates trained, not a sample to generalise from, and one seed gives 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+SCALARS = ("accuracy", "loss", "test_accuracy", "test_loss")
+WEIGHT_CHANGE, GRAD, GRAD_BIAS = "weight_change", "grad", "grad_bias"
+LAYER_KINDS = (WEIGHT_CHANGE, GRAD, GRAD_BIAS)
+# Nielsen's "speed of learning" of a layer, used for ratios and the vanishing index.
+SPEED = GRAD_BIAS
+_LAYER_COLUMN = re.compile(r"^(?P<kind>[a-z_]+)/hidden_(?P<layer>\d+)$")
+
+
+def layer_column(kind: str, layer: int) -> str:
+    """``grad`` and 2 -> ``grad/hidden_2`` (layer 1 is next to the input)."""
+    return f"{kind}/hidden_{layer}"
+
+
+def parse_layer_column(column: str) -> tuple[str, int] | None:
+    """``grad/hidden_2`` -> (``grad``, 2); None for any other column."""
+    m = _LAYER_COLUMN.match(str(column))
+    return (m["kind"], int(m["layer"])) if m else None
+
+
+def layer_columns(history: pd.DataFrame, kind: str) -> list[str]:
+    """Columns ``<kind>/hidden_<i>`` of ``history`` in layer order."""
+    found = [(p[1], c) for c in history.columns if (p := parse_layer_column(c)) and p[0] == kind]
+    return [c for _, c in sorted(found)]
+
+
+def layer_name(column: str) -> str:
+    """``grad/hidden_2`` -> ``hidden_2``."""
+    return column.split("/", 1)[-1]
+
+
+def depth_of(history: pd.DataFrame) -> int:
+    """Number of hidden layers a history describes."""
+    return len(layer_columns(history, WEIGHT_CHANGE))
+
+
+def seed_stats(history: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per epoch (index): ``mean``, ``std`` (ddof=0), ``min``, ``max`` and ``count`` of ``column`` over seeds."""
+    grouped = history.groupby("epoch")[column]
+    stats = grouped.agg(["mean", "min", "max", "count"])
+    stats["std"] = grouped.std(ddof=0).fillna(0.0)
+    return stats.sort_index()
+
+
+def mean_curves(history: pd.DataFrame) -> pd.DataFrame:
+    """Per-epoch mean over seeds of every measured column: one row per epoch, ``epoch`` first."""
+    values = [c for c in history.columns if c not in ("seed", "epoch")]
+    means = history.groupby("epoch", sort=True)[values].mean().reset_index()
+    means["epoch"] = means["epoch"].astype(int)
+    return means
+
+
+def with_ratio(history: pd.DataFrame, numerator: str, denominator: str, name: str) -> pd.DataFrame:
+    """``history`` plus column ``name`` = numerator / denominator per row (per seed and epoch; 0 -> NaN)."""
+    denom = history[denominator].where(history[denominator] != 0)
+    return history.assign(**{name: history[numerator] / denom})
+
+
+def layer_ratios(history: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Seed stats of each adjacent pair's speed ratio (earlier / next), keyed ``hidden_1 / hidden_2``."""
+    out = {}
+    for earlier, later in itertools.pairwise(layer_columns(history, SPEED)):
+        name = f"{layer_name(earlier)} / {layer_name(later)}"
+        out[name] = seed_stats(with_ratio(history, earlier, later, name), name)
+    return out
+
+
+def first_to_last(history: pd.DataFrame) -> pd.DataFrame:
+    """Seed stats of the first / last hidden layer's speed ratio (all 1 for one layer)."""
+    columns = layer_columns(history, SPEED)
+    return seed_stats(with_ratio(history, columns[0], columns[-1], "first/last"), "first/last")
+
+
+def one_seed(history: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the lowest seed, ordered by epoch."""
+    return history[history["seed"] == history["seed"].min()].sort_values("epoch")
+
+
+def final_rows(history: pd.DataFrame) -> pd.DataFrame:
+    """Each seed's last-epoch row."""
+    return history.sort_values("epoch").groupby("seed").tail(1)
+
+
+def final_values(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Long table of per-seed final values: ``variant, depth, seed, accuracy, test_accuracy``."""
+    frames = [
+        final_rows(h)[["seed", "accuracy", "test_accuracy"]].assign(variant=name, depth=depth_of(h))
+        for name, h in histories.items()
+    ]
+    columns = ["variant", "depth", "seed", "accuracy", "test_accuracy"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def vanishing_index(first_speed: Sequence[float], last_speed: Sequence[float], window: int) -> tuple[float, int]:
+    """Mean over the first ``window`` epochs of (first hidden layer's speed / last hidden layer's speed),
+    and how many of those epochs were skipped because the last layer's speed was zero.
+
+    1 means both ends learn equally fast; 0.01 means the first layer learns 100× slower.
+    NaN when every epoch of the window was skipped.
+    """
+    first = np.asarray(first_speed, np.float64)[:window]
+    last = np.asarray(last_speed, np.float64)[:window]
+    ok = last != 0
+    skipped = int((~ok).sum())
+    return (float(np.mean(first[ok] / last[ok])) if ok.any() else math.nan), skipped
+
+
+def summarize(history: pd.DataFrame, index_window: int) -> dict[str, float | int | None]:
+    """``metrics.json`` of one variant: final-epoch values and the vanishing index, mean and std over seeds.
+
+    Non-finite values are written as ``null`` (JSON has no NaN) rather than dropped, and a
+    seed's NaN is never averaged away.
+    """
+    last = final_rows(history)
+    out: dict[str, float | int | None] = {}
+    for key in SCALARS:
+        # skipna=False: a seed that diverged (NaN) makes the mean NaN, it is not left out.
+        out[key] = _finite(last[key].mean(skipna=False))
+        out[f"{key}_std"] = _finite(last[key].std(ddof=0, skipna=False))
+    first, final = layer_column(SPEED, 1), layer_column(SPEED, depth_of(history))
+    indices, skipped = [], 0
+    for _, rows in history.sort_values("epoch").groupby("seed"):
+        index, skip = vanishing_index(rows[first], rows[final], index_window)
+        indices.append(index)
+        skipped += skip
+    out["vanishing_index"] = _finite(np.mean(indices))
+    out["vanishing_index_std"] = _finite(np.std(indices))
+    # Epochs (summed over seeds) left out of the index because the last layer's speed was 0.
+    out["vanishing_index_skipped_epochs"] = skipped
+    out["epochs"] = int(history["epoch"].max())
+    out["replicates"] = int(history["seed"].nunique())
+    return out
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
