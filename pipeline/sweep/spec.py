@@ -1,0 +1,181 @@
+"""Pure parts of a sweep: ``-S`` expansion, experiment names, argument checks, the comparison table.
+
+``-S`` arguments expand exactly as ``dvc exp run --queue -S ...`` expands them: DVC's own
+helpers (Hydra's override grammar) turn comma lists into the cartesian product and keep
+bracketed values such as ``train.seeds=[0],[1]`` (two experiments) or ``train.seeds=[0,1]``
+(one) intact.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+DEFAULT_METRICS = ("accuracy", "test_accuracy", "vanishing_index")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
+
+
+class SweepError(RuntimeError):
+    """Bad input or an unusable setup, found before anything was submitted; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One combination: its DVC experiment name and its ``-S`` arguments (``file:key=value``)."""
+
+    name: str
+    set_params: tuple[str, ...]
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        """``{"train.learning_rate": "0.1", ...}`` (the params file is named only when not params.yaml)."""
+        out = {}
+        for arg in self.set_params:
+            path, _, override = arg.partition(":")
+            key, _, value = override.partition("=")
+            out[key if path == "params.yaml" else f"{path}:{key}"] = value
+        return out
+
+
+def expand(set_params: Sequence[str]) -> list[tuple[str, ...]]:
+    """The combinations of ``-S`` arguments, as ``dvc exp run --queue`` makes them: one tuple of
+    ``file:key=value`` arguments per experiment. ``[]`` gives one experiment with no change."""
+    from dvc.exceptions import DvcException
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import get_hydra_sweeps
+    from hydra.errors import HydraException
+
+    for arg in set_params:
+        if "=" not in arg:
+            raise SweepError(f"-S {arg!r}: expected key=value (for example -S 'train.learning_rate=0.1,0.5').")
+    if not set_params:
+        return [()]
+    try:
+        sweeps = get_hydra_sweeps(to_path_overrides(list(set_params)))
+    except (DvcException, HydraException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SweepError(f"-S {' -S '.join(set_params)}: {first}") from None
+    return [tuple(f"{path}:{o}" for path, overrides in sweep.items() for o in overrides) for sweep in sweeps]
+
+
+def check_name(prefix: str) -> str:
+    """A sweep name usable in git refs, DVC experiment names and MLflow tags."""
+    if not _NAME.match(prefix):
+        raise SweepError(
+            f"--name {prefix!r}: use 1-41 lowercase letters, digits and dashes, starting with a letter or digit."
+        )
+    return prefix
+
+
+def plan(sweep_id: str, set_params: Sequence[str], max_experiments: int = 10_000) -> list[Experiment]:
+    """One :class:`Experiment` per combination, named ``<sweep_id>-<k>`` (k from 1, zero-padded)."""
+    combos = expand(set_params)
+    if len(combos) > max_experiments:
+        raise SweepError(
+            f"{len(combos)} experiments exceed --max-experiments {max_experiments}; raise it if you mean it."
+        )
+    width = len(str(len(combos)))
+    return [Experiment(f"{sweep_id}-{k:0{width}d}", combo) for k, combo in enumerate(combos, 1)]
+
+
+def check_jobs(jobs: int | None, cores: int) -> int:
+    """Local Ray's CPU count: ``jobs`` capped by the machine's cores (``None``: all cores)."""
+    if jobs is None:
+        return max(cores, 1)
+    if jobs < 1:
+        raise SweepError(f"JOBS={jobs}: give a positive number of experiments to run at once (or leave it empty).")
+    return min(jobs, max(cores, 1))
+
+
+def check_tracking(uri: str, remote_workers: bool) -> None:
+    """Workers on other machines need a tracking server: a SQLite file (or a file store) lives on this one."""
+    if remote_workers and not uri.startswith(("http://", "https://")):
+        raise SweepError(
+            f"MLFLOW_TRACKING_URI={uri} is a store on this machine, which the cluster's workers cannot write to. "
+            "Start a tracking server they can reach (make server HOST=<address>, or your team's) and set "
+            "MLFLOW_TRACKING_URI=http://<host>:<port>."
+        )
+
+
+def variant_metrics(metrics_show: Mapping[str, object]) -> dict[str, dict[str, float]]:
+    """``{variant: {metric: value}}`` from ``dvc metrics show --json`` of one revision: the variant is
+    the folder of each ``.../<variant>/metrics.json``; non-numeric values are dropped."""
+    out: dict[str, dict[str, float]] = {}
+    for rev in metrics_show.values():
+        files = (rev or {}).get("data", {}) if isinstance(rev, Mapping) else {}
+        for path, entry in files.items():
+            data = entry.get("data") if isinstance(entry, Mapping) else None
+            if not isinstance(data, Mapping):
+                continue
+            parts = path.replace("\\", "/").split("/")
+            variant = parts[-2] if len(parts) >= 2 else parts[-1]
+            numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            if numbers:
+                out[variant] = numbers
+    return out
+
+
+def headline(metrics: Mapping[str, Mapping[str, float]], key: str = "accuracy") -> str:
+    """A short summary of one metric over the variants: ``accuracy 0.912`` or ``accuracy 0.35-0.98 (7 variants)``."""
+    values = [m[key] for m in metrics.values() if key in m and math.isfinite(m[key])]
+    if not values:
+        return f"no {key}"
+    if len(values) == 1:
+        return f"{key} {values[0]:.4g}"
+    return f"{key} {min(values):.3g}-{max(values):.3g} ({len(values)} variants)"
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def comparison_table(
+    experiments: Sequence[Experiment],
+    metrics: Mapping[str, Mapping[str, Mapping[str, float]]],
+    failed: Sequence[str] = (),
+    keys: Sequence[str] = DEFAULT_METRICS,
+) -> str:
+    """A Markdown table: one row per experiment and variant, with the changed params and ``keys``.
+
+    ``metrics``: ``{experiment name: {variant: {metric: value}}}``; a failed experiment gets
+    one row marked ``failed``. Params that are the same in every experiment are left out
+    (the table says so below it), unless there is a single experiment.
+    """
+    params: list[str] = []
+    for exp in experiments:
+        params += [k for k in exp.overrides if k not in params]
+    constant = {
+        k: experiments[0].overrides.get(k)
+        for k in params
+        if len(experiments) > 1 and len({e.overrides.get(k) for e in experiments}) == 1
+    }
+    changed = [k for k in params if k not in constant]
+    shown = [k for k in keys if any(k in m for exp in metrics.values() for m in exp.values())]
+    header = ["experiment", *changed, "variant", *shown]
+    rows = []
+    for exp in experiments:
+        values = [exp.overrides.get(k, "") for k in changed]
+        if exp.name in failed or exp.name not in metrics:
+            rows.append([exp.name, *values, "failed" if exp.name in failed else "no metrics", *[""] * len(shown)])
+            continue
+        for variant, numbers in sorted(metrics[exp.name].items()):
+            rows.append([exp.name, *values, variant, *[_number(numbers.get(k)) for k in shown]])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if constant:
+        lines.append("Same in every experiment: " + ", ".join(f"{k}={v}" for k, v in constant.items()))
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"

@@ -1,0 +1,188 @@
+"""The workspace side of a sweep: its code as one commit the workers can fetch, its git and DVC remotes.
+
+Uncommitted changes travel the way ``dvc exp run --queue`` takes them: the whole working
+tree (tracked changes, deletions and untracked files that git does not ignore) becomes a
+commit on top of ``HEAD``, built in a temporary index so that the user's index and files
+stay untouched, and kept on the ref ``refs/sweeps/<id>`` for the workers to fetch. A
+worker checks out ``HEAD`` and applies that commit's tree, so each experiment's baseline
+is ``HEAD`` and ``dvc exp show`` lists it there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.sweep.spec import SweepError
+
+log = logging.getLogger(__name__)
+
+SWEEP_REFS = "refs/sweeps"
+FALLBACK_IDENTITY = ("vanishing-gradient sweep", "sweep@localhost")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The sweep's code: the baseline commit, the commit with the working tree, and the ref that holds it."""
+
+    base: str
+    commit: str
+    ref: str
+
+    @property
+    def changed(self) -> bool:
+        """Whether the working tree differed from ``HEAD``."""
+        return self.commit != self.base
+
+
+def git(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    """Run git; its stdout, or :class:`SweepError` with its stderr."""
+    full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", **(env or {})}
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise SweepError(f"git {' '.join(args)} did not finish within {timeout:g} s (in {cwd}).") from None
+    if done.returncode != 0:
+        raise SweepError(f"git {' '.join(args)} failed in {cwd}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip()
+
+
+def workspace_root(cwd: Path) -> Path:
+    """The git work tree containing ``cwd``; it must have a commit and a DVC project."""
+    try:
+        root = Path(git(["rev-parse", "--show-toplevel"], cwd))
+    except SweepError:
+        raise SweepError(f"{cwd} is not inside a git repository: a sweep runs DVC experiments of one.") from None
+    try:
+        git(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], root)
+    except SweepError:
+        raise SweepError(f"{root} has no commit yet: commit the project first (git add -A && git commit).") from None
+    if not (root / ".dvc").is_dir():
+        raise SweepError(f"{root} is not a DVC project (no .dvc folder): run dvc init, or make repro once.")
+    return root
+
+
+def identity(root: Path) -> dict[str, str]:
+    """``GIT_AUTHOR_*`` and ``GIT_COMMITTER_*`` for the sweep's commits: the workspace's user, else a fallback."""
+
+    def config(key: str) -> str:
+        try:
+            return git(["config", key], root)
+        except SweepError:
+            return ""
+
+    name = config("user.name") or FALLBACK_IDENTITY[0]
+    email = config("user.email") or FALLBACK_IDENTITY[1]
+    return {
+        "GIT_AUTHOR_NAME": name,
+        "GIT_AUTHOR_EMAIL": email,
+        "GIT_COMMITTER_NAME": name,
+        "GIT_COMMITTER_EMAIL": email,
+    }
+
+
+def snapshot(root: Path, sweep_id: str) -> Snapshot:
+    """Record the working tree as a commit on ``HEAD`` under ``refs/sweeps/<sweep_id>``."""
+    base = git(["rev-parse", "HEAD^{commit}"], root)
+    git_dir = Path(git(["rev-parse", "--absolute-git-dir"], root))
+    with tempfile.TemporaryDirectory(prefix="sweep-index-") as tmp:
+        index = Path(tmp) / "index"
+        if (git_dir / "index").is_file():
+            shutil.copy2(git_dir / "index", index)  # keeps git's stat cache: add -A stays fast
+        env = {"GIT_INDEX_FILE": str(index)}
+        git(["add", "-A", "."], root, env=env, timeout=600)
+        tree = git(["write-tree"], root, env=env)
+    commit = base
+    if tree != git(["rev-parse", f"{base}^{{tree}}"], root):
+        message = f"sweep {sweep_id}: uncommitted changes of the workspace"
+        commit = git(["commit-tree", tree, "-p", base, "-m", message], root, env=identity(root))
+    ref = f"{SWEEP_REFS}/{sweep_id}"
+    git(["update-ref", ref, commit], root)
+    return Snapshot(base, commit, ref)
+
+
+def delete_ref(root: Path, ref: str, remote: str | None = None) -> None:
+    """Remove the sweep's ref here (and on ``remote``); failures are only logged."""
+    commands = [["update-ref", "-d", ref]]
+    if remote:
+        commands.append(["push", "--quiet", remote, f":{ref}"])
+    for args in commands:
+        try:
+            git(args, root, timeout=60)
+        except SweepError as exc:
+            log.warning("could not remove %s: %s", ref, exc)
+
+
+def remote_url(root: Path, remote: str = "origin") -> str:
+    """The fetch URL of a git remote, a local path made absolute (workers do not share the cwd)."""
+    try:
+        url = git(["remote", "get-url", remote], root)
+    except SweepError:
+        raise SweepError(
+            f"The workspace has no git remote '{remote}', which a cluster's workers fetch the code from: "
+            f"git remote add {remote} <url>, then git push."
+        ) from None
+    if "://" not in url and not _scp_like(url):
+        path = Path(url).expanduser()
+        url = str(path if path.is_absolute() else (root / path).resolve())
+    return url
+
+
+def _scp_like(url: str) -> bool:
+    """``user@host:path`` (git's scp-like syntax), as opposed to a local path."""
+    head = url.split("/", 1)[0]
+    return ":" in head and not (len(head) == 2 and head[1] == ":")
+
+
+def check_on_remote(root: Path, remote: str, commit: str) -> None:
+    """``commit`` must be on ``remote`` (a ref there points at it or at a descendant we know of)."""
+    listing = git(["ls-remote", remote], root, timeout=60)
+    shas = {line.split()[0] for line in listing.splitlines() if line.strip()}
+    if commit in shas:
+        return
+    for sha in shas:
+        known = subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=root, capture_output=True).returncode
+        if known == 0 and subprocess.run(["git", "merge-base", "--is-ancestor", commit, sha], cwd=root).returncode == 0:
+            return
+    raise SweepError(
+        f"Commit {commit[:12]} (HEAD) is not on the git remote '{remote}', so the cluster's workers cannot check it "
+        f"out: git push {remote} HEAD, then run the sweep again. (Uncommitted changes are sent for you.)"
+    )
+
+
+def push_ref(root: Path, remote: str, ref: str) -> None:
+    """Push the sweep's ref (the snapshot commit) to ``remote``."""
+    try:
+        git(["push", "--quiet", "--force", remote, f"{ref}:{ref}"], root, timeout=300)
+    except SweepError as exc:
+        raise SweepError(f"Could not send the workspace's changes to '{remote}' ({ref}): {exc}") from None
+
+
+def dvc_remote(root: Path) -> tuple[str, str]:
+    """The default DVC remote's name and URL, a local path absolute (DVC resolves it against ``.dvc/``)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        name = repo.config["core"].get("remote")
+        remotes = repo.config.get("remote", {})
+    if not name or name not in remotes:
+        raise SweepError(
+            "The workspace has no default DVC remote, where each experiment's outputs go: "
+            "dvc remote add -d storage <path or URL>."
+        )
+    return name, str(remotes[name]["url"])
+
+
+def dvc_cache_dir(root: Path) -> str:
+    """The workspace's DVC cache folder."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return str(repo.cache.local.path)
