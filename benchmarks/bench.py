@@ -50,7 +50,7 @@ def worker(side: str, args: argparse.Namespace) -> None:
     from pipeline.engine import StackedTrainer
     from pipeline.model import build_model, unstack
     from pipeline.params import Variant
-    from pipeline.train import configure_backend
+    from pipeline.engine import configure_backend
 
     if side == "project":
         configure_backend()

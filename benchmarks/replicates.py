@@ -46,7 +46,7 @@ def main() -> int:
     from pipeline.engine import StackedTrainer
     from pipeline.model import build_model
     from pipeline.params import Variant
-    from pipeline.train import configure_backend
+    from pipeline.engine import configure_backend
 
     backend = configure_backend()
     x, y, x_test, y_test = load(args.data)

@@ -2,7 +2,7 @@
 
 On a terminal the trainer redraws one live line (carriage return, erase line) and ends
 it with a single newline; there is no per-batch output. Elsewhere (CI logs, ``dvc
-repro`` piped to a file) it prints one line every ``log_every`` epochs, plus the first
+repro`` piped to a file) it prints one line every ``--log-every`` epochs, plus the first
 and the last.
 """
 
@@ -92,10 +92,10 @@ def small_study(tmp_path: Path, epochs: int, log_every: int) -> tuple[list[str],
             data / f"{split}.npz", x=rng.random((n, 784), dtype=np.float32), y=np.eye(10, dtype=np.float32)[labels]
         )
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["train"].update(epochs=epochs, seeds=[0, 1], probe_size=50, index_window=2, log_every=log_every)
+    params["train"].update(epochs=epochs, seeds=[0, 1], probe_size=50)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     cmd = [sys.executable, "-m", "pipeline.train", "--params", str(tmp_path / "params.yaml")]
-    cmd += ["--data", str(data), "--out", str(tmp_path / "out"), "--depth", "2"]
+    cmd += ["--data", str(data), "--out", str(tmp_path / "out"), "--depth", "2", "--log-every", str(log_every)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env |= {
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",

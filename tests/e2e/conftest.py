@@ -49,7 +49,8 @@ def small_profile(params: dict[str, Any], data: Path, md5: dict[str, str]) -> di
     params["fetch"]["mirrors"] = [{"kind": "file", "path": str(data)}]
     params["fetch"]["content_md5"] = md5
     params["preprocess"]["limit"] = 1000
-    params["train"].update(epochs=3, seeds=[0, 1], probe_size=100, index_window=2)
+    params["train"].update(epochs=3, seeds=[0, 1], probe_size=100)
+    params["summary"]["index_window"] = 2
     params["grid"]["depth"] = [1, 2]
     params["remedies"] = {
         "relu-ce-he": {"depth": 2, "activation": "relu", "loss": "cross_entropy", "init": "he_normal", "norm": "none"}

@@ -31,9 +31,11 @@ def commit(project: Path, message: str) -> None:
     run([*GIT, "commit", "-qm", message], project)
 
 
-def variants(project: Path) -> dict[str, str]:
-    """Results folder name -> variant label, from what the train stages wrote."""
-    return {p.parent.name: json.loads(p.read_text())["label"] for p in sorted((project / "results").glob("*/run.json"))}
+def variants(project: Path) -> dict[str, int]:
+    """Variant name (its results folder) -> depth, from what the train stages wrote."""
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted((project / "results").glob("*/run.json"))}
+    assert all(run["name"] == folder for folder, run in runs.items())  # one name: folder and runs
+    return {folder: run["variant"]["depth"] for folder, run in runs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_plots_show_one_line_per_variant(study: Path, tmp_path: Path) -> None:
         (chart,) = data[plot_id]
         spec = chart["content"]
         rows = spec["data"]["values"]
-        assert {row["variant"] for row in rows} == set(names.values()), plot_id
+        assert {row["variant"] for row in rows} == set(names), plot_id
         assert {int(row["epoch"]) for row in rows} == {1, 2, 3}
         key = ("variant", "epoch", "layer") if plot_id in ("weight_change", "gradient") else ("variant", "epoch")
         assert len({tuple(row[k] for k in key) for row in rows}) == len(rows), f"{plot_id}: a line per variant"
@@ -72,7 +74,7 @@ def test_plots_show_one_line_per_variant(study: Path, tmp_path: Path) -> None:
     assert layers["facet"]["field"] == "variant" and layers["spec"]["encoding"]["color"]["field"] == "hidden layer"
     # Every depth's layers are there: depth d contributes layers 1..d.
     depth_of = {row["variant"]: int(row["layer"]) for row in layers["data"]["values"]}
-    assert depth_of == {label: int(folder[1:].split("-")[0]) for folder, label in names.items()}
+    assert depth_of == names
     # One chart per variant from its history.csv (seed rows averaged by the template, no zig-zag).
     for folder in names:
         (chart,) = data[f"results/{folder}/history.csv"]
@@ -83,8 +85,8 @@ def test_plots_show_one_line_per_variant(study: Path, tmp_path: Path) -> None:
     # The HTML page names every variant and every chart.
     run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], study)
     page = (tmp_path / "plots" / "index.html").read_text()
-    for folder, label in names.items():
-        assert label in page and f"results/{folder}/history.csv" in page
+    for folder in names:
+        assert f"results/{folder}/history.csv" in page
     for title in ("Training accuracy by variant", "How fast each hidden layer learns", "Test accuracy by variant"):
         assert title in page
 
@@ -137,14 +139,14 @@ def test_push_then_pull_into_a_fresh_clone(study: Path) -> None:
     assert run(["dvc", "status"], clone).stdout.strip().endswith(UP_TO_DATE)
 
 
-def test_sweep_runs_queued_experiments_into_the_workspace_store(make_project) -> None:
+def test_queued_experiments_log_into_the_workspace_store(make_project) -> None:
+    """`dvc exp run --queue` runs each experiment in a copy under .dvc/tmp/exps: its runs still
+    land in the workspace's store (tracking.project_root), tagged with the experiment's name."""
     project = make_project(lambda p: p.update(grid=p["grid"] | {"depth": [1]}, remedies={}))
     commit(project, "small profile, depth 1")
-    sweep = run(
-        ["make", "-o", ".venv/.installed", "sweep", f"BIN={BIN}", "JOBS=1", "SWEEP=-S train.learning_rate=0.1,0.5"],
-        project,
-    )
-    assert "Queued experiment" in sweep.stdout
+    queued = run(["dvc", "exp", "run", "--queue", "-S", "train.learning_rate=0.1,0.5"], project)
+    assert "Queued experiment" in queued.stdout
+    run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], project)
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     experiments = {}
@@ -158,7 +160,7 @@ def test_sweep_runs_queued_experiments_into_the_workspace_store(make_project) ->
     for rev in experiments.values():
         data = rev["data"]
         learning_rates.add(data["params"]["params.yaml"]["data"]["train"]["learning_rate"])
-        metrics = data["metrics"]["results/d1-sigmoid-mse-glorot_uniform-none/metrics.json"]["data"]
+        metrics = data["metrics"]["results/1-sigmoid-mse-glorot_uniform-none/metrics.json"]["data"]
         assert 0 <= metrics["accuracy"] <= 1 and metrics["epochs"] == 3
     assert learning_rates == {0.1, 0.5}
 
@@ -173,5 +175,6 @@ def test_sweep_runs_queued_experiments_into_the_workspace_store(make_project) ->
         assert status == "FINISHED"
         assert artifact_uri.startswith((project / "mlartifacts").as_uri()), artifact_uri
         by_exp.setdefault(exp_name, set()).add(name)
-    assert by_exp == {name: {"depth-1-seed-0", "depth-1-seed-1", "report"} for name in experiments}
+    runs = {"1-sigmoid-mse-glorot_uniform-none-seed-0", "1-sigmoid-mse-glorot_uniform-none-seed-1", "report"}
+    assert by_exp == {name: runs for name in experiments}
     assert not list(project.glob(".dvc/tmp/exps/**/mlflow.db"))

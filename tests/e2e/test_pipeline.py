@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,8 @@ from tests.e2e.conftest import run
 
 pytestmark = pytest.mark.slow
 
-VARIANTS = [
-    "d1-sigmoid-mse-glorot_uniform-none",
-    "d2-sigmoid-mse-glorot_uniform-none",
-    "d2-relu-cross_entropy-he_normal-none",
-]
+# DVC's names for the stage items, and so the variants' folders and MLflow run names.
+VARIANTS = ["1-sigmoid-mse-glorot_uniform-none", "2-sigmoid-mse-glorot_uniform-none", "relu-ce-he"]
 
 
 def finished_runs(store: Path) -> list[tuple[str, str]]:
@@ -41,10 +39,10 @@ def test_dvc_repro_end_to_end(make_project) -> None:
     assert (project / "reports/index.html").is_file()
     assert (project / "reports/summary.md").is_file()
     page = (project / "reports/index.html").read_text()
-    for label in ("depth-1", "depth-2", "depth-2-relu-ce-henormal"):
-        assert label in page
+    for name in VARIANTS:
+        assert name in page
     pngs = {p.name for p in (project / "reports").glob("*.png")}
-    assert {"remedies-depth-2.png", "gradients-depth-2.png", "bands-depth-1.png", "sigmoid.png"} <= pngs
+    assert {"remedies-depth-2.png", f"gradients-{VARIANTS[1]}.png", f"bands-{VARIANTS[0]}.png", "sigmoid.png"} <= pngs
 
     # One FINISHED run per variant and seed, plus the report's run.
     from mlflow import MlflowClient
@@ -53,17 +51,10 @@ def test_dvc_repro_end_to_end(make_project) -> None:
     experiment = client.get_experiment_by_name("vanishing-gradient")
     runs = client.search_runs([experiment.experiment_id])
     names = sorted(r.info.run_name for r in runs)
-    assert names == [
-        "depth-1-seed-0",
-        "depth-1-seed-1",
-        "depth-2-relu-ce-henormal-seed-0",
-        "depth-2-relu-ce-henormal-seed-1",
-        "depth-2-seed-0",
-        "depth-2-seed-1",
-        "report",
-    ]
+    assert names == sorted([f"{name}-seed-{seed}" for name in VARIANTS for seed in (0, 1)] + ["report"])
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["pipeline.group"] for r in runs}) == 1
+    assert len({r.data.tags["pipeline.execution"] for r in runs}) == 1
     for r in runs:
         if r.info.run_name == "report":
             continue
@@ -76,8 +67,9 @@ def test_dvc_repro_end_to_end(make_project) -> None:
         assert len(r.data.tags["data.digest"]) == 64
         assert r.data.params["learning_rate"] == "0.2"
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"history.csv", "figure.png", "model", "metrics.json"} <= artifacts
+        assert {"history.csv", "model"} <= artifacts
         assert r.inputs.dataset_inputs[0].dataset.name == "mnist-train"
+        assert json.loads(r.inputs.dataset_inputs[0].dataset.source)["uri"] == "data/processed/train.npz"
 
     # Nothing changed: nothing runs, and no MLflow run is created.
     second = run(["dvc", "repro"], project)
@@ -95,5 +87,31 @@ def test_new_depth_trains_only_the_new_variant(make_project) -> None:
     started = [line for line in second.stdout.splitlines() if line.startswith("Running stage")]
     assert started == [
         "Running stage 'train@2-sigmoid-mse-glorot_uniform-none':",
+        "Running stage 'summary@2-sigmoid-mse-glorot_uniform-none':",
         "Running stage 'report':",
     ]
+
+
+def test_figures_and_summaries_change_without_retraining(make_project) -> None:
+    """Editing a figure function, a summary setting or the progress interval reruns only what
+    depends on it: no train stage runs again, and no new training run appears in MLflow."""
+    project = make_project(lambda p: p.update(remedies={}))
+    run(["dvc", "repro"], project)
+    runs_before = finished_runs(project / "mlflow.db")
+    before = json.loads((project / "results" / VARIANTS[1] / "metrics.json").read_text())
+
+    figures = project / "pipeline" / "figures.py"
+    figures.write_text(figures.read_text().replace("STD_BAND_ALPHA = 0.25", "STD_BAND_ALPHA = 0.3"))
+    params = (project / "params.yaml").read_text().replace("index_window: 2", "index_window: 1")
+    (project / "params.yaml").write_text(params)
+    status = run(["dvc", "status"], project).stdout
+    assert "train@" not in status and "summary@" in status and "report" in status
+
+    second = run(["dvc", "repro"], project)
+    started = [line for line in second.stdout.splitlines() if line.startswith("Running stage")]
+    assert not [line for line in started if "train@" in line]
+    assert {line.split("'")[1].split("@")[0] for line in started} == {"summary", "report"}
+    after = json.loads((project / "results" / VARIANTS[1] / "metrics.json").read_text())
+    assert after["accuracy"] == before["accuracy"] and after["vanishing_index"] != before["vanishing_index"]
+    new_runs = Counter(finished_runs(project / "mlflow.db")) - Counter(runs_before)
+    assert list(new_runs.elements()) == [("report", "FINISHED")]  # the report's new run, no training run

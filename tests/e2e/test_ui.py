@@ -61,7 +61,7 @@ def expected_runs(project: Path) -> list[str]:
     names = ["report"]
     for run_json in sorted((project / "results").glob("*/run.json")):
         info = json.loads(run_json.read_text())
-        names += [f"{info['label']}-seed-{seed}" for seed in info["seeds"]]
+        names += [f"{info['name']}-seed-{seed}" for seed in info["seeds"]]
     return names
 
 
