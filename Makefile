@@ -59,18 +59,20 @@ bench: $(STAMP) ## Benchmark seed-style Keras fit against the project's trainer 
 jax: $(STAMP) ## Add JAX to .venv so that KERAS_BACKEND=jax works (not installed by default)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-jax.txt
 
-# Experiments: one DVC experiment per value, queued, then run JOBS at a time, each in its own
-# copy under .dvc/tmp/exps; their MLflow runs land in this workspace's store, tagged dvc.exp_name.
-# Compare with `dvc exp show`; bring one into the workspace with `dvc exp apply <name>`.
+# Sweeps on Ray (pipeline/sweep/): one DVC experiment per combination of the -S values (comma lists
+# expand to the cartesian product, as with dvc exp run), each one Ray task in a fresh clone, pushed back
+# with dvc exp push; MLflow runs tagged dvc.exp_name and pipeline.sweep. RAY_ADDRESS unset: a local Ray
+# instance with JOBS cores (default: all); RAY_ADDRESS=host:port: that cluster (README: Sweeps and clusters).
 SWEEP ?= -S 'train.learning_rate=0.05,0.5,1.0'
-JOBS ?= 2
-.PHONY: sweep push pull
-sweep: $(STAMP) ## Queue and run a learning-rate sweep as DVC experiments (SWEEP="-S ...", JOBS=2)
-	$(BIN)/dvc exp run --queue $(SWEEP)
-	$(BIN)/dvc exp run --run-all --jobs $(JOBS)
-	@if $(BIN)/dvc queue status | grep -q Failed; then \
-		echo "Some experiments failed: dvc queue logs <name>; clear them with dvc queue remove --failed" >&2; exit 1; fi
-	$(BIN)/dvc exp show --only-changed --drop '.*_std|^(pipeline|data)/|^results$$'
+JOBS ?=
+SWEEP_GPUS ?=
+BENCH_SWEEP_ARGS ?= --experiments 4
+.PHONY: sweep bench-sweep push pull
+sweep: $(STAMP) ## Run a sweep of DVC experiments on Ray: local, or RAY_ADDRESS= (SWEEP="-S ...", JOBS=, SWEEP_GPUS=)
+	$(BIN)/python -m pipeline.sweep $(SWEEP) --jobs '$(JOBS)' --gpus '$(SWEEP_GPUS)'
+
+bench-sweep: $(STAMP) ## Time one sweep serially (dvc exp run) and on Ray; prints the ratio (BENCH_SWEEP_ARGS=)
+	$(BIN)/python benchmarks/sweep.py $(BENCH_SWEEP_ARGS)
 
 # Data, models and reports in the DVC remote (.dvc/config; default: ../vanishing-gradient-dvc-storage,
 # a folder beside the repository): push after `make repro`, pull instead of re-running.
