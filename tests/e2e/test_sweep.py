@@ -1,0 +1,351 @@
+"""``make sweep`` / ``python -m pipeline.sweep`` on real Ray, DVC and MLflow, all on loopback.
+
+One Ray cluster (a head and two one-CPU worker nodes on 127.0.0.1, token authentication
+on, :mod:`tests.e2e.ray_cluster`) and one MLflow tracking server (``pipeline.serve``)
+serve the whole module. Each test has its own workspace: a small-profile copy of the
+repository, committed, with a bare git ``origin`` and a DVC remote in temporary folders.
+
+* A cluster sweep lands every experiment in the workspace's ``dvc exp show``, its outputs
+  in the DVC remote and its runs on the server (``dvc.exp_name``, ``pipeline.sweep``).
+* Faults: a worker killed mid-experiment (retried; lands once; no run left RUNNING); a
+  failing experiment (the others land, exit 1, its log shown); and refusals before
+  anything is submitted: SQLite with remote workers, an unreachable ``RAY_ADDRESS``, a
+  commit that is not on ``origin``, no token.
+* Local Ray (``make sweep`` without ``RAY_ADDRESS``) straight after ``make repro``, which
+  leaves ``dvc.lock`` modified.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from tests.e2e.conftest import BIN, clean_env, prepare_project, run, start_background
+from tests.e2e.ray_cluster import RayCluster, ray_cluster, ray_env
+from tests.e2e.test_server import free_port, mlflow_server
+
+pytestmark = pytest.mark.slow
+
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+SWEEP = [sys.executable, "-m", "pipeline.sweep"]
+VARIANT_METRICS = "metrics.json"
+
+
+def tiny(params: dict[str, Any]) -> None:
+    """One depth, one seed, two epochs: an experiment is mostly TensorFlow's start-up."""
+    params["grid"]["depth"] = [1]
+    params["remedies"] = {}
+    params["train"].update(seeds=[0], epochs=2)
+
+
+def commit(project: Path, message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run([*GIT, "commit", "-qm", message], project)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sweep")
+
+
+@pytest.fixture(scope="module")
+def cluster(base: Path) -> Iterator[RayCluster]:
+    with ray_cluster(base, free_port(), workers=2) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(base: Path) -> Iterator[str]:
+    home = prepare_project(base, tiny, name="server-home")
+    args = ["--backend-store-uri", f"sqlite:///{base / 'server.db'}", "--artifacts-destination", str(base / "art")]
+    with mlflow_server(home, args) as url:
+        yield url
+
+
+@pytest.fixture
+def workspace(base: Path) -> Callable[..., Path]:
+    """Factory: a committed small-profile workspace with its own DVC remote and, if asked, a bare ``origin``."""
+
+    def make(name: str, origin: bool = True) -> Path:
+        project = prepare_project(base, tiny, name=name)
+        run(["dvc", "remote", "modify", "--local", "storage", "url", str(base / f"{name}-dvc")], project)
+        commit(project, "small profile")
+        if origin:
+            run(["git", "init", "-q", "--bare", str(base / f"{name}-origin.git")], base)
+            run(["git", "remote", "add", "origin", str(base / f"{name}-origin.git")], project)
+            run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], project)
+        return project
+
+    return make
+
+
+def cluster_env(cluster: RayCluster, server: str, **extra: str) -> dict[str, str]:
+    return clean_env(RAY_ADDRESS=cluster.address, MLFLOW_TRACKING_URI=server, **cluster.env, **extra)
+
+
+def experiments(project: Path) -> dict[str, dict[str, Any]]:
+    """``dvc exp show --json``: experiment name -> its data (params, metrics), every baseline."""
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    out = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            (rev,) = exp["revs"]
+            assert rev["name"] not in out, f"{rev['name']} listed twice"
+            out[rev["name"]] = rev["data"]
+    return out
+
+
+def learning_rate(data: dict[str, Any]) -> float:
+    return data["params"]["params.yaml"]["data"]["train"]["learning_rate"]
+
+
+def sweep_logs(project: Path, sweep_id: str) -> dict[str, str]:
+    folder = project / ".dvc" / "tmp" / "sweeps" / sweep_id
+    return {p.stem: p.read_text() for p in folder.glob("*.log")}
+
+
+def assert_no_sweep_refs(project: Path, *repos: Path) -> None:
+    """Nothing of the sweep's own is left: no ``refs/sweeps/*`` here or on the remotes."""
+    for repo in (project, *repos):
+        refs = run(["git", "for-each-ref", "refs/sweeps/"], repo).stdout
+        assert not refs.strip(), refs
+
+
+def outputs_in_remote(project: Path, name: str, remote: Path) -> int:
+    """Every cached output of experiment ``name`` (per its dvc.lock) is in the DVC remote; how many."""
+    lock = yaml.safe_load(run(["git", "show", f"refs/exps/{ref_path(project, name)}:dvc.lock"], project).stdout)
+    count = 0
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            digest = out["md5"]
+            assert (remote / "files" / "md5" / digest[:2] / digest[2:]).is_file(), (name, out["path"])
+            count += 1
+    return count
+
+
+def ref_path(project: Path, name: str) -> str:
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], project).stdout.split()
+    (ref,) = [r for r in refs if r.endswith(f"/{name}")]
+    return ref.removeprefix("refs/exps/")
+
+
+def server_runs(url: str, sweep_id: str) -> list[Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, filter_string=f"tags.`pipeline.sweep` = '{sweep_id}'")
+
+
+def test_cluster_sweep_lands_every_experiment(cluster: RayCluster, server: str, workspace, base: Path) -> None:
+    project = workspace("e2e")
+    # Fetched and preprocessed data in the DVC remote, dvc.lock left modified (uncommitted):
+    # the workers pull the data instead of recomputing it, and get the changes through origin.
+    run(["dvc", "repro", "preprocess"], project)
+    run(["dvc", "push"], project)
+    status_before = run(["git", "status", "--porcelain"], project).stdout
+
+    started = time.monotonic()
+    result = run(
+        [*SWEEP, "--name", "e2e", "-S", "train.learning_rate=0.1,0.5"], project, env=cluster_env(cluster, server)
+    )
+    elapsed = time.monotonic() - started
+    out = result.stdout
+    assert "on the Ray cluster at 127.0.0.1:" in out and "+ uncommitted changes" in out, out
+    assert out.count(" done in ") == 2 and "[2/2]" in out, out
+    assert "| e2e-1 | 0.1 |" in out and "| e2e-2 | 0.5 |" in out, out  # the comparison table
+
+    shown = experiments(project)
+    assert set(shown) == {"e2e-1", "e2e-2"}
+    assert {name: learning_rate(data) for name, data in shown.items()} == {"e2e-1": 0.1, "e2e-2": 0.5}
+    for name, data in shown.items():
+        metrics = [m["data"] for path, m in data["metrics"].items() if path.endswith(VARIANT_METRICS)]
+        assert metrics and all(0 <= m["accuracy"] <= 1 and m["epochs"] == 2 for m in metrics)
+        assert outputs_in_remote(project, name, base / "e2e-dvc") >= 3
+    for name, text in sweep_logs(project, "e2e").items():
+        assert "Running stage 'fetch'" not in text and "Running stage 'preprocess'" not in text, (name, text)
+
+    runs = server_runs(server, "e2e")
+    by_exp: dict[str, set[str]] = {}
+    for r in runs:
+        assert r.info.status == "FINISHED", r.info
+        by_exp.setdefault(r.data.tags["dvc.exp_name"], set()).add(r.info.run_name)
+    assert set(by_exp) == {"e2e-1", "e2e-2"}
+    assert all("report" in names and len(names) >= 2 for names in by_exp.values()), by_exp
+
+    # The workspace is as it was (nothing applied, index untouched); the sweep's ref is gone everywhere.
+    assert run(["git", "status", "--porcelain"], project).stdout == status_before
+    assert_no_sweep_refs(project, base / "e2e-origin.git")
+    # The experiments work as DVC experiments do.
+    run(["dvc", "plots", "diff", "e2e-1", "e2e-2", "-o", str(base / "e2e-plots")], project)
+    run(["dvc", "exp", "apply", "e2e-2"], project)
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["learning_rate"] == 0.5
+    print(f"cluster sweep of 2: {elapsed:.0f} s")
+
+
+def _ray_worker_of(proc: psutil.Process) -> psutil.Process | None:
+    """The Ray worker process (``ray::...``) that ``proc`` runs under."""
+    for parent in proc.parents():
+        try:
+            title = " ".join(parent.cmdline()) or parent.name()
+        except psutil.Error:
+            continue
+        if title.startswith("ray::"):
+            return parent
+    return None
+
+
+def test_killed_worker_is_retried_and_lands_once(cluster: RayCluster, server: str, workspace) -> None:
+    project = workspace("kill")
+    command = [*SWEEP, "--name", "kill", "-S", "train.learning_rate=0.3"]
+    process, lines, reader = start_background(command, project, env=cluster_env(cluster, server))
+    victim = None
+    deadline = time.monotonic() + 240
+    try:
+        while victim is None:
+            assert process.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "training never started:\n" + "".join(lines)
+            for proc in cluster.processes():
+                try:
+                    if any("pipeline.train" in part for part in proc.cmdline()):
+                        victim = _ray_worker_of(proc)
+                except psutil.Error:
+                    continue
+            time.sleep(0.2)
+        time.sleep(1.0)  # mid-experiment: training has started
+        victim.kill()  # SIGKILL: the worker process dies as under the out-of-memory killer
+        assert process.wait(timeout=300) == 0, "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(timeout=10)
+    out = "".join(lines)
+    assert out.count(" done in ") == 1 and "FAILED" not in out, out
+    assert set(experiments(project)) == {"kill-1"}
+    results = json.loads((project / ".dvc/tmp/sweeps/kill/results.json").read_text())
+    assert results["kill-1"]["pid"] != victim.pid  # the retry ran in another worker process
+    runs = server_runs(server, "kill")
+    assert runs and "RUNNING" not in {r.info.status for r in runs}, [(r.info.run_name, r.info.status) for r in runs]
+    finished = [r for r in runs if r.info.status == "FINISHED" and r.info.run_name == "report"]
+    assert len(finished) == 1  # one complete attempt
+    # No process of the killed attempt is left behind.
+    time.sleep(2)
+    leftovers = [p for p in cluster.processes() if _cmdline_has(p, "kill-1")]
+    assert not leftovers, leftovers
+
+
+def _cmdline_has(proc: psutil.Process, text: str) -> bool:
+    try:
+        return any(text in part for part in proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def test_failing_experiment_is_reported_and_the_others_land(cluster: RayCluster, server: str, workspace) -> None:
+    project = workspace("fail")
+    result = run(
+        [*SWEEP, "--name", "fail", "-S", "train.learning_rate=0.3,-1"],
+        project,
+        env=cluster_env(cluster, server),
+        check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert "fail-2  FAILED at dvc exp run" in out, out
+    assert "    | " in out and "learning_rate" in out and "must be > 0" in out, out  # its log's tail
+    assert "fail-1  done in" in out, out
+    assert set(experiments(project)) == {"fail-1"}
+    assert "| fail-2 | -1 | failed |" in out, out
+
+
+def refused(project: Path, env: dict[str, str], *args: str) -> tuple[str, float]:
+    """Run a sweep that must stop before submitting: exit 2, no experiment, no sweep ref; its stderr and time."""
+    started = time.monotonic()
+    result = run([*SWEEP, "-S", "train.learning_rate=0.1,0.2", *args], project, env=env, check=False, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert " done in " not in result.stdout
+    assert not run(["git", "for-each-ref", "refs/exps/", "refs/sweeps/"], project).stdout.strip()
+    return result.stderr, elapsed
+
+
+def test_remote_workers_with_a_sqlite_store_are_refused(cluster: RayCluster, workspace) -> None:
+    project = workspace("sqlite")
+    env = clean_env(RAY_ADDRESS=cluster.address, **cluster.env)  # no MLFLOW_TRACKING_URI: the local SQLite store
+    err, _ = refused(project, env)
+    assert "MLFLOW_TRACKING_URI=sqlite:///" in err and "tracking server" in err, err
+    assert not (project / "mlflow.db").exists()
+
+
+def test_unreachable_ray_address_fails_within_seconds(server: str, workspace, base: Path) -> None:
+    project = workspace("noray")
+    env = clean_env(RAY_ADDRESS=f"127.0.0.1:{free_port()}", MLFLOW_TRACKING_URI=server, **ray_env(base))
+    err, elapsed = refused(project, env)
+    assert "nothing answers at 127.0.0.1:" in err and "RAY_ADDRESS" in err, err
+    assert elapsed < 30, elapsed
+
+
+def test_a_cluster_needs_its_token(cluster: RayCluster, server: str, workspace, base: Path) -> None:
+    project = workspace("notoken")
+    env = clean_env(RAY_ADDRESS=cluster.address, MLFLOW_TRACKING_URI=server, RAY_TMPDIR=cluster.env["RAY_TMPDIR"])
+    env["HOME"] = str(base / "empty-home")  # no ~/.ray/auth_token either
+    err, _ = refused(project, env)
+    assert "No Ray token" in err and "ray get-auth-token" in err, err
+
+
+def test_code_the_workers_cannot_reach_is_refused(cluster: RayCluster, server: str, workspace, base: Path) -> None:
+    project = workspace("unpushed")
+    (project / "NOTES.md").write_text("a local commit, never pushed\n")
+    commit(project, "not on origin")
+    err, _ = refused(project, cluster_env(cluster, server))
+    assert "is not on the git remote 'origin'" in err and "git push origin HEAD" in err, err
+    assert_no_sweep_refs(project, base / "unpushed-origin.git")
+
+    run(["git", "remote", "remove", "origin"], project)
+    err, _ = refused(project, cluster_env(cluster, server))
+    assert "no git remote 'origin'" in err, err
+
+
+def test_local_sweep_straight_after_repro(workspace, base: Path) -> None:
+    """``make repro`` then ``make sweep`` (local Ray): dvc.lock is modified, the results are new."""
+    project = workspace("local", origin=False)
+    run(["dvc", "repro", "preprocess"], project)
+    commit(project, "data stages locked")
+    run(["make", "-o", ".venv/.installed", "repro", f"BIN={BIN}"], project)
+    status = run(["git", "status", "--porcelain"], project).stdout
+    assert " M dvc.lock" in status, status
+
+    env = clean_env(**ray_env(base))
+    result = run(
+        ["make", "-o", ".venv/.installed", "sweep", f"BIN={BIN}", "JOBS=2", "SWEEP=-S train.learning_rate=0.1,0.5"],
+        project,
+        env=env,
+    )
+    out = result.stdout
+    assert "on a local Ray instance (2 CPU(s)" in out and "+ uncommitted changes" in out, out
+    sweep_id = out.split("Sweep ", 1)[1].split(":", 1)[0]
+    shown = experiments(project)
+    assert {learning_rate(d) for d in shown.values()} == {0.1, 0.5} and len(shown) == 2
+    for name, text in sweep_logs(project, sweep_id).items():
+        assert "Running stage 'fetch'" not in text and "Running stage 'preprocess'" not in text, (name, text)
+    assert run(["git", "status", "--porcelain"], project).stdout == status
+    assert_no_sweep_refs(project)
+
+    # Every run of the sweep is in the workspace's own store, artifacts under the workspace.
+    with sqlite3.connect(project / "mlflow.db") as db:
+        rows = db.execute(
+            "SELECT r.status, r.artifact_uri, t.value FROM runs r "
+            "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'pipeline.sweep'"
+        ).fetchall()
+    assert rows and {value for _, _, value in rows} == {sweep_id}
+    assert {status for status, _, _ in rows} == {"FINISHED"}
+    assert all(uri.startswith((project / "mlartifacts").as_uri()) for _, uri, _ in rows), rows
