@@ -237,18 +237,19 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
     check_reachable(target)
     check_auth(target, os.environ)
     git_url = str(root) if target.local else workspace.remote_url(root, args.git_remote)
-    if not target.local:
-        workspace.check_on_remote(root, git_url, workspace.git(["rev-parse", "HEAD^{commit}"], root))
+    remote = None if target.local else args.git_remote
+    if remote:
+        workspace.check_on_remote(root, remote, workspace.git(["rev-parse", "HEAD^{commit}"], root))
     snap = workspace.snapshot(root, sweep_id)
     try:
-        if not target.local:
-            workspace.push_ref(root, git_url, snap.ref)
+        if remote:
+            workspace.push_ref(root, remote, snap.ref)
         if uri.startswith("sqlite:"):  # artifacts under the workspace, not under a worker's clone
             client = tracking.open_store(uri)
             for name in experiment_names(root, experiments):
                 tracking.ensure_experiment(client, name, root)
     except BaseException:
-        workspace.delete_ref(root, snap.ref, None if target.local else git_url)
+        workspace.delete_ref(root, snap.ref, remote)
         raise
     from pipeline.sweep import supervise
 
@@ -388,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if ray is not None and ray.is_initialized():
             ray.shutdown()
-        workspace.delete_ref(root, job["ref"], None if target.local else job["git_url"])
+        workspace.delete_ref(root, job["ref"], None if target.local else args.git_remote)
     ok = [name for name, r in results.items() if r.get("ok")]
     if not target.local:
         bring_back(root, job["git_url"], ok)
