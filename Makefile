@@ -56,7 +56,7 @@ bench: $(STAMP) ## Benchmark seed-style Keras fit against the project's trainer 
 	@test -f data/processed/train.npz || $(BIN)/dvc repro preprocess
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
-jax: $(STAMP) ## Add JAX to .venv so that KERAS_BACKEND=jax works (not installed by default)
+jax: $(STAMP) ## On an NVIDIA GPU machine: replace JAX's CPU build with the CUDA one (KERAS_BACKEND=jax)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-jax.txt
 
 # Sweeps on Ray (pipeline/sweep/): one DVC experiment per combination of the -S values (comma lists

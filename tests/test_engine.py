@@ -193,3 +193,45 @@ def test_with_and_without_a_short_last_batch(loss: str, n: int) -> None:
     x, y = tiny_data(n=n)
     _, rec = train(Variant(depth=2, loss=loss), [0, 1], x, y, epochs=2)
     assert all(np.isfinite(log["loss"]).all() for log in rec.logs)
+
+
+# Every value of every axis, and every pair of values of two axes, in 6 settings (a pairwise
+# covering array): the same check on JAX at a quarter of the 24 settings' compile time.
+PAIRWISE_ON_JAX = [
+    "sigmoid-mse-glorot_uniform-none",
+    "sigmoid-cross_entropy-he_normal-batch",
+    "tanh-mse-he_normal-batch",
+    "tanh-cross_entropy-glorot_uniform-none",
+    "relu-mse-glorot_uniform-batch",
+    "relu-cross_entropy-he_normal-none",
+]
+
+
+@pytest.mark.slow
+def test_same_steps_as_keras_fit_on_jax() -> None:
+    """The same-steps-as-fit and cross-entropy checks above, rerun under KERAS_BACKEND=jax (the
+    backend is chosen at import, hence a separate process)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("JAX is not installed (requirements.lock installs it)")
+    if keras.backend.backend() == "jax":
+        pytest.skip("already running on JAX")
+    here = "tests/test_engine.py"
+    tests = [f"{here}::test_same_steps_as_keras_fit[{setting}]" for setting in PAIRWISE_ON_JAX]
+    tests.append(f"{here}::test_cross_entropy_gradient_survives_a_vanishing_probability")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=ROOT,
+        env=os.environ | {"KERAS_BACKEND": "jax"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"{len(tests)} passed" in result.stdout

@@ -115,3 +115,45 @@ def test_figures_and_summaries_change_without_retraining(make_project) -> None:
     assert after["accuracy"] == before["accuracy"] and after["vanishing_index"] != before["vanishing_index"]
     new_runs = Counter(finished_runs(project / "mlflow.db")) - Counter(runs_before)
     assert list(new_runs.elements()) == [("report", "FINISHED")]  # the report's new run, no training run
+
+
+def _commit(project: Path, message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-qm", message], project)
+
+
+def _tags(project: Path) -> dict[str, tuple[str, str, str]]:
+    """Run id -> (name, pipeline.group, pipeline.execution)."""
+    with sqlite3.connect(project / "mlflow.db") as db:
+        rows = db.execute(
+            "SELECT r.run_uuid, r.name, g.value, e.value FROM runs r "
+            "JOIN tags g ON g.run_uuid = r.run_uuid AND g.key = 'pipeline.group' "
+            "JOIN tags e ON e.run_uuid = r.run_uuid AND e.key = 'pipeline.execution'"
+        ).fetchall()
+    return {run_id: (name, group, execution) for run_id, name, group, execution in rows}
+
+
+def test_one_group_per_study_although_the_stages_rewrite_committed_files(make_project) -> None:
+    """The stages rewrite files git tracks (history.csv, metrics.json, dvc.lock), so git's dirty flag
+    changes in the middle of a `dvc repro`: the group must not. Each `dvc repro` is one execution."""
+    project = make_project(lambda p: p.update(grid=p["grid"] | {"depth": [1, 2]}, remedies={}))
+    run(["dvc", "repro"], project)
+    _commit(project, "first study, results committed")
+    first = _tags(project)
+    params = (project / "params.yaml").read_text().replace("epochs: 3", "epochs: 2")
+    (project / "params.yaml").write_text(params)
+    _commit(project, "two epochs")  # a clean tree: the first train stage makes it dirty for the next ones
+    run(["dvc", "repro"], project)
+    assert run(["git", "status", "--porcelain"], project).stdout.strip(), "the study changed committed files"
+    second = {k: v for k, v in _tags(project).items() if k not in first}
+    assert len(second) == 5  # 2 variants × 2 seeds + the report
+    assert len({group for _, group, _ in second.values()}) == 1
+    assert len({execution for _, _, execution in second.values()}) == 1
+    assert {g for _, g, _ in second.values()} != {g for _, g, _ in first.values()}  # other params: other study
+    assert {e for *_, e in second.values()} != {e for *_, e in first.values()}
+
+    run(["dvc", "repro", "-f", "report"], project)  # the same study again: same group, a new execution
+    third = {k: v for k, v in _tags(project).items() if k not in first and k not in second}
+    ((name, group, execution),) = third.values()
+    assert name == "report" and group == next(iter(second.values()))[1]
+    assert execution != next(iter(second.values()))[2]
