@@ -185,4 +185,4 @@ def dvc_cache_dir(root: Path) -> str:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return str(repo.cache.local.path)
+        return str(repo.cache.local_cache_dir)

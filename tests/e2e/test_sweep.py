@@ -121,13 +121,19 @@ def assert_no_sweep_refs(project: Path, *repos: Path) -> None:
 
 
 def outputs_in_remote(project: Path, name: str, remote: Path) -> int:
-    """Every cached output of experiment ``name`` (per its dvc.lock) is in the DVC remote; how many."""
+    """Every folder output of experiment ``name`` (per its dvc.lock: data, models, reports; all cached)
+    is in the DVC remote, listing and files; how many."""
     lock = yaml.safe_load(run(["git", "show", f"refs/exps/{ref_path(project, name)}:dvc.lock"], project).stdout)
     count = 0
     for stage in lock["stages"].values():
         for out in stage.get("outs", []):
             digest = out["md5"]
-            assert (remote / "files" / "md5" / digest[:2] / digest[2:]).is_file(), (name, out["path"])
+            if not digest.endswith(".dir"):
+                continue
+            listing = remote / "files" / "md5" / digest[:2] / digest[2:]
+            assert listing.is_file(), (name, out["path"])
+            for entry in json.loads(listing.read_text()):
+                assert (remote / "files" / "md5" / entry["md5"][:2] / entry["md5"][2:]).is_file(), (name, entry)
             count += 1
     return count
 
