@@ -111,3 +111,51 @@ def test_stop_on_signal_ends_training_after_the_epoch_in_which_it_arrived() -> N
     with pytest.raises(RunInterrupted, match="SIGTERM"), stop.installed():
         trainer.fit(x, y, 10, callbacks=[SendDuringEpoch(), history, cb.StopOnSignal(stop.check)])
     assert sorted({row["epoch"] for row in history.rows}) == [1, 2]
+
+
+def _forward(model: keras.Model, x: np.ndarray, k: int) -> list[np.ndarray]:
+    """Activations of replicate k of a sigmoid network, in float64 NumPy."""
+    acts = [x.astype(np.float64)]
+    for layer in [*hidden_layers(model), model.get_layer("output")]:
+        w, b = (keras.ops.convert_to_numpy(v)[k].astype(np.float64) for v in (layer.kernel, layer.bias))
+        acts.append(1 / (1 + np.exp(-(acts[-1] @ w + b))))
+    return acts
+
+
+def _tiny(n: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return rng.random((n, 784), dtype=np.float32), np.eye(10, dtype=np.float32)[rng.integers(0, 10, n)]
+
+
+def test_gradient_probe_hand_computed() -> None:
+    """grad/hidden_1 = mean |∂C/∂W₁| and grad_bias/hidden_1 = ‖∂C/∂b₁‖ of a depth-1 MSE net, by hand."""
+    from pipeline.engine import StackedTrainer
+
+    x, y = _tiny()
+    model = build_model(Variant(depth=1), [0, 1])
+    probe = cb.GradientProbe(StackedTrainer(model, "mse", 0.2, 100, 0), x, y)
+    probe.set_model(model)
+    logs: dict = {}
+    probe.on_epoch_end(0, logs)
+    w2 = keras.ops.convert_to_numpy(model.get_layer("output").kernel).astype(np.float64)
+    for k in range(2):
+        _, hidden, out = _forward(model, x, k)
+        delta_out = 2 * (out - y) / out.size * out * (1 - out)  # C = mean over batch and outputs
+        delta_hidden = (delta_out @ w2[k].T) * hidden * (1 - hidden)
+        np.testing.assert_allclose(logs["grad/hidden_1"][k], np.abs(x.T @ delta_hidden).mean(), rtol=1e-4)
+        np.testing.assert_allclose(logs["grad_bias/hidden_1"][k], np.linalg.norm(delta_hidden.sum(axis=0)), rtol=1e-4)
+
+
+def test_held_out_hand_computed() -> None:
+    """test_loss is the mean squared error and test_accuracy the argmax hit rate on the held-out data."""
+    from pipeline.engine import StackedTrainer
+
+    x, y = _tiny(n=40)
+    model = build_model(Variant(depth=2), [3, 4])
+    held_out = cb.HeldOut(StackedTrainer(model, "mse", 0.2, 100, 0), x, y)
+    logs: dict = {}
+    held_out.on_epoch_end(0, logs)
+    for k in range(2):
+        out = _forward(model, x, k)[-1]
+        np.testing.assert_allclose(logs["test_loss"][k], np.mean((out - y) ** 2), rtol=1e-5)
+        assert logs["test_accuracy"][k] == pytest.approx(np.mean(out.argmax(1) == y.argmax(1)))
