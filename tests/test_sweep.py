@@ -1,0 +1,334 @@
+"""Fast tests of the sweep's parts: ``-S`` expansion, names, checks, the table, the worker's steps,
+the workspace snapshot (real git in a temporary folder) and the supervisor (real processes)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.sweep import spec, supervise, worker, workspace
+from pipeline.sweep.__main__ import Target, check_auth, parse_args, ray_target
+from pipeline.sweep.spec import Experiment, SweepError
+
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+
+
+# -- -S expansion, as dvc exp run --queue does it ---------------------------------------------
+
+
+def test_comma_lists_expand_to_the_cartesian_product() -> None:
+    combos = spec.expand(["train.learning_rate=0.1,0.2", "train.epochs=50", "grid.depth=[1],[2,3]"])
+    assert combos == [
+        ("params.yaml:train.learning_rate=0.1", "params.yaml:train.epochs=50", "params.yaml:grid.depth=[1]"),
+        ("params.yaml:train.learning_rate=0.1", "params.yaml:train.epochs=50", "params.yaml:grid.depth=[2,3]"),
+        ("params.yaml:train.learning_rate=0.2", "params.yaml:train.epochs=50", "params.yaml:grid.depth=[1]"),
+        ("params.yaml:train.learning_rate=0.2", "params.yaml:train.epochs=50", "params.yaml:grid.depth=[2,3]"),
+    ]
+
+
+def test_bracketed_values_stay_intact() -> None:
+    assert spec.expand(["train.seeds=[0],[1]"]) == [("params.yaml:train.seeds=[0]",), ("params.yaml:train.seeds=[1]",)]
+    assert spec.expand(["train.seeds=[0,1,2]"]) == [("params.yaml:train.seeds=[0,1,2]",)]
+    assert spec.expand(["other.yaml:a.b=1,2"]) == [("other.yaml:a.b=1",), ("other.yaml:a.b=2",)]
+
+
+def test_no_set_param_is_one_unchanged_experiment() -> None:
+    assert spec.expand([]) == [()]
+    (exp,) = spec.plan("s", [])
+    assert exp == Experiment("s-1", ()) and exp.overrides == {}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train.learning_rate"], "expected key=value"),
+        (["train.seeds=[0"], "train.seeds=[0"),
+        (["train.x=glob(*)"], "not supported"),
+    ],
+)
+def test_bad_set_params_are_refused(args: list[str], message: str) -> None:
+    with pytest.raises(SweepError, match=re.escape(message)):
+        spec.expand(args)
+
+
+def test_plan_names_experiments_and_caps_the_count() -> None:
+    plan = spec.plan("sw1", ["train.learning_rate=" + ",".join(str(i / 100) for i in range(1, 12))])
+    assert [e.name for e in plan][:2] == ["sw1-01", "sw1-02"] and plan[-1].name == "sw1-11"
+    assert plan[0].overrides == {"train.learning_rate": "0.01"}
+    assert Experiment("x", ("other.yaml:a.b=1",)).overrides == {"other.yaml:a.b": "1"}
+    with pytest.raises(SweepError, match="exceed --max-experiments 3"):
+        spec.plan("sw1", ["train.epochs=1,2,3,4"], max_experiments=3)
+
+
+@pytest.mark.parametrize("name", ["Upper", "-dash", "with space", "a" * 42, "ref/slash"])
+def test_bad_sweep_names_are_refused(name: str) -> None:
+    with pytest.raises(SweepError, match="--name"):
+        spec.check_name(name)
+
+
+# -- checks ---------------------------------------------------------------------------------------
+
+
+def test_jobs_are_capped_by_the_cores() -> None:
+    assert spec.check_jobs(None, 16) == 16
+    assert spec.check_jobs(4, 16) == 4
+    assert spec.check_jobs(32, 2) == 2
+    with pytest.raises(SweepError, match="JOBS=0"):
+        spec.check_jobs(0, 2)
+
+
+def test_remote_workers_need_a_tracking_server() -> None:
+    spec.check_tracking("sqlite:////tmp/mlflow.db", remote_workers=False)
+    spec.check_tracking("http://10.0.0.5:5000", remote_workers=True)
+    with pytest.raises(SweepError, match=r"cannot write to.*make server"):
+        spec.check_tracking("sqlite:////tmp/mlflow.db", remote_workers=True)
+
+
+def test_ray_addresses() -> None:
+    assert ray_target(None).local and ray_target("").local and ray_target("local").local
+    target = ray_target("10.1.2.3:6379")
+    assert (target.host, target.port, target.local, target.loopback) == ("10.1.2.3", 6379, False, False)
+    assert ray_target("127.0.0.1:6379").loopback and ray_target("localhost:1234").loopback
+    assert ray_target("ray://head.example:10001").host == "head.example"
+    assert ray_target("auto") == Target("auto")
+    for bad in ("head", "head:", "head:port", "head:70000", ":6379"):
+        with pytest.raises(SweepError, match="expected host:port"):
+            ray_target(bad)
+
+
+def test_token_authentication_stays_on(tmp_path: Path) -> None:
+    env: dict[str, str] = {}
+    check_auth(Target(None), env)  # a local instance makes its own token
+    assert env["RAY_AUTH_MODE"] == "token"
+    with pytest.raises(SweepError, match="only with Ray's token authentication"):
+        check_auth(Target(None), {"RAY_AUTH_MODE": "disabled"})
+    cluster = ray_target("10.1.2.3:6379")
+    missing = tmp_path / "none"
+    with pytest.raises(SweepError, match=r"No Ray token.*ray get-auth-token"):
+        check_auth(cluster, {"RAY_AUTH_TOKEN_PATH": str(missing)})
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    check_auth(cluster, {"RAY_AUTH_TOKEN_PATH": str(token)})
+    check_auth(cluster, {"RAY_AUTH_TOKEN": "secret"})
+
+
+def test_make_passes_empty_jobs_and_gpus() -> None:
+    args = parse_args(["-S", "train.epochs=1,2", "--jobs", "", "--gpus", ""])
+    assert (args.jobs, args.gpus, args.set_param) == (None, None, ["train.epochs=1,2"])
+    assert parse_args(["--jobs", "3", "--gpus", "0.5", "--metrics", "loss"]).jobs == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--retries", "-1"])
+
+
+# -- results --------------------------------------------------------------------------------------
+
+SHOWN = {
+    "workspace": {
+        "data": {
+            "results/d1/metrics.json": {"data": {"accuracy": 0.93, "vanishing_index": 1.0, "epochs": 3, "ok": True}},
+            "results/d4/metrics.json": {"data": {"accuracy": 0.35, "vanishing_index": 0.0147}},
+            "results/d5/metrics.json": {"error": {"type": "FileNotFoundError"}},
+        }
+    }
+}
+
+
+def test_variant_metrics_and_headline() -> None:
+    metrics = spec.variant_metrics(SHOWN)
+    assert metrics == {
+        "d1": {"accuracy": 0.93, "vanishing_index": 1.0, "epochs": 3.0},  # the boolean is dropped
+        "d4": {"accuracy": 0.35, "vanishing_index": 0.0147},
+    }
+    assert spec.headline(metrics) == "accuracy 0.35-0.93 (2 variants)"
+    assert spec.headline({"d1": metrics["d1"]}) == "accuracy 0.93"
+    assert spec.headline({}, "loss") == "no loss"
+
+
+def test_comparison_table() -> None:
+    exps = spec.plan("s", ["train.learning_rate=0.1,0.5", "train.epochs=3"])
+    metrics = {"s-1": spec.variant_metrics(SHOWN)}
+    table = spec.comparison_table(exps, metrics, failed=["s-2"])
+    assert table.splitlines() == [
+        "| experiment | train.learning_rate | variant | accuracy | vanishing_index |",
+        "|---|---|---|---|---|",
+        "| s-1 | 0.1 | d1 | 0.93 | 1 |",
+        "| s-1 | 0.1 | d4 | 0.35 | 0.0147 |",
+        "| s-2 | 0.5 | failed |  |  |",
+        "Same in every experiment: train.epochs=3",
+    ]
+
+
+def test_format_seconds() -> None:
+    assert [spec.format_seconds(s) for s in (4.2, 65, 3725)] == ["4 s", "1 min 05 s", "1 h 02 min"]
+
+
+# -- the worker's steps ---------------------------------------------------------------------------
+
+JOB = {
+    "sweep": "s",
+    "name": "s-1",
+    "git_url": "/ws",
+    "push_url": "/ws",
+    "ref": "refs/sweeps/s",
+    "base": "b" * 40,
+    "commit": "c" * 40,
+    "dvc_remote": "storage",
+    "dvc_url": "/remote",
+    "cache_dir": "/ws/.dvc/cache",
+    "set_params": ["params.yaml:train.learning_rate=0.1"],
+    "env": {"PIPELINE_SWEEP": "s", "MLFLOW_TRACKING_URI": "sqlite:////ws/mlflow.db"},
+}
+
+
+def test_steps_end_with_the_experiments_push() -> None:
+    labels = [label for label, _ in worker.steps(JOB, "/tmp/c")]
+    assert labels == [
+        "clone",
+        "fetch",
+        "checkout",
+        "changes",
+        "dvc remote",
+        "dvc cache",
+        "dvc exp run",
+        "dvc push",
+        "dvc exp push",
+    ]
+    steps = dict(worker.steps(JOB, "/tmp/c"))
+    assert steps["changes"] == ["git", "read-tree", "-u", "--reset", "c" * 40]
+    run_args = ["exp", "run", "--pull", "--name", "s-1", "-S", "params.yaml:train.learning_rate=0.1"]
+    assert steps["dvc exp run"][3:] == run_args
+    assert steps["dvc exp push"][3:] == ["exp", "push", "--no-cache", "--force", "/ws", "s-1"]
+    cluster = {**JOB, "cache_dir": None, "commit": JOB["base"]}
+    labels = [label for label, _ in worker.steps(cluster, "/tmp/c")]
+    assert "changes" not in labels and "dvc cache" not in labels
+
+
+def test_task_env_drops_other_stores_and_adds_the_sweeps() -> None:
+    env = worker.task_env(JOB, {"PATH": "/usr/bin", "MLFLOW_TRACKING_URI": "http://other", "DVC_EXP_NAME": "x"})
+    assert env["MLFLOW_TRACKING_URI"] == "sqlite:////ws/mlflow.db" and "DVC_EXP_NAME" not in env
+    assert env["PIPELINE_SWEEP"] == "s" and env["PATH"].startswith(str(Path(sys.executable).parent))
+
+
+# -- the workspace snapshot, on real git ----------------------------------------------------------
+
+
+def _repo(path: Path) -> Path:
+    path.mkdir()
+    (path / ".dvc").mkdir()
+    (path / "kept.txt").write_text("1\n")
+    (path / "gone.txt").write_text("1\n")
+    (path / ".gitignore").write_text("ignored.txt\n")
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "base"], cwd=path, check=True)
+    return path
+
+
+def test_snapshot_takes_the_working_tree_and_leaves_it_alone(tmp_path: Path) -> None:
+    repo = _repo(tmp_path / "ws")
+    assert workspace.workspace_root(repo / ".dvc") == repo
+    clean = workspace.snapshot(repo, "s0")
+    assert not clean.changed and clean.ref == "refs/sweeps/s0"
+
+    (repo / "kept.txt").write_text("2\n")
+    (repo / "gone.txt").unlink()
+    (repo / "new.txt").write_text("new\n")
+    (repo / "ignored.txt").write_text("not sent\n")
+    subprocess.run(["git", "add", "kept.txt"], cwd=repo, check=True)  # the user's index: kept as it is
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+    snap = workspace.snapshot(repo, "s1")
+    assert snap.changed and snap.base == clean.base
+    after = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+    assert after == before
+    files = workspace.git(["ls-tree", "--name-only", snap.ref], repo).split()
+    assert files == [".gitignore", "kept.txt", "new.txt"]  # gone.txt deleted, ignored.txt not sent
+    assert workspace.git(["show", f"{snap.ref}:kept.txt"], repo) == "2"
+    assert workspace.git(["rev-parse", f"{snap.commit}^"], repo) == snap.base
+
+    workspace.delete_ref(repo, snap.ref)
+    assert not workspace.git(["for-each-ref", "refs/sweeps/s1"], repo)
+
+
+def test_workspace_errors_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(SweepError, match="not inside a git repository"):
+        workspace.workspace_root(tmp_path)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=bare, check=True)
+    with pytest.raises(SweepError, match="no commit yet"):
+        workspace.workspace_root(bare)
+
+
+def test_the_commit_must_be_on_the_remote(tmp_path: Path) -> None:
+    repo = _repo(tmp_path / "ws")
+    with pytest.raises(SweepError, match=r"no git remote 'origin'.*git remote add origin"):
+        workspace.remote_url(repo)
+    subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / "origin.git")], check=True)
+    subprocess.run(["git", "remote", "add", "origin", "../origin.git"], cwd=repo, check=True)
+    assert workspace.remote_url(repo) == str(tmp_path / "origin.git")  # relative: made absolute
+    head = workspace.git(["rev-parse", "HEAD"], repo)
+    with pytest.raises(SweepError, match=r"not on the git remote 'origin'.*git push origin HEAD"):
+        workspace.check_on_remote(repo, "origin", head)
+    subprocess.run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], cwd=repo, check=True)
+    workspace.check_on_remote(repo, "origin", head)
+    (repo / "kept.txt").write_text("3\n")
+    subprocess.run([*GIT, "commit", "-qam", "next"], cwd=repo, check=True)
+    subprocess.run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], cwd=repo, check=True)
+    workspace.check_on_remote(repo, "origin", head)  # an ancestor of what is there
+
+
+# -- the supervisor, on real processes ------------------------------------------------------------
+
+SUPERVISE = Path(supervise.__file__)
+
+
+def test_supervisor_passes_the_exit_status(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(SUPERVISE), str(os.getpid()), str(tmp_path), "sh", "-c", "exit 3"])
+    assert done.returncode == 3 and tmp_path.exists()
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_dying_parent_takes_the_command_group_down(tmp_path: Path) -> None:
+    """The parent (a Ray worker) is SIGKILLed: the supervisor SIGTERMs the whole group, grandchildren
+    included, and removes the attempt's folder."""
+    attempt = tmp_path / "attempt"
+    attempt.mkdir()
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, {str(SUPERVISE)!r}, str(os.getpid()), {str(attempt)!r},"
+        " 'sh', '-c', 'sleep 60 & sleep 61; wait'])\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    try:
+
+        def sleepers() -> list[psutil.Process]:
+            return [p for p in psutil.Process(parent.pid).children(recursive=True) if p.name() == "sleep"]
+
+        assert _wait_for(lambda: len(sleepers()) == 2)
+        started = sleepers()
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive, alive
+        assert _wait_for(lambda: not attempt.exists())
+    finally:
+        for p in psutil.Process(os.getpid()).children(recursive=True):
+            if "sleep" in p.name():
+                p.kill()
