@@ -156,7 +156,10 @@ class Reporter:
             summary = spec.headline(spec.variant_metrics(result.get("metrics") or {}), metric)
             self.line(f"{count} {result['name']}  done in {took}  {summary}")
             return
-        where = f"at {result['step']} (exit {result.get('status')})" if result.get("step") else ""
+        step = result.get("step")
+        where = "in Ray (its worker died more often than --retries allows)" if step == "ray" else f"at {step}"
+        if result.get("status") is not None:
+            where += f" (exit {result['status']})"
         self.line(f"{count} {result['name']}  FAILED {where} after {took}")
         tail = (result.get("tail") or "").splitlines()[-TAIL_SHOWN:]
         for text in tail:
