@@ -304,31 +304,37 @@ def _wait_for(predicate, timeout: float = 10.0) -> bool:
     return False
 
 
-def test_a_dying_parent_takes_the_command_group_down(tmp_path: Path) -> None:
-    """The parent (a Ray worker) is SIGKILLed: the supervisor SIGTERMs the whole group, grandchildren
-    included, and removes the attempt's folder."""
+@pytest.mark.parametrize("victim", ["worker", "launcher"])
+def test_the_command_group_never_outlives_the_task(tmp_path: Path, victim: str) -> None:
+    """SIGKILL of the Ray worker (the OOM killer), or of its direct child as Ray's force-cancel does:
+    the guard SIGTERMs the command's whole group, grandchildren included, and removes the attempt folder."""
     attempt = tmp_path / "attempt"
     attempt.mkdir()
-    parent_code = (
+    worker_code = (
         "import os, subprocess, sys, time\n"
         f"subprocess.Popen([sys.executable, {str(SUPERVISE)!r}, str(os.getpid()), {str(attempt)!r},"
         " 'sh', '-c', 'sleep 60 & sleep 61; wait'])\n"
         "time.sleep(60)\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    worker_proc = subprocess.Popen([sys.executable, "-c", worker_code])
+    tree = psutil.Process(worker_proc.pid)
     try:
 
         def sleepers() -> list[psutil.Process]:
-            return [p for p in psutil.Process(parent.pid).children(recursive=True) if p.name() == "sleep"]
+            return [p for p in tree.children(recursive=True) if p.name() == "sleep"]
 
+        # the guard runs in a session of its own, so it is no longer the worker's descendant once the launcher dies
         assert _wait_for(lambda: len(sleepers()) == 2)
         started = sleepers()
-        parent.send_signal(signal.SIGKILL)
-        parent.wait()
+        if victim == "worker":
+            worker_proc.send_signal(signal.SIGKILL)
+            worker_proc.wait()
+        else:
+            (launcher,) = tree.children()
+            launcher.send_signal(signal.SIGKILL)
         _, alive = psutil.wait_procs(started, timeout=10)
         assert not alive, alive
         assert _wait_for(lambda: not attempt.exists())
     finally:
-        for p in psutil.Process(os.getpid()).children(recursive=True):
-            if "sleep" in p.name():
-                p.kill()
+        worker_proc.kill()
+        worker_proc.wait()

@@ -168,12 +168,13 @@ class Reporter:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) stop the driver the way Ctrl-C does."""
+    """SIGINT, SIGTERM and SIGHUP stop the driver the way Ctrl-C does (SIGINT too where the shell
+    started it with SIGINT ignored, as a non-interactive shell does for background jobs)."""
 
     def handler(signum: int, frame: types.FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -366,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with sigterm_as_interrupt():
             ray = _ray_init(target, args.jobs)
+        with sigterm_as_interrupt():  # again: ray.init may have installed handlers of its own
             from pipeline.sweep import worker
 
             ray.cloudpickle.register_pickle_by_value(worker)

@@ -1,15 +1,18 @@
-"""Run one command in a process group of its own, and take the whole group down with its parent.
+"""Run one command of a sweep's task so that it never outlives the task.
 
-Usage: ``python supervise.py PARENT_PID CLEANUP_DIR COMMAND...`` (a sweep's worker runs this
-file's source with ``python -c``, so it needs nothing but the standard library).
+Usage: ``python supervise.py WORKER_PID CLEANUP_DIR COMMAND...`` (a worker runs this file's
+source with ``python -c``: it needs nothing but the standard library).
 
-A Ray worker can die at any point: cancelled with force (Ctrl-C on the driver), killed by
-the out-of-memory killer, or with its node. The kernel then sends this process SIGTERM
-(``PR_SET_PDEATHSIG``), and it passes SIGTERM to the command's process group: ``dvc exp
-run`` and the training stage under it, which ends its MLflow runs KILLED at the end of
-the epoch. It waits until the group is gone (SIGKILL after a grace period), removes
-``CLEANUP_DIR`` (the attempt's clone) when it was stopped that way, and exits with the
-command's status (128 + signal number for a signal).
+A Ray worker can die at any point: cancelled with force (Ctrl-C on the driver), killed by the
+out-of-memory killer, or with its node. Ray then kills the worker's direct children, with
+SIGKILL, but not their children: ``dvc exp run`` and its training stage would go on, orphaned.
+So this process (the *launcher*, the worker's child) forks a *guard* in a session of its own,
+which Ray does not reach, and relays its exit status. The guard runs the command in another
+new session (process group) and stops that whole group with SIGTERM when the launcher dies
+(``PR_SET_PDEATHSIG``) or the worker is gone (polled), or on SIGTERM/SIGINT/SIGHUP. The
+training stage then ends its MLflow runs KILLED at the end of the epoch. The guard waits for
+the group to go (SIGKILL after a grace period), removes ``CLEANUP_DIR`` (the attempt's clone)
+and exits 128 + the signal's number; otherwise it exits with the command's status.
 """
 
 from __future__ import annotations
@@ -22,48 +25,85 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+POLL_S = 0.5
 GRACE_S = 120.0
 
 
-def _group_alive(pgid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie counts as gone)."""
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        return Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
 
 
-def main(argv: list[str]) -> int:
-    parent, cleanup, command = int(argv[0]), argv[1], argv[2:]
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: no parent-death signal
+def guard(worker: int, launcher: int, cleanup: str, command: list[str]) -> int:
+    """Run ``command`` in a new session; stop its group when the launcher or the worker is gone."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: polling only
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        return 128 + signal.SIGTERM
-    child = subprocess.Popen(command, start_new_session=True)
     stopped: list[int] = []
+    child: subprocess.Popen[bytes] | None = None
 
-    def forward(signum: int, frame: object) -> None:
-        stopped.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGTERM)
+    def stop(signum: int, frame: object = None) -> None:
+        if not stopped:
+            stopped.append(signum)
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGTERM)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    status = child.wait()
+        signal.signal(sig, stop)
+    if os.getppid() != launcher or not alive(worker):  # gone before the guard was in place
+        return 128 + signal.SIGTERM
+    child = subprocess.Popen(command, start_new_session=True)
+    while child.poll() is None:
+        if not stopped and not alive(worker):
+            stop(signal.SIGTERM)
+        time.sleep(POLL_S)
     if not stopped:
-        return status if status >= 0 else 128 - status
+        return child.returncode if child.returncode >= 0 else 128 - child.returncode
     deadline = time.monotonic() + GRACE_S
-    while _group_alive(child.pid):  # dvc exits at once; training ends its runs at the end of the epoch
+    while True:  # dvc exits at once; training ends its runs at the end of the epoch
+        try:
+            os.killpg(child.pid, 0)
+        except ProcessLookupError:
+            break
         if time.monotonic() > deadline:
             os.killpg(child.pid, signal.SIGKILL)
             break
         time.sleep(0.2)
     shutil.rmtree(cleanup, ignore_errors=True)
     return 128 + stopped[0]
+
+
+def main(argv: list[str]) -> int:
+    worker, cleanup, command = int(argv[0]), argv[1], argv[2:]
+    launcher = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the guard
+        os.setsid()
+        code = 1
+        try:
+            code = guard(worker, launcher, cleanup, command)
+        finally:
+            os._exit(code)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":
