@@ -321,10 +321,15 @@ def landed(root: Path, names: Sequence[str]) -> set[str]:
 
 
 def bring_back(root: Path, git_url: str, names: Sequence[str]) -> None:
-    """Cluster sweeps: fetch the experiments (refs and outputs) from ``origin`` into the workspace."""
+    """Cluster sweeps: fetch the experiments (refs and outputs) from ``origin`` into the workspace;
+    only those that are there (after Ctrl-C, some never were)."""
+    import subprocess
+
+    listing = workspace.git(["ls-remote", git_url, "refs/exps/*"], root, timeout=120)
+    there = {line.rsplit("/", 1)[-1] for line in listing.splitlines()}
+    names = [n for n in names if n in there]
     if not names:
         return
-    import subprocess
 
     done = subprocess.run(
         [sys.executable, "-m", "dvc", "exp", "pull", git_url, *names],

@@ -18,6 +18,7 @@ repository, committed, with a bare git ``origin`` and a DVC remote in temporary 
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import sys
 import time
@@ -254,6 +255,46 @@ def _cmdline_has(proc: psutil.Process, text: str) -> bool:
         return any(text in part for part in proc.cmdline())
     except psutil.Error:
         return False
+
+
+def test_ctrl_c_cancels_and_leaves_nothing_half_done(cluster: RayCluster, server: str, workspace, base: Path) -> None:
+    project = workspace("ctrlc")
+    command = [*SWEEP, "--name", "ctrlc", "-S", "train.learning_rate=0.2,0.3", "-S", "train.epochs=400"]
+    process, lines, reader = start_background(command, project, env=cluster_env(cluster, server))
+    deadline = time.monotonic() + 240
+    try:
+        while not any(_cmdline_has(p, "pipeline.train") and _ray_worker_of(p) for p in cluster.processes()):
+            assert process.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "training never started:\n" + "".join(lines)
+            time.sleep(0.2)
+        time.sleep(8)  # training is under way: its runs exist
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130, "".join(lines)
+        assert time.monotonic() - started < 30
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(timeout=10)
+    out = "".join(lines)
+    assert "Interrupted: cancelling 2 outstanding experiment(s)" in out and " done in " not in out, out
+    assert not run(["git", "for-each-ref", "refs/exps/"], project).stdout.strip()
+    assert not run(["git", "for-each-ref", "refs/exps/"], base / "ctrlc-origin.git").stdout.strip()
+    assert_no_sweep_refs(project, base / "ctrlc-origin.git")
+    # The cancelled attempts' processes stop, and training ends its runs KILLED.
+    assert _wait_for(lambda: not [p for p in cluster.processes() if _cmdline_has(p, "ctrlc-")], 60)
+    assert _wait_for(lambda: {r.info.status for r in server_runs(server, "ctrlc")} == {"KILLED"}, 30), [
+        (r.info.run_name, r.info.status) for r in server_runs(server, "ctrlc")
+    ]
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def test_failing_experiment_is_reported_and_the_others_land(cluster: RayCluster, server: str, workspace) -> None:
