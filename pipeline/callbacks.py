@@ -9,6 +9,7 @@ Order therefore matters: measurements first, then :class:`History`,
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -19,11 +20,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from pipeline import measures
+from pipeline import history, measures
 from pipeline.engine import StackedTrainer
 from pipeline.model import hidden_layers
 
 log = logging.getLogger(__name__)
+STD_PREFIX = "std/"  # the parent run's spread over seeds of a metric: std/accuracy
 
 
 def _kernels(model: keras.Model) -> list[tuple[str, np.ndarray]]:
@@ -87,16 +89,20 @@ class History(keras.callbacks.Callback):
 
 
 class MlflowLogger(keras.callbacks.Callback):
-    """Logs every per-replicate value to that replicate's MLflow run, step = epoch (1-based).
+    """Logs every per-replicate value to that replicate's MLflow run, step = epoch (1-based), and,
+    given the variant's parent run, the mean over seeds under the same key and the population
+    std as ``std/<key>`` there, so the parent charts the variant as one line.
 
     Metrics are buffered and sent in batches at most every ``flush_s`` seconds (and at
     the end), so a local SQLite store does not cost a transaction per metric.
     """
 
-    def __init__(self, client: Any, run_ids: Sequence[str], flush_s: float = 5.0) -> None:
+    def __init__(self, client: Any, run_ids: Sequence[str], parent_id: str | None = None, flush_s: float = 5.0) -> None:
         super().__init__()
-        self.client, self.run_ids, self.flush_s = client, list(run_ids), flush_s
-        self._buffer: list[list[Any]] = [[] for _ in self.run_ids]
+        self.client, self.run_ids, self.parent_id, self.flush_s = client, list(run_ids), parent_id, flush_s
+        self._buffer: dict[str, list[Any]] = {
+            run_id: [] for run_id in [*self.run_ids, *([parent_id] * bool(parent_id))]
+        }
         self._last_flush = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -104,10 +110,15 @@ class MlflowLogger(keras.callbacks.Callback):
 
         now_ms = int(time.time() * 1000)
         for key, value in logs.items():
-            values = np.asarray(value)
-            for k in range(len(self.run_ids)):
+            values = np.asarray(value, np.float64)
+            for run_id, v in zip(self.run_ids, values, strict=True):
                 # NaN and ±inf too: MLflow stores them, and a diverging run must show that it diverged.
-                self._buffer[k].append(Metric(key=key, value=float(values[k]), timestamp=now_ms, step=epoch + 1))
+                self._buffer[run_id].append(Metric(key=key, value=float(v), timestamp=now_ms, step=epoch + 1))
+            if self.parent_id:
+                for name, v in ((key, values.mean()), (f"{STD_PREFIX}{key}", values.std())):
+                    self._buffer[self.parent_id].append(
+                        Metric(key=name, value=float(v), timestamp=now_ms, step=epoch + 1)
+                    )
         if time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
 
@@ -115,11 +126,10 @@ class MlflowLogger(keras.callbacks.Callback):
         self.flush()
 
     def flush(self) -> None:
-        for k, run_id in enumerate(self.run_ids):
-            metrics = self._buffer[k]
+        for run_id, metrics in self._buffer.items():
             for start in range(0, len(metrics), 1000):  # MLflow's per-request limit
                 self.client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
-            self._buffer[k] = []
+            metrics.clear()
         self._last_flush = time.monotonic()
 
 
@@ -167,3 +177,72 @@ class StopOnSignal(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.check()
+
+
+# Probe examples whose layer Jacobians are decomposed every epoch (the first ones of the probe
+# batch): one small eigendecomposition per example, replicate and layer is the costly part.
+JACOBIAN_EXAMPLES = 50
+
+
+class ActivationProbe(keras.callbacks.Callback):
+    """Why a layer learns slowly, on the fixed probe batch (an inference-mode forward pass that
+    only reads the weights): per hidden layer ``act_mean``, ``act_p02``, ``act_p98`` and
+    ``saturation``, and the singular values of its back-propagation Jacobian (``jac_mean``,
+    ``jac_max``, on the first ``jacobian_examples`` probe examples); the same activation
+    statistics for the output layer (``…/output``); and ``jac_product`` over hidden layers
+    1 … L-1. Definitions in :mod:`pipeline.measures`; column names in :mod:`pipeline.history`.
+    """
+
+    def __init__(self, x: np.ndarray, jacobian_examples: int = JACOBIAN_EXAMPLES) -> None:
+        super().__init__()
+        self.x, self.jacobian_examples = x, jacobian_examples
+        self._probe: keras.Model | None = None
+
+    def _build(self) -> None:
+        # Every Activation layer's input u (z, or its batch-normalised value) and output a.
+        layers = [layer for layer in self.model.layers if isinstance(layer, keras.layers.Activation)]
+        self._activations = [layer.get_config()["activation"] for layer in layers]
+        outputs = [t for layer in layers for t in (layer.input, layer.output)]
+        self._probe = keras.Model(self.model.input, outputs, name=f"{self.model.name}-activations")
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._build()
+
+    def _batchnorm_scale(self, layer: int, replicates: int) -> np.ndarray | None:
+        """∂(batch norm)/∂z in inference mode, γ / √(moving variance + ε), as (S, 1, U); None without one."""
+        name = f"batchnorm_{layer}"
+        if name not in {other.name for other in self.model.layers}:
+            return None
+        norm = self.model.get_layer(name).norm
+        variance = ops.convert_to_numpy(norm.moving_variance).astype(np.float64)
+        gamma = ops.convert_to_numpy(norm.gamma).astype(np.float64) if norm.scale else np.ones_like(variance)
+        return (gamma / np.sqrt(variance + norm.epsilon)).reshape(replicates, 1, -1)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._probe is None:
+            self._build()
+        # predict_on_batch: Keras' compiled inference function (training=False), no state updates.
+        values = [np.asarray(v) for v in self._probe.predict_on_batch(self.x)]
+        hidden = hidden_layers(self.model)
+        kernels = [ops.convert_to_numpy(layer.kernel) for layer in [*hidden[1:], self.model.get_layer("output")]]
+        replicates = values[0].shape[0]
+        products = []
+        for i, activation in enumerate(self._activations):
+            u, a = values[2 * i], values[2 * i + 1]
+            layer = i + 1 if i < len(hidden) else None  # the last Activation is the output layer's
+            column = functools.partial(history.probe_column, layer=layer)
+            mean, low, high = measures.activation_stats(a)
+            logs[column(history.ACT_MEAN)], logs[column(history.ACT_P02)] = mean, low
+            logs[column(history.ACT_P98)] = high
+            logs[column(history.SATURATION)] = measures.saturation(activation, u)
+            if layer is None:
+                continue
+            slope = measures.activation_derivative(activation, u[:, : self.jacobian_examples])
+            scale = self._batchnorm_scale(layer, replicates)
+            if scale is not None:
+                slope = slope * scale
+            jac_mean, jac_max = measures.jacobian_summary(slope, kernels[i])
+            logs[column(history.JAC_MEAN)], logs[column(history.JAC_MAX)] = jac_mean, jac_max
+            if layer < len(hidden):
+                products.append(jac_mean)
+        logs[history.JAC_PRODUCT] = measures.jacobian_product(products, replicates)

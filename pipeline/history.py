@@ -2,9 +2,12 @@
 
 A history is the train stage's ``history.csv``: one row per (seed, epoch) with the
 columns of :data:`SCALARS` and, per hidden layer i, ``<kind>/hidden_<i>`` for every kind
-in :data:`LAYER_KINDS`. This module is the one place that knows that layout: column
-names, statistics over seeds, layer-to-layer ratios, final values and the summary that
-becomes ``metrics.json``. Pure pandas/NumPy; nothing here reads or writes files.
+in :data:`LAYER_KINDS` and :data:`PROBE_KINDS`, ``<kind>/output`` for every kind in
+:data:`OUTPUT_KINDS`, and :data:`JAC_PRODUCT`. Histories written before the probe kinds
+existed lack those columns; everything here that reads them says so (empty or NaN).
+This module is the one place that knows that layout: column names, statistics over
+seeds, layer-to-layer ratios, final values, escape epochs and the summary that becomes
+``metrics.json``. Pure pandas/NumPy; nothing here reads or writes files.
 
 Spread over seeds is the population standard deviation (``ddof=0``): the seeds are the
 whole set of replicates trained, not a sample to generalise from, and one seed gives 0.
@@ -25,12 +28,33 @@ WEIGHT_CHANGE, GRAD, GRAD_BIAS = "weight_change", "grad", "grad_bias"
 LAYER_KINDS = (WEIGHT_CHANGE, GRAD, GRAD_BIAS)
 # Nielsen's "speed of learning" of a layer, used for ratios and the vanishing index.
 SPEED = GRAD_BIAS
-_LAYER_COLUMN = re.compile(r"^(?P<kind>[a-z_]+)/hidden_(?P<layer>\d+)$")
+# Measured on the probe batch by ``callbacks.ActivationProbe`` (see ``measures``): activation
+# mean and 2nd / 98th percentiles, saturated fraction, and the layer Jacobian's singular values.
+ACT_MEAN, ACT_P02, ACT_P98, SATURATION = "act_mean", "act_p02", "act_p98", "saturation"
+JAC_MEAN, JAC_MAX = "jac_mean", "jac_max"
+PROBE_KINDS = (ACT_MEAN, ACT_P02, ACT_P98, SATURATION, JAC_MEAN, JAC_MAX)
+OUTPUT_KINDS = (ACT_MEAN, ACT_P02, ACT_P98, SATURATION)
+OUTPUT = "output"
+# Product of jac_mean over hidden layers 1 … L-1: the predicted first / last speed ratio.
+JAC_PRODUCT = "jac_product"
+# The escape epoch: first epoch whose training accuracy exceeds epoch 1's by more than this.
+ESCAPE_MARGIN = 0.05
+_LAYER_COLUMN = re.compile(r"^(?P<kind>[a-z_0-9]+)/hidden_(?P<layer>\d+)$")
 
 
 def layer_column(kind: str, layer: int) -> str:
     """``grad`` and 2 -> ``grad/hidden_2`` (layer 1 is next to the input)."""
     return f"{kind}/hidden_{layer}"
+
+
+def output_column(kind: str) -> str:
+    """``saturation`` -> ``saturation/output``: the output layer's value."""
+    return f"{kind}/{OUTPUT}"
+
+
+def probe_column(kind: str, layer: int | None) -> str:
+    """:func:`layer_column` for hidden layer ``layer``, :func:`output_column` for None."""
+    return output_column(kind) if layer is None else layer_column(kind, layer)
 
 
 def parse_layer_column(column: str) -> tuple[str, int] | None:
@@ -126,11 +150,78 @@ def vanishing_index(first_speed: Sequence[float], last_speed: Sequence[float], w
     return (float(np.mean(first[ok] / last[ok])) if ok.any() else math.nan), skipped
 
 
-def summarize(history: pd.DataFrame, index_window: int) -> dict[str, float | int | None]:
-    """``metrics.json`` of one variant: final-epoch values and the vanishing index, mean and std over seeds.
+def escape_epoch(epochs: Sequence[int], accuracy: Sequence[float], margin: float = ESCAPE_MARGIN) -> int | None:
+    """The first epoch whose training accuracy exceeds the first epoch's by more than ``margin``.
+
+    The first epoch's accuracy is the plateau level: a net that sits on a plateau stays at
+    it, one that learns leaves it at once (escape epoch 2, the earliest possible). None when
+    no epoch of the run gets there (censored: the seed may escape later, or never), and
+    when the first epoch's accuracy is not finite.
+    """
+    order = np.argsort(np.asarray(epochs))
+    epochs = np.asarray(epochs)[order]
+    accuracy = np.asarray(accuracy, np.float64)[order]
+    if len(accuracy) == 0 or not np.isfinite(accuracy[0]):
+        return None
+    above = np.flatnonzero(accuracy > accuracy[0] + margin)  # NaN compares False: a diverged epoch never escapes
+    return int(epochs[above[0]]) if above.size else None
+
+
+def escape_epochs(history: pd.DataFrame, margin: float = ESCAPE_MARGIN) -> pd.DataFrame:
+    """Per seed (sorted): ``seed``, ``escape_epoch`` (NaN when censored), ``escaped`` and ``last_epoch``."""
+    rows = []
+    for seed, group in history.groupby("seed", sort=True):
+        epoch = escape_epoch(group["epoch"], group["accuracy"], margin)
+        rows.append(
+            {
+                "seed": int(seed),
+                "escape_epoch": np.nan if epoch is None else float(epoch),
+                "escaped": epoch is not None,
+                "last_epoch": int(group["epoch"].max()),
+            }
+        )
+    return pd.DataFrame(rows, columns=["seed", "escape_epoch", "escaped", "last_epoch"])
+
+
+def around_escape(history: pd.DataFrame, column: str, escapes: pd.DataFrame, window: int) -> tuple[float, float, int]:
+    """Mean of ``column`` over the ``window`` epochs before each escaped seed's escape epoch and
+    over the ``window`` epochs from it on (both averaged over those seeds), and how many seeds
+    that is. NaN, NaN, 0 when no seed escaped or the column is missing."""
+    before, after = [], []
+    if column in history.columns:
+        for row in escapes[escapes["escaped"]].itertuples(index=False):
+            rows = history[history["seed"] == row.seed]
+            e = rows["epoch"]
+            ahead = rows.loc[(e >= row.escape_epoch - window) & (e < row.escape_epoch), column]
+            behind = rows.loc[(e >= row.escape_epoch) & (e < row.escape_epoch + window), column]
+            if len(ahead) and len(behind):
+                before.append(ahead.mean())
+                after.append(behind.mean())
+    if not before:
+        return math.nan, math.nan, 0
+    return float(np.mean(before)), float(np.mean(after)), len(before)
+
+
+def escape_summary(escapes: pd.DataFrame) -> dict[str, float | None]:
+    """``escape_epoch`` (mean over the seeds that escaped; null when none did), ``escape_epoch_std``
+    (ddof=0 over those seeds) and ``escaped_fraction``. Censored seeds are never averaged in."""
+    escaped = escapes.loc[escapes["escaped"], "escape_epoch"].to_numpy(np.float64)
+    return {
+        "escape_epoch": _finite(escaped.mean()) if escaped.size else None,
+        "escape_epoch_std": _finite(escaped.std()) if escaped.size else None,
+        "escaped_fraction": float(escaped.size / len(escapes)) if len(escapes) else None,
+    }
+
+
+def summarize(
+    history: pd.DataFrame, index_window: int, escape_margin: float = ESCAPE_MARGIN
+) -> dict[str, float | int | None]:
+    """``metrics.json`` of one variant: final-epoch values, the vanishing index and the escape
+    epoch (:func:`escape_epoch`), mean and std over seeds.
 
     Non-finite values are written as ``null`` (JSON has no NaN) rather than dropped, and a
-    seed's NaN is never averaged away.
+    seed's NaN is never averaged away. The escape epoch averages only the seeds that
+    escaped, and ``escaped_fraction`` says how many of them that is.
     """
     last = final_rows(history)
     out: dict[str, float | int | None] = {}
@@ -148,6 +239,7 @@ def summarize(history: pd.DataFrame, index_window: int) -> dict[str, float | int
     out["vanishing_index_std"] = _finite(np.std(indices))
     # Epochs (summed over seeds) left out of the index because the last layer's speed was 0.
     out["vanishing_index_skipped_epochs"] = skipped
+    out.update(escape_summary(escape_epochs(history, escape_margin)))
     out["epochs"] = int(history["epoch"].max())
     out["replicates"] = int(history["seed"].nunique())
     return out

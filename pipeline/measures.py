@@ -25,3 +25,89 @@ def l2_norm(values: np.ndarray) -> np.ndarray:
     """Euclidean norm per replicate: shape (S,)."""
     flat = np.asarray(values, np.float64)
     return np.sqrt((flat.reshape(flat.shape[0], -1) ** 2).sum(axis=1))
+
+
+# ------------------------------------------------------------------ activations and saturation
+# The largest value of each activation's (diagonal) derivative f'(u): σ'(0) = 1/4, tanh'(0) = 1,
+# ReLU' = 1 on u > 0; softmax's diagonal ∂p_j/∂u_j = p_j(1 - p_j) peaks at p_j = 1/2, like σ'.
+MAX_SLOPE = {"sigmoid": 0.25, "tanh": 1.0, "relu": 1.0, "softmax": 0.25}
+# A unit is saturated (in the flat part of its activation) where f'(u) < SATURATED · max f'.
+SATURATED = 0.1
+# Percentiles of activations over (example, unit) that give the spread of a layer.
+PERCENTILES = (2.0, 98.0)
+
+
+def activation_derivative(activation: str, u: np.ndarray) -> np.ndarray:
+    """f'(u) elementwise for the activation's input ``u``; float64, same shape.
+
+    ReLU's derivative at 0 is 0 (as its gradient in TensorFlow and JAX). Softmax (over the
+    last axis) gives its diagonal p(1 - p): how much an output moves with its own logit.
+    """
+    u = np.asarray(u, np.float64)
+    if activation == "sigmoid":
+        s = 0.5 * (1.0 + np.tanh(0.5 * u))  # σ(u) without overflow in exp
+        return s * (1.0 - s)
+    if activation == "tanh":
+        return 1.0 - np.tanh(u) ** 2
+    if activation == "relu":
+        return (u > 0).astype(np.float64)
+    if activation == "softmax":
+        e = np.exp(u - u.max(axis=-1, keepdims=True))
+        p = e / e.sum(axis=-1, keepdims=True)
+        return p * (1.0 - p)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(MAX_SLOPE)}")
+
+
+def saturation(activation: str, u: np.ndarray) -> np.ndarray:
+    """Fraction of (example, unit) pairs with f'(u) < SATURATED · max f', per replicate: shape (S,).
+
+    The same definition for every activation: for the sigmoid σ'(u) < 0.025 (|u| > 3.6),
+    for tanh |u| > 1.82, for ReLU u ≤ 0 (the inactive, "dead" fraction).
+    """
+    slope = activation_derivative(activation, u)
+    flat = (slope < SATURATED * MAX_SLOPE[activation]).reshape(slope.shape[0], -1)
+    return flat.mean(axis=1)
+
+
+def activation_stats(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and the 2nd and 98th percentiles of activations over (example, unit), per replicate: (S,) each."""
+    flat = np.asarray(a).reshape(np.shape(a)[0], -1)
+    low, high = np.percentile(flat, PERCENTILES, axis=1).astype(np.float64)
+    return flat.mean(axis=1, dtype=np.float64), low, high
+
+
+# ---------------------------------------------------------------------------- layer Jacobians
+def jacobian_singular_values(slope: np.ndarray, next_kernel: np.ndarray) -> np.ndarray:
+    """Singular values of each example's back-propagation Jacobian of one hidden layer.
+
+    ``slope`` (S, B, U) is ∂a/∂z of the layer's units per example (f'(z), times the
+    batch-norm scale when there is one), ``next_kernel`` (S, U, V) the next layer's
+    kernel. The error at this layer's pre-activations is δ = diag(slope) W_next δ_next,
+    so the Jacobian is diag(slope) W_next (U × V per example; the same singular values
+    as ∂z_next/∂z). Returns (S, B, min(U, V)), largest first.
+    """
+    slope = np.asarray(slope, np.float64)
+    kernel = np.asarray(next_kernel, np.float64)
+    jac = slope[..., :, None] * kernel[:, None]  # (S, B, U, V)
+    # Eigenvalues of the smaller Gram matrix: the squared singular values, cheaper than an SVD.
+    gram = jac.swapaxes(-1, -2) @ jac if jac.shape[-1] <= jac.shape[-2] else jac @ jac.swapaxes(-1, -2)
+    eig = np.linalg.eigvalsh(gram)[..., ::-1]
+    return np.sqrt(np.clip(eig, 0.0, None))
+
+
+def jacobian_summary(slope: np.ndarray, next_kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per replicate (S,): mean over examples of the mean singular value, and of the largest one."""
+    sv = jacobian_singular_values(slope, next_kernel)
+    return sv.mean(axis=(1, 2)), sv[..., 0].mean(axis=1)
+
+
+def jacobian_product(mean_singular_values: list[np.ndarray], replicates: int) -> np.ndarray:
+    """Product over layers of the mean singular values, per replicate (S,); 1 for no layer.
+
+    For hidden layers 1 … L-1 it predicts the first / last ratio of ‖∂C/∂b‖: the error
+    reaching layer 1 is the last hidden layer's error passed through L-1 Jacobians.
+    """
+    out = np.ones(replicates)
+    for values in mean_singular_values:
+        out = out * np.asarray(values, np.float64)
+    return out

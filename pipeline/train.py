@@ -16,11 +16,13 @@ unless training completed.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
 import signal
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
+from pipeline.history import SCALARS  # column names only: the final values linked to each model
 from pipeline.outputs import staged_dir
 from pipeline.params import ParamsError, TrackingParams, TrainParams, Variant, check_file, load_section, parse
 
@@ -73,6 +76,7 @@ def fit_replicates(
     measurements = [
         cb.WeightChange(),
         cb.GradientProbe(trainer, data.x[probe], data.y[probe]),
+        cb.ActivationProbe(data.x[probe]),
         cb.HeldOut(trainer, data.x_test, data.y_test),
     ]
     trainer.fit(data.x, data.y, params.epochs, callbacks=[*measurements, history, *callbacks])
@@ -188,10 +192,11 @@ def train_and_track(
     tags = tracking.lineage_tags(root, stage, args.params) | {"data.digest": digest, "variant": name}
     names = [f"{name}-seed-{s}" for s in train.seeds]
     log.info("training %s: seeds %s, %d epochs, backend %s", name, list(train.seeds), train.epochs, backend)
-    with tracking.run_set(client, experiment_id, names, tags) as runs:
-        _log_run_inputs(client, runs.run_ids, variant, train, backend, data, digest, args.data)
+    note = describe(name, variant, train)
+    with tracking.run_set(client, experiment_id, names, tags, parent=name, description=note) as runs:
+        _log_run_inputs(client, runs, variant, train, backend, data, digest, args.data)
         runs.stop.check()  # no need to wait for the first epoch (and its compilation)
-        logger = cb.MlflowLogger(client, runs.run_ids)
+        logger = cb.MlflowLogger(client, runs.run_ids, runs.parent_id)
         try:
             model, history = fit_replicates(
                 variant,
@@ -206,6 +211,7 @@ def train_and_track(
             "name": name,
             "variant": variant.model_dump(),
             "seeds": list(train.seeds),
+            "parent_run": runs.parent_id,
             "runs": {str(s): r for s, r in zip(train.seeds, runs.run_ids, strict=True)},
             "experiment_id": experiment_id,
             "tracking_uri": tracking.redact(uri),
@@ -214,8 +220,9 @@ def train_and_track(
         }
         try:
             with staged_dir(args.out) as tmp:
-                _write_outputs(tmp, history, run_info, [unstack(model, variant, k) for k in range(len(train.seeds))])
-                _log_run_outputs(client, runs.run_ids, train.seeds, tmp, history)
+                singles = [unstack(model, variant, k) for k in range(len(train.seeds))]
+                _write_outputs(tmp, history, run_info, singles)
+                _log_run_outputs(client, experiment_id, runs.run_ids, train.seeds, singles, history)
                 runs.stop.check()  # a signal during writing: the staged outputs are discarded
         except OSError as exc:
             raise OutputError(
@@ -234,9 +241,26 @@ def _write_outputs(folder: Path, history: pd.DataFrame, run_info: dict[str, Any]
         single.save(folder / "models" / f"seed-{seed}.keras")
 
 
+def describe(name: str, variant: Variant, train: TrainParams) -> str:
+    """The variant run's Markdown description in the MLflow UI: what it is and what to look at."""
+    act = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "ReLU"}[variant.activation]
+    loss = "mean squared error" if variant.loss == "mse" else "cross-entropy (softmax outputs)"
+    norm = ", batch normalisation before each activation" if variant.norm == "batch" else ""
+    return (
+        f"**{name}**: {variant.depth} hidden layer(s) of {train.hidden_units} {act} units, {loss}, "
+        f"{variant.init} initialisation{norm}; plain SGD at learning rate {train.learning_rate}, batch size "
+        f"{train.batch_size}, {train.epochs} epochs, seeds {', '.join(map(str, train.seeds))} "
+        "(one nested run each).\n\n"
+        "Metrics are the mean over seeds per epoch (`std/<metric>`: their spread). Look at `accuracy` beside the "
+        "other variants, then `grad_bias/hidden_i`: the first hidden layer's speed of learning against the last's "
+        "(each sigmoid layer passes back at most 1/4 of the error). `summary/*` holds the final values and the "
+        "vanishing index; the study's page is `index.html` in the artifacts of the run named `report`."
+    )
+
+
 def _log_run_inputs(
     client: Any,
-    run_ids: list[str],
+    runs: tracking.RunSet,
     variant: Variant,
     train: TrainParams,
     backend: str,
@@ -255,22 +279,54 @@ def _log_run_inputs(
             {"num_rows": len(data.x), "features_shape": list(data.x.shape), "targets_shape": list(data.y.shape)}
         ),
     )
-    for seed, run_id in zip(train.seeds, run_ids, strict=True):
+    inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])]
+    variant_params = {k: v for k, v in run_params(variant, train, train.seeds[0], backend).items() if k != "seed"}
+    client.log_batch(runs.parent_id, params=[Param(k, v) for k, v in variant_params.items()], synchronous=True)
+    client.log_inputs(runs.parent_id, inputs)
+    for seed, run_id in zip(train.seeds, runs.run_ids, strict=True):
         params = [Param(k, v) for k, v in run_params(variant, train, seed, backend).items()]
         client.log_batch(run_id, params=params, synchronous=True)
-        client.log_inputs(run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])])
+        client.log_inputs(run_id, inputs)
 
 
 def _log_run_outputs(
-    client: Any, run_ids: list[str], seeds: Sequence[int], folder: Path, history: pd.DataFrame
+    client: Any, experiment_id: str, run_ids: list[str], seeds: Sequence[int], models: list[Any], history: pd.DataFrame
 ) -> None:
-    """Per run: its own rows of the history and its model."""
-    for seed, run_id in zip(seeds, run_ids, strict=True):
+    """Per run: its own rows of the history, and its replicate as an MLflow model (a LoggedModel in the
+    experiment's Models tab, loadable with ``mlflow.pyfunc.load_model``) linked to its final metrics."""
+    import keras
+    import mlflow.keras
+    from mlflow.entities import LoggedModelOutput, Metric
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from pipeline.model import INPUT_DIM, N_CLASSES
+
+    signature = ModelSignature(
+        Schema([TensorSpec(np.dtype(np.float32), (-1, INPUT_DIM), "pixels")]),
+        Schema([TensorSpec(np.dtype(np.float32), (-1, N_CLASSES), "probabilities")]),
+    )
+    backend = keras.backend.backend()  # what the saved model needs to load: Keras and its backend, pinned
+    requirements = [f"keras=={keras.__version__}", f"{backend}=={importlib.metadata.version(backend)}"]
+    final = history.sort_values("epoch").groupby("seed").tail(1).set_index("seed")
+    for seed, run_id, single in zip(seeds, run_ids, models, strict=True):
         with tempfile.TemporaryDirectory() as scratch:
             csv = Path(scratch) / "history.csv"
             history[history["seed"] == seed].to_csv(csv, index=False, float_format=CSV_FLOAT)
             client.log_artifact(run_id, str(csv))
-        client.log_artifact(run_id, str(folder / "models" / f"seed-{seed}.keras"), "model")
+            model = client.create_logged_model(
+                experiment_id, name=f"seed-{seed}", source_run_id=run_id, model_type="keras", params={"seed": str(seed)}
+            )
+            saved = str(Path(scratch) / "model")
+            mlflow.keras.save_model(single, saved, signature=signature, pip_requirements=requirements)
+            client.log_model_artifacts(model.model_id, saved)
+        client.finalize_logged_model(model.model_id, "READY")
+        epoch, now = int(final.loc[seed, "epoch"]), int(time.time() * 1000)
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, epoch)])
+        # Under their own keys: the per-epoch series of `accuracy` keeps one value per epoch.
+        values = {f"final/{k}": float(final.loc[seed, k]) for k in SCALARS}
+        metrics = [Metric(k, v, now, epoch, model_id=model.model_id) for k, v in values.items()]
+        client.log_batch(run_id, metrics=metrics, synchronous=True)
 
 
 if __name__ == "__main__":

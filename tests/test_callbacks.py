@@ -159,3 +159,162 @@ def test_held_out_hand_computed() -> None:
         out = _forward(model, x, k)[-1]
         np.testing.assert_allclose(logs["test_loss"][k], np.mean((out - y) ** 2), rtol=1e-5)
         assert logs["test_accuracy"][k] == pytest.approx(np.mean(out.argmax(1) == y.argmax(1)))
+
+
+# --------------------------------------------------- activations, saturation, Jacobians (issue 12)
+def test_saturation_of_a_saturated_sigmoid_unit() -> None:
+    # σ'(0) = 1/4 (not saturated), σ'(±5) = 0.0066 < 0.025 (saturated), σ'(3) = 0.045 (not).
+    u = np.array([[[0.0, 5.0, -5.0, 3.0]], [[0.0, 0.0, 0.0, 0.0]]])
+    np.testing.assert_allclose(measures.saturation("sigmoid", u), [0.5, 0.0])
+    np.testing.assert_allclose(measures.activation_derivative("sigmoid", [[0.0]]), [[0.25]])
+
+
+def test_saturation_of_a_dead_relu_is_its_inactive_fraction() -> None:
+    u = np.array([[[-1.0, 0.0, 2.0, 3.0]]])  # ReLU'(0) = 0, as its gradient
+    np.testing.assert_allclose(measures.activation_derivative("relu", u), [[[0, 0, 1, 1]]])
+    np.testing.assert_allclose(measures.saturation("relu", u), [0.5])
+
+
+def test_saturation_of_tanh_and_softmax() -> None:
+    # tanh'(2) = 0.0707 < 0.1; tanh'(1) = 0.42.
+    np.testing.assert_allclose(measures.saturation("tanh", np.array([[[0.0, 1.0, 2.0, -2.0]]])), [0.5])
+    # Softmax: diagonal p(1 - p) against its largest value 1/4.
+    confident = np.array([[[10.0, 0.0, 0.0]]])  # p = 0.9999, 4.5e-5, 4.5e-5: all flat
+    undecided = np.array([[[0.0, 0.0]]])  # p = 1/2: p(1 - p) = 1/4
+    np.testing.assert_allclose(measures.saturation("softmax", confident), [1.0])
+    np.testing.assert_allclose(measures.activation_derivative("softmax", undecided), [[[0.25, 0.25]]])
+    np.testing.assert_allclose(measures.saturation("softmax", undecided), [0.0])
+    with pytest.raises(ValueError, match="unknown activation 'elu'"):
+        measures.saturation("elu", confident)
+
+
+def test_activation_stats_mean_and_percentiles() -> None:
+    a = np.stack([np.arange(101.0).reshape(1, 101) / 100, np.full((1, 101), 0.3)])
+    mean, low, high = measures.activation_stats(a)
+    np.testing.assert_allclose(mean, [0.5, 0.3])
+    np.testing.assert_allclose(low, [0.02, 0.3])
+    np.testing.assert_allclose(high, [0.98, 0.3])
+
+
+def test_jacobian_singular_values_written_down() -> None:
+    # diag(1/4, 1/10) @ [[2, 0], [0, 3]] = diag(0.5, 0.3): singular values 0.5 and 0.3.
+    slope = np.array([[[0.25, 0.1], [0.25, 0.25]]])  # one replicate, two examples
+    kernel = np.array([[[2.0, 0.0], [0.0, 3.0]]])
+    np.testing.assert_allclose(measures.jacobian_singular_values(slope, kernel)[0, 0], [0.5, 0.3])
+    np.testing.assert_allclose(measures.jacobian_singular_values(slope, kernel)[0, 1], [0.75, 0.5])
+    mean, largest = measures.jacobian_summary(slope, kernel)
+    np.testing.assert_allclose(mean, [(0.4 + 0.625) / 2])
+    np.testing.assert_allclose(largest, [(0.5 + 0.75) / 2])
+    # A 2 × 1 Jacobian [[1/4 · 3], [1/4 · 4]] has one singular value, its norm 1/4 · 5.
+    np.testing.assert_allclose(
+        measures.jacobian_singular_values(np.array([[[0.25, 0.25]]]), np.array([[[3.0], [4.0]]])), [[[1.25]]]
+    )
+    # A rotation keeps the slopes as singular values.
+    c, s = np.cos(0.3), np.sin(0.3)
+    rotation = np.array([[[c, -s], [s, c]]])
+    np.testing.assert_allclose(measures.jacobian_singular_values(np.array([[[0.2, 0.05]]]), rotation), [[[0.2, 0.05]]])
+
+
+def test_jacobian_product() -> None:
+    np.testing.assert_allclose(measures.jacobian_product([np.array([0.5, 2.0]), np.array([0.1, 0.5])], 2), [0.05, 1.0])
+    np.testing.assert_allclose(measures.jacobian_product([], 3), [1.0, 1.0, 1.0])
+
+
+def _sigma(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
+def test_activation_probe_hand_computed_on_a_depth_two_sigmoid_net() -> None:
+    """Every key against a float64 NumPy forward pass, with one hidden unit driven into saturation."""
+    x, _ = _tiny(n=8)
+    model = build_model(Variant(depth=2), [0, 1])
+    first = hidden_layers(model)[0]
+    bias = keras.ops.convert_to_numpy(first.bias).copy()
+    bias[0, 3] = 20.0  # replicate 0, unit 3 of hidden_1: σ ≈ 1, σ' ≈ 2e-9 for every example
+    first.bias.assign(bias)
+    probe = cb.ActivationProbe(x, jacobian_examples=5)
+    probe.set_model(model)
+    probe.on_train_begin()
+    logs: dict = {}
+    probe.on_epoch_end(0, logs)
+    kernels = [keras.ops.convert_to_numpy(v.kernel).astype(np.float64) for v in [*hidden_layers(model)]]
+    kernels.append(keras.ops.convert_to_numpy(model.get_layer("output").kernel).astype(np.float64))
+    for k in range(2):
+        acts = _forward(model, x, k)
+        names = ["hidden_1", "hidden_2", "output"]
+        means = []
+        for layer, a, name in zip(range(3), acts[1:], names, strict=True):
+            np.testing.assert_allclose(logs[f"act_mean/{name}"][k], a.mean(), rtol=1e-5)
+            np.testing.assert_allclose(logs[f"act_p02/{name}"][k], np.percentile(a, 2), rtol=1e-5)
+            np.testing.assert_allclose(logs[f"act_p98/{name}"][k], np.percentile(a, 98), rtol=1e-5)
+            np.testing.assert_allclose(logs[f"saturation/{name}"][k], np.mean(a * (1 - a) < 0.025), atol=1e-12)
+            if name == "output":
+                continue
+            slope = (a * (1 - a))[:5]
+            sv = np.stack([np.linalg.svd(np.diag(s) @ kernels[layer + 1][k], compute_uv=False) for s in slope])
+            np.testing.assert_allclose(logs[f"jac_mean/{name}"][k], sv.mean(), rtol=1e-4)
+            np.testing.assert_allclose(logs[f"jac_max/{name}"][k], sv[:, 0].mean(), rtol=1e-4)
+            means.append(sv.mean())
+        np.testing.assert_allclose(logs["jac_product"][k], means[0], rtol=1e-4)  # hidden_1 only: L - 1 = 1
+    assert logs["saturation/hidden_1"][0] >= 1 / 15  # the saturated unit, for every example
+    assert set(logs) == {
+        *(f"{kind}/{n}" for kind in ("act_mean", "act_p02", "act_p98", "saturation") for n in names),
+        *(f"{kind}/hidden_{i}" for kind in ("jac_mean", "jac_max") for i in (1, 2)),
+        "jac_product",
+    }
+    assert all(np.shape(v) == (2,) for v in logs.values())
+
+
+def test_activation_probe_counts_a_dead_relu_and_scales_by_batch_norm() -> None:
+    """ReLU with batch norm: a unit whose normalised input is always negative is dead (saturated);
+    the Jacobian is diag(ReLU'(u) · γ / √(var + ε)) W_next in inference mode."""
+    x, _ = _tiny(n=8)
+    model = build_model(Variant(depth=1, activation="relu", norm="batch"), [0])
+    norm = model.get_layer("batchnorm_1").norm
+    beta = keras.ops.convert_to_numpy(norm.beta).copy()
+    beta[0] = -100.0  # unit 0: u = z / √(1 + ε) - 100 < 0 for every example
+    norm.beta.assign(beta)
+    probe = cb.ActivationProbe(x)
+    probe.set_model(model)
+    logs: dict = {}
+    probe.on_epoch_end(0, logs)
+    hidden = model.get_layer("hidden_1")
+    w, b = (keras.ops.convert_to_numpy(v)[0].astype(np.float64) for v in (hidden.kernel, hidden.bias))
+    u = (x @ w + b) / np.sqrt(1 + norm.epsilon) + beta
+    np.testing.assert_allclose(logs["saturation/hidden_1"], [np.mean(u <= 0)])
+    assert np.all(u[:, 0] < 0) and logs["saturation/hidden_1"][0] >= 1 / 15
+    w_out = keras.ops.convert_to_numpy(model.get_layer("output").kernel)[0].astype(np.float64)
+    slope = (u > 0) / np.sqrt(1 + norm.epsilon)
+    sv = np.stack([np.linalg.svd(np.diag(s) @ w_out, compute_uv=False) for s in slope])
+    np.testing.assert_allclose(logs["jac_mean/hidden_1"], [sv.mean()], rtol=1e-4)
+    np.testing.assert_allclose(logs["jac_product"], [1.0])  # one hidden layer: no layer-to-layer factor
+
+
+def test_new_measurements_do_not_change_training(monkeypatch) -> None:
+    """fit_replicates with and without the probe: the same seeds give the same accuracy, loss,
+    every other measurement and final weights, bit for bit."""
+    from pipeline.params import TrainParams
+    from pipeline.train import Arrays, fit_replicates
+
+    rng = np.random.default_rng(3)
+    x = rng.random((250, 784), dtype=np.float32)
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 250)]
+    data = Arrays(x, y, x[:50], y[:50])
+    params = TrainParams(seeds=(0, 1), epochs=3, batch_size=50, probe_size=40)
+
+    def run() -> tuple[list[np.ndarray], object]:
+        model, table = fit_replicates(Variant(depth=3), params, data)
+        return [keras.ops.convert_to_numpy(w) for w in model.weights], table
+
+    weights_with, with_probe = run()
+
+    class Nothing(keras.callbacks.Callback):
+        def __init__(self, x: np.ndarray) -> None:
+            super().__init__()
+
+    monkeypatch.setattr(cb, "ActivationProbe", Nothing)
+    weights_without, without = run()
+    assert "saturation/hidden_3" in with_probe.columns and "saturation/hidden_3" not in without.columns
+    assert with_probe[without.columns].equals(without)  # accuracy, loss, gradients, held-out: identical
+    for a, b in zip(weights_with, weights_without, strict=True):
+        np.testing.assert_array_equal(a, b)
