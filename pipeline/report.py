@@ -24,6 +24,7 @@ import base64
 import io
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ REQUIRED_FILES = ("history.csv", "metrics.json", "run.json")
 REQUIRED_COLUMNS = ("seed", "epoch", *history.SCALARS)
 LOCAL_UI = "http://127.0.0.1:5000/"
 STAGE = "report"
+VARIANT_FIGURES = ("classic", "bands", "gradients")  # <kind>-<name>.png: one variant's own figures
+REPORT_LINE = "The study's report:"  # the line of a variant run's description that links the latest report
 CLASSIC = ("sigmoid", "mse", "glorot_uniform", "none")  # activation, loss, init, norm
 
 
@@ -575,19 +578,48 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 
 
 # ------------------------------------------------------------------------- output
-def log_report(uri: str, experiment: str, folder: Path, params_file: Path) -> str:
-    """Log every file in ``folder`` as artifacts of one run named ``report``; returns its run id."""
+def log_report(
+    uri: str, experiment: str, folder: Path, params_file: Path, results: Sequence[VariantResult], summary: pd.DataFrame
+) -> str:
+    """Log every file in ``folder`` as artifacts of one run named ``report``, described by the results
+    table; give each variant's parent run its figures, its summary metrics and a link to the report.
+    Returns the report run's id."""
     root = tracking.project_root()
     client = tracking.open_store(uri)
     experiment_id = tracking.ensure_experiment(client, experiment, root)
     tags = tracking.lineage_tags(root, STAGE, params_file)
     try:
         with tracking.run_set(client, experiment_id, [STAGE], tags) as runs:
-            client.log_artifacts(runs.run_ids[0], str(folder))
+            report_id = runs.run_ids[0]
+            link = run_link(ui_base(uri), experiment_id, report_id) + "/artifacts"
+            note = f"The study's front page: **[index.html]({link})** in this run's artifacts.\n\n"
+            client.set_tag(report_id, tracking.NOTE_TAG, note + summary_markdown(summary).split("\n", 2)[2])
+            client.log_artifacts(report_id, str(folder))
+            for r in results:
+                _update_variant_run(client, r, uri, folder, link)
             runs.stop.check()  # a signal during the upload: the run ends KILLED, no report is written
     except Exception as exc:  # the run is already marked FAILED; report one clear line
         raise tracking.TrackingError(f"logging the report to MLflow at {uri} failed: {exc}") from exc
-    return runs.run_ids[0]
+    return report_id
+
+
+def _update_variant_run(client: Any, result: VariantResult, uri: str, folder: Path, report_link: str) -> None:
+    """The variant's parent run gets its figures, ``summary/<key>`` metrics (metrics.json, NaN for null)
+    and the report's link in its description. Runs logged to another store are left alone."""
+    from mlflow.entities import Metric
+
+    parent = result.run.get("parent_run")
+    if not parent or result.run.get("tracking_uri") != tracking.redact(uri):
+        log.info("%s: its runs are not in %s; their figures and summary are not logged there", result.name, uri)
+        return
+    for png in (folder / f"{kind}-{result.name}.png" for kind in VARIANT_FIGURES):
+        if png.is_file():
+            client.log_artifact(parent, str(png), "figures")
+    now = int(time.time() * 1000)
+    values = {k: np.nan if v is None else float(v) for k, v in result.metrics.items()}
+    client.log_batch(parent, metrics=[Metric(f"summary/{k}", v, now, 0) for k, v in values.items()], synchronous=True)
+    note = client.get_run(parent).data.tags.get(tracking.NOTE_TAG, "").split(REPORT_LINE)[0].rstrip()
+    client.set_tag(parent, tracking.NOTE_TAG, f"{note}\n\n{REPORT_LINE} [index.html]({report_link}).")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -618,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with staged_dir(out) as tmp:
             summary = build_report(results, rp, tp, uri, tmp)
-            run_id = log_report(uri, tp.experiment, tmp, args.params)
+            run_id = log_report(uri, tp.experiment, tmp, args.params, results, summary)
     except (tracking.TrackingError, ReportError, OSError) as exc:
         log.error("report: %s; %s was not written", exc, out, exc_info=True)
         return 1

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import types
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,13 +41,48 @@ SERVER_DIR = "mlserver"
 SERVER_WORKERS = 2
 
 
-def runs_link(base_url: str, experiment_id: str | None) -> str:
-    """Direct link to an experiment's training-runs table (or the UI root), in the UI's
-    "Model training" mode rather than the GenAI overview MLflow 3 opens on."""
+def runs_link(base_url: str, experiment_id: str | None, run_ids: Sequence[str] = ()) -> str:
+    """Direct link to an experiment's training runs (or the UI root), in the UI's "Model training"
+    mode rather than the GenAI overview MLflow 3 opens on.
+
+    Given the runs behind the workspace's results, the link opens their charts (``compareRunsMode=
+    CHART``) filtered to them (``searchFilter``), sorted by name: one row per variant, its seeds
+    nested under it, so the first chart draws one training-accuracy line per variant. These are
+    the URL parameters the UI itself keeps its state in (MLflow 3.17's bundle: ``compareRunsMode``,
+    and ``searchFilter``/``orderByKey``/``orderByAsc`` of the runs search); the chart view plots
+    the first 10 rows (its default ``FIRST_10_RUNS``), and collapsed seeds are not rows.
+    """
     base = base_url.rstrip("/")
     if not experiment_id:
         return f"{base}/"
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    query = {"workflowType": "machine_learning"}
+    if run_ids:
+        listed = ", ".join(f"'{run_id}'" for run_id in run_ids)
+        query |= {
+            "compareRunsMode": "CHART",
+            "searchFilter": f"attributes.run_id IN ({listed})",
+            "orderByKey": "attributes.run_name",
+            "orderByAsc": "true",
+        }
+    return f"{base}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"
+
+
+def study_runs(root: Path, store_uri: str, experiment: str | None) -> list[str]:
+    """The runs behind the workspace's results: every variant's run and its seeds' runs (from
+    ``results/*/run.json``, when they were logged to ``store_uri``), and the latest report run."""
+    ids: list[str] = []
+    for path in sorted((root / "results").glob("*/run.json")):
+        with contextlib.suppress(OSError, ValueError):
+            run = json.loads(path.read_text(encoding="utf-8"))
+            if run.get("tracking_uri") == tracking.redact(store_uri) and run.get("parent_run"):
+                ids += [run["parent_run"], *run.get("runs", {}).values()]
+    if ids and experiment:
+        with contextlib.suppress(Exception):  # a viewer must start even when the store cannot be searched
+            (report,) = tracking.open_store(store_uri).search_runs(
+                [experiment], "attributes.run_name = 'report'", order_by=["attributes.start_time DESC"], max_results=1
+            )
+            ids.append(report.info.run_id)
+    return ids
 
 
 def ui_command(store_uri: str, host: str, port: int) -> list[str]:
@@ -91,11 +127,6 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def redact(uri: str) -> str:
-    """``uri`` with any password replaced by ``***`` (for log lines)."""
-    return re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", uri)
 
 
 def experiment_id(store_uri: str, name: str) -> str | None:
@@ -209,13 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         command = ui_command(store, args.host, args.port)
         exp_id = experiment_id(store, track.experiment)
+        study = study_runs(root, store, exp_id)
     else:
         if args.backend_store_uri is None or args.artifacts_destination is None:
             (root / SERVER_DIR).mkdir(exist_ok=True)
         command = server_command(
             root, args.host, args.port, args.backend_store_uri, args.artifacts_destination, args.workers
         )
-        exp_id = None
+        exp_id, study = None, []
     if not port_free(args.host, args.port):
         log.error(
             "%s:%s is already in use (another MLflow?): stop it or pick another port (PORT=5001)", host, args.port
@@ -225,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = command[command.index("--backend-store-uri") + 1]
         log.info(
             "Starting MLflow tracking server: store %s, artifacts %s",
-            redact(store),
+            tracking.redact(store),
             command[command.index("--artifacts-destination") + 1],
         )
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -238,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.mode == "server":
             exp_id = experiment_id(base, track.experiment)
             log.info("Tracking server: %s\nLog the pipeline to it with:  MLFLOW_TRACKING_URI=%s make repro", base, base)
-        log.info("Training runs: %s\n(Ctrl-C to stop)", runs_link(base, exp_id))
+        log.info("Training runs: %s\n(Ctrl-C to stop)", runs_link(base, exp_id, study))
         return process.wait()
     except KeyboardInterrupt:
         return 0

@@ -15,6 +15,8 @@ one step MLflow leaves unguarded, creating the schema of a new store.
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import hashlib
 import logging
 import os
@@ -41,6 +43,8 @@ EXECUTION_TAG = "pipeline.execution"
 SWEEP_ENV = "PIPELINE_SWEEP"
 SWEEP_TAG = "pipeline.sweep"
 GROUP_TAG = "pipeline.group"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting: the UI shows the seeds under their variant
+NOTE_TAG = "mlflow.note.content"  # a run's Markdown description in the UI
 
 
 class TrackingError(RuntimeError):
@@ -353,6 +357,9 @@ def lineage_tags(root: Path, stage: str, params_file: str | Path = "params.yaml"
     """Tags that tie a run to its code, pipeline stage, study and ``dvc repro``."""
     commit = git_commit(root)
     tags = {
+        # MLflow's own tags fill the UI's Source, Version and User columns.
+        "mlflow.source.name": stage,
+        "mlflow.source.type": "JOB",
         "mlflow.source.git.commit": commit.removesuffix("-dirty"),
         "git.commit": commit,
         "dvc.stage": stage,
@@ -363,6 +370,8 @@ def lineage_tags(root: Path, stage: str, params_file: str | Path = "params.yaml"
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get(SWEEP_ENV):  # set by pipeline.sweep for every experiment of one sweep
         tags[SWEEP_TAG] = os.environ[SWEEP_ENV]
+    with contextlib.suppress(Exception):  # no user name in some containers: leave the column empty
+        tags["mlflow.user"] = getpass.getuser()
     return tags
 
 
@@ -399,17 +408,19 @@ def ensure_experiment(client: Any, name: str, root: Path) -> str:
 
 @dataclass
 class RunSet:
-    """Several MLflow runs that live and end together (one per replicate seed)."""
+    """Several MLflow runs that live and end together: one per replicate seed, nested under
+    one parent run of the variant when there is one."""
 
     client: Any
     run_ids: list[str]
+    parent_id: str | None = None
     stop: StopSignals = field(default_factory=StopSignals)
 
     def end(self, status: str) -> None:
         """Mark every run ``status``; raise :class:`TrackingError` naming those that could not be marked
         (after trying them all), since a run left RUNNING misleads whoever reads the store."""
         failed = []
-        for run_id in self.run_ids:
+        for run_id in [*self.run_ids, *([self.parent_id] if self.parent_id else [])]:  # the parent last
             try:
                 self.client.set_terminated(run_id, status=status)
             except Exception as exc:
@@ -428,8 +439,12 @@ def run_set(
     experiment_id: str,
     run_names: Sequence[str],
     tags: Mapping[str, str],
+    parent: str | None = None,
+    description: str | None = None,
 ) -> Iterator[RunSet]:
-    """Create one run per name; end them FINISHED, FAILED on an exception, KILLED on a signal.
+    """Create one run per name (nested under a run named ``parent``, when given, which carries
+    ``description`` as its Markdown note); end them all FINISHED, FAILED on an exception,
+    KILLED on a signal.
 
     SIGINT, SIGTERM and SIGHUP are deferred for the duration (:class:`StopSignals`): the body
     calls ``runs.stop.check()`` at safe points, which raises :class:`RunInterrupted`. A signal
@@ -439,8 +454,13 @@ def run_set(
     runs = RunSet(client, [])
     with runs.stop.installed():
         try:
+            child_tags = dict(tags)
+            if parent is not None:
+                note = {NOTE_TAG: description} if description else {}
+                runs.parent_id = client.create_run(experiment_id, tags={**tags, **note}, run_name=parent).info.run_id
+                child_tags[PARENT_TAG] = runs.parent_id
             for name in run_names:
-                run = client.create_run(experiment_id, tags=dict(tags), run_name=name)
+                run = client.create_run(experiment_id, tags=child_tags, run_name=name)
                 runs.run_ids.append(run.info.run_id)
             runs.stop.check()
             yield runs

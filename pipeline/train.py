@@ -303,8 +303,9 @@ def _log_run_outputs(
     from pipeline.model import INPUT_DIM, N_CLASSES
 
     signature = ModelSignature(
-        Schema([TensorSpec(np.dtype(np.float32), (-1, INPUT_DIM), "pixels")]),
-        Schema([TensorSpec(np.dtype(np.float32), (-1, N_CLASSES), "probabilities")]),
+        # Unnamed tensors: pyfunc then passes a plain (n, 784) array, as the Sequential expects.
+        Schema([TensorSpec(np.dtype(np.float32), (-1, INPUT_DIM))]),
+        Schema([TensorSpec(np.dtype(np.float32), (-1, N_CLASSES))]),
     )
     backend = keras.backend.backend()  # what the saved model needs to load: Keras and its backend, pinned
     requirements = [f"keras=={keras.__version__}", f"{backend}=={importlib.metadata.version(backend)}"]

@@ -51,13 +51,19 @@ def test_dvc_repro_end_to_end(make_project) -> None:
     experiment = client.get_experiment_by_name("vanishing-gradient")
     runs = client.search_runs([experiment.experiment_id])
     names = sorted(r.info.run_name for r in runs)
-    assert names == sorted([f"{name}-seed-{seed}" for name in VARIANTS for seed in (0, 1)] + ["report"])
+    assert names == sorted([f"{name}-seed-{seed}" for name in VARIANTS for seed in (0, 1)] + VARIANTS + ["report"])
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["pipeline.group"] for r in runs}) == 1
     assert len({r.data.tags["pipeline.execution"] for r in runs}) == 1
+    by_id = {r.info.run_id: r for r in runs}
     for r in runs:
         if r.info.run_name == "report":
+            assert "index.html" in r.data.tags["mlflow.note.content"]
             continue
+        if r.info.run_name in VARIANTS:  # the variant's parent run: checked below
+            continue
+        parent = by_id[r.data.tags["mlflow.parentRunId"]]
+        assert r.info.run_name.startswith(f"{parent.info.run_name}-seed-")
         depth = int(r.data.params["depth"])
         keys = ["accuracy", "loss"] + [f"weight_change/hidden_{i}" for i in range(1, depth + 1)]
         for key in keys:
@@ -67,9 +73,46 @@ def test_dvc_repro_end_to_end(make_project) -> None:
         assert len(r.data.tags["data.digest"]) == 64
         assert r.data.params["learning_rate"] == "0.2"
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"history.csv", "model"} <= artifacts
+        assert "history.csv" in artifacts
         assert r.inputs.dataset_inputs[0].dataset.name == "mnist-train"
         assert json.loads(r.inputs.dataset_inputs[0].dataset.source)["uri"] == "data/processed/train.npz"
+
+    # The variant's parent run: per-epoch means over its seeds, summary values, figures, a description.
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+
+    for name in VARIANTS:
+        info = json.loads((project / "results" / name / "run.json").read_text())
+        parent = by_id[info["parent_run"]]
+        assert parent.info.run_name == name and parent.info.status == "FINISHED"
+        assert "mlflow.parentRunId" not in parent.data.tags
+        assert {by_id[c].data.tags["mlflow.parentRunId"] for c in info["runs"].values()} == {parent.info.run_id}
+        table = pd.read_csv(project / "results" / name / "history.csv")
+        means = table.groupby("epoch").mean(numeric_only=True)
+        for key in ("accuracy", "test_loss", "grad_bias/hidden_1"):
+            logged = [m.value for m in sorted(client.get_metric_history(parent.info.run_id, key), key=lambda m: m.step)]
+            np.testing.assert_allclose(logged, means[key].to_numpy(), rtol=1e-6, err_msg=key)
+        assert len(client.get_metric_history(parent.info.run_id, "std/accuracy")) == 3
+        metrics = json.loads((project / "results" / name / "metrics.json").read_text())
+        assert parent.data.metrics["summary/vanishing_index"] == pytest.approx(metrics["vanishing_index"])
+        assert name in parent.data.tags["mlflow.note.content"] and "report" in parent.data.tags["mlflow.note.content"]
+        assert parent.data.tags["mlflow.source.name"].endswith(f"@{name}")
+        assert {a.path for a in client.list_artifacts(parent.info.run_id, "figures")} >= {f"figures/bands-{name}.png"}
+
+    # Each replicate is an MLflow model of its run, linked to its final metrics, and predicts as the .keras file.
+    import keras
+
+    models = client.search_logged_models([experiment.experiment_id])
+    assert len(models) == 2 * len(VARIANTS)
+    model = next(m for m in models if by_id[m.source_run_id].info.run_name == f"{VARIANTS[1]}-seed-1")
+    assert {m.key for m in model.metrics} >= {"final/accuracy", "final/test_accuracy"}
+    x = np.random.default_rng(0).random((4, 784), dtype=np.float32)
+    expected = keras.saving.load_model(project / "results" / VARIANTS[1] / "models" / "seed-1.keras").predict(
+        x, verbose=0
+    )
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    np.testing.assert_allclose(mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict(x), expected, rtol=1e-6)
 
     # Nothing changed: nothing runs, and no MLflow run is created.
     second = run(["dvc", "repro"], project)
