@@ -15,8 +15,15 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pipeline.history import (
+    ACT_MEAN,
+    ACT_P02,
+    ACT_P98,
     GRAD,
     GRAD_BIAS,
+    JAC_MAX,
+    JAC_MEAN,
+    JAC_PRODUCT,
+    SATURATION,
     WEIGHT_CHANGE,
     depth_of,
     first_to_last,
@@ -24,8 +31,10 @@ from pipeline.history import (
     layer_name,
     layer_ratios,
     one_seed,
+    output_column,
     seed_stats,
 )
+from pipeline.measures import SATURATED
 
 BOUND_LABEL = "σ'(x) ≤ 1/4 per sigmoid layer"
 BAND_NOTE = "line: mean over seeds; bands: ±1 std and min–max"
@@ -252,4 +261,135 @@ def test_vs_train_figure(histories: Mapping[str, pd.DataFrame]) -> Figure:
     _label(test_ax, "Held-out (test) accuracy", "accuracy")
     test_ax.legend(loc="lower right", fontsize="small")
     fig.suptitle(f"Held-out beside training accuracy\n({BAND_NOTE})")
+    return fig
+
+
+# ------------------------------------------------------- why deep sigmoid nets stall (issue 12)
+SPREAD_NOTE = "line: mean over seeds; band: 2nd–98th percentile over probe examples and units (seed mean)"
+ESCAPE_LABEL = "median escape epoch"
+
+
+def probe_layers(history: pd.DataFrame, kind: str) -> list[str]:
+    """``<kind>/hidden_1`` … ``<kind>/hidden_L`` then ``<kind>/output``, those present in ``history``."""
+    output = output_column(kind)
+    return layer_columns(history, kind) + ([output] if output in history.columns else [])
+
+
+def _mark_escape(ax: Axes, escapes: pd.DataFrame | None) -> None:
+    """A dotted vertical line at the median escape epoch of the seeds that escaped (none if no seed did)."""
+    if escapes is None or not escapes["escaped"].any():
+        return
+    ax.axvline(
+        float(escapes.loc[escapes["escaped"], "escape_epoch"].median()),
+        color="0.3",
+        linestyle=":",
+        linewidth=1.2,
+        label=ESCAPE_LABEL,
+    )
+
+
+def activation_figure(history: pd.DataFrame, title: str, escapes: pd.DataFrame | None = None) -> Figure:
+    """Each layer's activation over epochs (Glorot & Bengio 2010, Fig. 2): the mean with the
+    2–98 % band over probe examples and units, hidden layers and the output layer on one axis."""
+    fig, (ax,) = _figure(1, row_height=4.2)
+    for i, column in enumerate(probe_layers(history, ACT_MEAN)):
+        means = history.groupby("epoch")[[column, column.replace(ACT_MEAN, ACT_P02), column.replace(ACT_MEAN, ACT_P98)]]
+        curve = means.mean().sort_index()
+        x = curve.index.to_numpy()
+        ax.plot(x, curve.iloc[:, 0], color=f"C{i}", label=layer_name(column))
+        ax.fill_between(x, curve.iloc[:, 1], curve.iloc[:, 2], color=f"C{i}", alpha=0.15, linewidth=0)
+    _mark_escape(ax, escapes)
+    _label(ax, f"Activation values per layer\n({SPREAD_NOTE})", "activation on the probe batch")
+    ax.legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def saturation_figure(history: pd.DataFrame, title: str, escapes: pd.DataFrame | None = None) -> Figure:
+    """Each layer's saturated fraction over epochs (mean over seeds, std and min–max bands)."""
+    fig, (ax,) = _figure(1, row_height=4.2)
+    _saturation_axis(ax, history, escapes)
+    fig.suptitle(title)
+    return fig
+
+
+def _saturation_axis(ax: Axes, history: pd.DataFrame, escapes: pd.DataFrame | None, title: str = "") -> None:
+    for i, column in enumerate(probe_layers(history, SATURATION)):
+        plot_stats(ax, seed_stats(history, column), layer_name(column), f"C{i}")
+    _mark_escape(ax, escapes)
+    ax.set_ylim(-0.02, 1.02)
+    _label(ax, title or f"Saturation per layer\n({BAND_NOTE})", f"fraction with f' < {SATURATED:g} · max f'")
+    ax.legend(loc="best", fontsize="small")
+
+
+def saturation_by_variant(histories: Mapping[str, pd.DataFrame], escapes: Mapping[str, pd.DataFrame]) -> Figure:
+    """One saturation panel per variant (shared y), for comparing remedies with the classic net."""
+    fig, axes = _figure(1, len(histories), width=4.2 * len(histories), row_height=4.2, sharey=True)
+    for ax, (label, history) in zip(axes, histories.items(), strict=True):
+        _saturation_axis(ax, history, escapes.get(label), title=label)
+    fig.suptitle(f"Saturation per layer ({BAND_NOTE})")
+    return fig
+
+
+def escape_figure(escapes: Mapping[str, pd.DataFrame], margin: float) -> Figure:
+    """Every seed's escape epoch, one row per variant: a dot where it escaped, a triangle at the
+    last epoch when it did not (censored), and a bar at the mean over the seeds that escaped."""
+    fig, (ax,) = _figure(1, row_height=0.45 * len(escapes) + 1.8, width=8.0)
+    for row, table in enumerate(escapes.values()):
+        escaped, censored = table[table["escaped"]], table[~table["escaped"]]
+        jitter = np.linspace(-0.15, 0.15, len(table)) if len(table) > 1 else np.zeros(1)
+        y = row + pd.Series(jitter, index=table.index)
+        ax.scatter(escaped["escape_epoch"], y[escaped.index], s=22, color="C0", zorder=3)
+        ax.scatter(
+            censored["last_epoch"], y[censored.index], s=40, marker=">", facecolors="none", edgecolors="C3", zorder=3
+        )
+        if len(escaped):
+            ax.plot([escaped["escape_epoch"].mean()] * 2, [row - 0.3, row + 0.3], color="k", linewidth=1.5)
+    ax.scatter([], [], s=22, color="C0", label="seed escaped")
+    ax.scatter([], [], s=40, marker=">", facecolors="none", edgecolors="C3", label="censored: not by its last epoch")
+    ax.plot([], [], color="k", linewidth=1.5, label="mean over the seeds that escaped")
+    ax.set_yticks(range(len(escapes)), list(escapes))
+    ax.set_ylim(len(escapes) - 0.5, -0.5)
+    ax.set_xscale("symlog", linthresh=10)
+    _label(
+        ax,
+        f"Escape epoch: first epoch with training accuracy > epoch 1's + {margin:g}",
+        "variant",
+        xlabel="epoch (log above 10)",
+    )
+    ax.legend(loc="best", fontsize="small")
+    return fig
+
+
+def jacobian_figure(history: pd.DataFrame, title: str) -> Figure:
+    """The layer Jacobians against the σ' bound: each hidden layer's mean (solid) and largest
+    (dashed) singular value over epochs; and, from two layers, their product over layers 1 … L-1
+    (the prediction) beside the measured first / last ratio of ‖∂C/∂b‖ and (1/4)^(L-1)."""
+    depth = depth_of(history)
+    fig, axes = _figure(1 + (depth >= 2), row_height=3.4, sharex=True)
+    ax = axes[0]
+    for i, column in enumerate(layer_columns(history, JAC_MEAN)):
+        plot_stats(ax, seed_stats(history, column), f"{layer_name(column)} mean", f"C{i}", log=True)
+        largest = seed_stats(history, column.replace(JAC_MEAN, JAC_MAX))
+        ax.plot(largest.index, largest["mean"], color=f"C{i}", linestyle="--", label=f"{layer_name(column)} largest")
+    ax.axhline(SIGMOID_BOUND, color="k", linestyle=":", linewidth=1, label=BOUND_LABEL)
+    ax.set_yscale("log")
+    _label(ax, "Singular values of each hidden layer's Jacobian diag(f'(z)) W_next", "singular value (log)")
+    ax.legend(loc="best", fontsize="x-small", ncol=2)
+    if depth >= 2:
+        ax = axes[1]
+        plot_stats(ax, seed_stats(history, JAC_PRODUCT), "predicted: product of mean singular values", "C0", log=True)
+        plot_stats(ax, first_to_last(history), "measured: first / last ‖∂C/∂b‖", "C3", log=True)
+        bound = SIGMOID_BOUND ** (depth - 1)
+        ax.axhline(
+            bound,
+            color="k",
+            linestyle="--",
+            linewidth=1,
+            label=f"{BOUND_LABEL}: (1/{1 / SIGMOID_BOUND:.0f})^{depth - 1}",
+        )
+        ax.set_yscale("log")
+        _label(ax, f"Prediction against measurement, hidden_1 … hidden_{depth - 1}", "ratio (log)")
+        ax.legend(loc="best", fontsize="small")
+    fig.suptitle(title)
     return fig

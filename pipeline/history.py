@@ -240,6 +240,7 @@ def summarize(
     # Epochs (summed over seeds) left out of the index because the last layer's speed was 0.
     out["vanishing_index_skipped_epochs"] = skipped
     out.update(escape_summary(escape_epochs(history, escape_margin)))
+    out["escape_margin"] = escape_margin  # the definition's one setting, so that the report uses the same
     out["epochs"] = int(history["epoch"].max())
     out["replicates"] = int(history["seed"].nunique())
     return out

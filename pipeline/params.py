@@ -262,6 +262,9 @@ class SummaryParams(_Params):
 
     # The vanishing index averages the first N epochs (learning speed matters most early).
     index_window: int = Field(10, ge=1)
+    # The escape epoch: the first epoch whose training accuracy exceeds the first epoch's by more
+    # than this (an accuracy difference, 0.05 = 5 points); seeds that never do are censored.
+    escape_margin: float = Field(0.05, gt=0, lt=1)
 
 
 # -------------------------------------------------------------------------- report

@@ -345,6 +345,178 @@ def remedy_plots(results: Sequence[VariantResult], summary: pd.DataFrame, rp: Re
     return plots
 
 
+# ----------------------------------------------------- why the deepest classic net stalls (issue 12)
+ESCAPE_WINDOW = 10  # epochs before, and from, each seed's escape that the saturation caption averages
+
+
+def escape_margin(result: VariantResult) -> float:
+    """The margin the summarize stage computed the escape epoch with (in metrics.json), else the default."""
+    value = result.metrics.get("escape_margin")
+    return float(value) if isinstance(value, int | float) else history.ESCAPE_MARGIN
+
+
+def escapes_of(results: Iterable[VariantResult]) -> dict[str, pd.DataFrame]:
+    """Name -> each seed's escape epoch (:func:`pipeline.history.escape_epochs`)."""
+    return {r.name: history.escape_epochs(r.history, escape_margin(r)) for r in results}
+
+
+def has_probe(result: VariantResult) -> bool:
+    """Whether the history holds the probe's activation, saturation and Jacobian columns."""
+    return bool(history.layer_columns(result.history, history.SATURATION))
+
+
+def stalling_variant(results: Sequence[VariantResult]) -> VariantResult | None:
+    """The deepest classic variant: the one whose plateau the section explains."""
+    classic = [r for r in results if r.classic]
+    return max(classic, key=lambda r: r.variant.depth) if classic else None
+
+
+def escape_text(escapes: pd.DataFrame) -> str:
+    """``3 of 5 seeds escaped, at epoch 131 ± 4 (seed 0: 127, seed 1: censored at 200, …)``."""
+    escaped = escapes.loc[escapes["escaped"], "escape_epoch"]
+    head = f"{len(escaped)} of {len(escapes)} seed(s) escaped"
+    if len(escaped):
+        head += f", at epoch {format_mean_std(escaped.mean(), escaped.std(ddof=0), '.0f')}"
+    each = ", ".join(
+        f"seed {row.seed}: {row.escape_epoch:.0f}" if row.escaped else f"seed {row.seed}: censored at {row.last_epoch}"
+        for row in escapes.itertuples(index=False)
+    )
+    return f"{head} ({each})"
+
+
+def _seed_mean(table: pd.DataFrame, column: str, epoch: int) -> float:
+    values = table.loc[table["epoch"] == epoch, column] if column in table.columns else pd.Series(dtype=float)
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def stall_text(result: VariantResult | None, escapes: Mapping[str, pd.DataFrame]) -> str:
+    """The section's opening sentences, from the deepest classic variant's data."""
+    if result is None:
+        return "No classic variant in these results."
+    plateau = _seed_mean(result.history, "accuracy", 1)
+    return (
+        f"{result.name} starts at a training accuracy of {_num(plateau)} (epoch 1, mean over seeds) and stays "
+        f"there until its escape epoch, the first epoch whose accuracy exceeds epoch 1's by more than "
+        f"{escape_margin(result):g}: {escape_text(escapes[result.name])}. Measured every epoch on the fixed probe "
+        "batch, as Glorot & Bengio (2010) did: each layer's activations, the fraction of its units in the flat "
+        f"part of the activation (saturated: f' below {figures.SATURATED:g} of its maximum), and the singular values "
+        "of each layer's back-propagation Jacobian against the σ' bound."
+    )
+
+
+def stall_plots(
+    results: Sequence[VariantResult], escapes: Mapping[str, pd.DataFrame], rp: ReportParams, folder: Path
+) -> list[Plot]:
+    """Activations, saturation and Jacobians of the deepest classic variant; every seed's escape epoch."""
+    r = stalling_variant(results)
+    plots = []
+    if r is not None and has_probe(r):
+        table, mine, depth, last = r.history, escapes[r.name], r.variant.depth, r.epochs
+        top = f"hidden_{depth}"
+
+        def at(column: str, epoch: int, fmt: str = ".3f") -> str:
+            return _num(_seed_mean(table, column, epoch), fmt)
+
+        act, lo, hi = (
+            history.layer_column(kind, depth) for kind in (history.ACT_MEAN, history.ACT_P02, history.ACT_P98)
+        )
+        out = history.output_column(history.ACT_MEAN)
+        caption = (
+            f"{r.name}: activations on the probe batch (Glorot & Bengio 2010, Fig. 2). The top hidden layer ({top}) "
+            f"averages {at(act, 1)} at epoch 1 (2–98 %: {at(lo, 1)}–{at(hi, 1)}) and {at(act, last)} at epoch {last} "
+            f"({at(lo, last)}–{at(hi, last)}); the output layer {at(out, 1)} and {at(out, last)}."
+        )
+        fig = figures.activation_figure(table, r.name, mine)
+        plots.append(render(fig, folder, f"activations-{r.name}.png", rp.dpi, caption))
+        plots.append(
+            render(
+                figures.saturation_figure(table, r.name, mine),
+                folder,
+                f"saturation-{r.name}.png",
+                rp.dpi,
+                saturation_caption(r, mine),
+            )
+        )
+        fig = figures.jacobian_figure(table, r.name)
+        plots.append(render(fig, folder, f"jacobians-{r.name}.png", rp.dpi, jacobian_caption(r)))
+    if results:
+        caption = "Escape epoch of every seed. " + "; ".join(f"{name}: {escape_text(e)}" for name, e in escapes.items())
+        margins = sorted({escape_margin(r) for r in results})
+        fig = figures.escape_figure(escapes, margins[0] if len(margins) == 1 else float("nan"))
+        plots.append(render(fig, folder, "escape_epochs.png", rp.dpi, caption + "."))
+    return plots
+
+
+def saturation_caption(result: VariantResult, escapes: pd.DataFrame) -> str:
+    """How the top hidden layer's saturation changes around each seed's escape, from the data."""
+    table, depth, last = result.history, result.variant.depth, result.epochs
+    column, top = history.layer_column(history.SATURATION, depth), f"hidden_{depth}"
+    first = {c: _seed_mean(table, c, 1) for c in history.layer_columns(table, history.SATURATION)}
+    most = max(first, key=lambda c: first[c]) if first else column
+    text = (
+        f"{result.name}: fraction of probe (example, unit) pairs with f' below {figures.SATURATED:g} of its maximum. "
+        f"At epoch 1 the most saturated hidden layer is {history.layer_name(most)} "
+        f"({_num(first.get(most, np.nan), '.3f')}). "
+    )
+    before, after, seeds = history.around_escape(table, column, escapes, ESCAPE_WINDOW)
+    if seeds:
+        median = escapes.loc[escapes["escaped"], "escape_epoch"].median()
+        return text + (
+            f"{top}'s saturation averages {_num(before, '.3f')} over the {ESCAPE_WINDOW} epochs before each seed's "
+            f"escape and {_num(after, '.3f')} over the {ESCAPE_WINDOW} epochs from it ({_num(after - before, '+.3f')}; "
+            f"{seeds} of {len(escapes)} seed(s), median escape epoch {median:.0f})."
+        )
+    return text + (
+        f"No seed escaped within {last} epochs: {top}'s saturation goes from "
+        f"{_num(_seed_mean(table, column, 1), '.3f')} at epoch 1 to "
+        f"{_num(_seed_mean(table, column, last), '.3f')} at epoch {last}."
+    )
+
+
+def jacobian_caption(result: VariantResult) -> str:
+    """Per-layer mean singular values and the predicted against the measured first / last ratio, from the data."""
+    table, depth = result.history, result.variant.depth
+    layers = ", ".join(
+        f"{history.layer_name(c)} {_num(_seed_mean(table, c, 1), '.3g')}"
+        for c in history.layer_columns(table, history.JAC_MEAN)
+    )
+    text = (
+        f"{result.name}: mean singular value of each hidden layer's Jacobian at epoch 1 (mean over seeds): {layers}; "
+        f"the σ' bound is {figures.SIGMOID_BOUND:g} per sigmoid layer (times the weights)."
+    )
+    if depth < 2:
+        return text
+    measured = history.first_to_last(table)["mean"]
+    predicted = history.seed_stats(table, history.JAC_PRODUCT)["mean"]
+    return text + (
+        f" Their product over hidden_1 … hidden_{depth - 1} predicts {_num(predicted.iloc[0], '.3g')} for the first / "
+        f"last ratio of ‖∂C/∂b‖ at epoch 1, measured {_num(measured.iloc[0], '.3g')}; (1/4)^{depth - 1} = "
+        f"{figures.SIGMOID_BOUND ** (depth - 1):.3g}. Medians over epochs: predicted "
+        f"{_num(predicted.median(), '.3g')}, measured {_num(measured.median(), '.3g')}."
+    )
+
+
+def remedy_saturation_plots(
+    results: Sequence[VariantResult], escapes: Mapping[str, pd.DataFrame], rp: ReportParams, folder: Path
+) -> list[Plot]:
+    """Per depth with remedies: each variant's saturation per layer, the classic one first."""
+    plots = []
+    for depth, group in remedy_groups(results).items():
+        group = [r for r in group if has_probe(r)]
+        if not group:
+            continue
+        column = history.layer_column(history.SATURATION, depth)
+        facts = "; ".join(
+            f"{r.name}: hidden_{depth} {_num(_seed_mean(r.history, column, 1), '.3f')} at epoch 1, "
+            f"{_num(_seed_mean(r.history, column, r.epochs), '.3f')} at epoch {r.epochs}"
+            for r in group
+        )
+        fig = figures.saturation_by_variant(histories(group), {r.name: escapes[r.name] for r in group})
+        caption = f"Depth {depth}: saturation per layer (mean over seeds) with each remedy. Top hidden layer: {facts}."
+        plots.append(render(fig, folder, f"remedies-saturation-depth-{depth}.png", rp.dpi, caption))
+    return plots
+
+
 def held_out_plots(results: Sequence[VariantResult], rp: ReportParams, folder: Path) -> list[Plot]:
     """Test beside training accuracy, when any variant logged test accuracy."""
     hs = histories(results)
@@ -445,6 +617,7 @@ def build_report(
     )
     q = _quarter()
     runs, local = run_rows(results, uri)
+    stalling, escapes = stalling_variant(results), escapes_of(results)
     sections = [
         {
             "title": "2. The classic picture",
@@ -466,10 +639,15 @@ def build_report(
             "plots": gradient_plots(results, rp, folder),
         },
         {
-            "title": "5. Remedies",
+            "title": f"5. Why depth {stalling.variant.depth} stalls" if stalling else "5. Why deep sigmoid nets stall",
+            "text": stall_text(stalling, escapes),
+            "plots": stall_plots(results, escapes, rp, folder),
+        },
+        {
+            "title": "6. Remedies",
             "text": "Each remedy at its depth beside the classic network of the same depth: training accuracy and "
-            "the ratio of the first to the last hidden layer's gradient.",
-            "plots": remedy_plots(results, summary, rp, folder),
+            "the ratio of the first to the last hidden layer's gradient, then what each does to saturation.",
+            "plots": remedy_plots(results, summary, rp, folder) + remedy_saturation_plots(results, escapes, rp, folder),
         },
     ]
     context = {

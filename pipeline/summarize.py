@@ -2,7 +2,7 @@
 
 ``python -m pipeline.summarize --history results/<name>/history.csv --out results/<name>/metrics.json``
 
-Final-epoch values (mean and std over seeds) and the vanishing index
+Final-epoch values (mean and std over seeds), the vanishing index and the escape epoch
 (:func:`pipeline.history.summarize`). A stage of its own, downstream of training, so
 that changing a summary setting (``summary`` in params.yaml) recomputes this file in a
 second and retrains nothing. ``dvc metrics show`` and ``dvc exp show`` read it.
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_file(args.params)
         params: SummaryParams = load_section("summary", args.params)
-        metrics = history.summarize(read_history(args.history), params.index_window)
+        metrics = history.summarize(read_history(args.history), params.index_window, params.escape_margin)
         write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
     except (ParamsError, SummaryError) as exc:
         log.error("%s", exc)
@@ -60,7 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot write %s: %s; free disk space or make its folder writable", args.out, exc.strerror or exc)
         return 1
-    log.info("%s: vanishing index %s -> %s", args.history.parent.name, metrics["vanishing_index"], args.out)
+    log.info(
+        "%s: vanishing index %s, escape epoch %s (%s of the seeds escaped) -> %s",
+        args.history.parent.name,
+        metrics["vanishing_index"],
+        metrics["escape_epoch"],
+        metrics["escaped_fraction"],
+        args.out,
+    )
     return 0
 
 

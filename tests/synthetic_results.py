@@ -1,7 +1,9 @@
 """Tiny synthetic train-stage outputs (history.csv, metrics.json, run.json) for report tests.
 
 Values are chosen so that final-epoch means and stds are easy to compute by hand:
-seed k's training accuracy at the last epoch is ``FINAL_ACCURACY[k] - 0.01 * (depth - 1)``.
+seed k's training accuracy at the last epoch is ``FINAL_ACCURACY[k] - 0.01 * (depth - 1)``,
+so every seed escapes its plateau at epoch 2; hidden layer i's saturation falls linearly
+from 0.1·i to 0 and every layer Jacobian's mean singular value is 0.2.
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ def make_history(depth: int, seeds: tuple[int, ...] = SEEDS, epochs: int = EPOCH
                 row[f"weight_change/hidden_{layer}"] = scale * (0.5 if epoch == 1 else 0.01 / epoch)
                 row[f"grad/hidden_{layer}"] = scale * 1e-3 / epoch
                 row[f"grad_bias/hidden_{layer}"] = scale * 1e-2 / epoch
+                # The probe's measurements: the top layer starts most saturated and leaves it.
+                row[f"act_mean/hidden_{layer}"] = 0.5 + 0.1 * layer * (1.0 - frac)
+                row[f"act_p02/hidden_{layer}"] = 0.1
+                row[f"act_p98/hidden_{layer}"] = 0.9
+                row[f"saturation/hidden_{layer}"] = 0.1 * layer * (1.0 - frac)
+                row[f"jac_mean/hidden_{layer}"] = 0.2
+                row[f"jac_max/hidden_{layer}"] = 0.4
+            row.update({"act_mean/output": 0.3, "act_p02/output": 0.01, "act_p98/output": 0.9})
+            row["saturation/output"] = 0.5 * (1.0 - frac)
+            row["jac_product"] = 0.2 ** (depth - 1)
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -158,3 +158,72 @@ def test_vs_train_figure_side_by_side():
     assert line_labels(test_ax) == [D1, D2, REMEDY]
     assert test_ax.get_lines()[0].get_ydata()[-1] == pytest.approx(0.82)
     assert_labelled(fig)
+
+
+# ------------------------------------------------------- why deep sigmoid nets stall (issue 12)
+def _escapes(table):
+    return history.escape_epochs(table)
+
+
+def test_activation_figure_one_line_and_band_per_layer_and_the_output():
+    table = make_history(2)
+    fig = figures.activation_figure(table, "d2", _escapes(table))
+    (ax,) = fig.axes
+    assert line_labels(ax) == ["hidden_1", "hidden_2", "output", figures.ESCAPE_LABEL]
+    assert len(ax.collections) == 3  # one 2–98 % band per layer
+    # The band spans the seed-mean 2nd and 98th percentiles: 0.1 to 0.9 for hidden layers.
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(0.1) and band.max() == pytest.approx(0.9)
+    escape_line = next(line for line in ax.get_lines() if line.get_label() == figures.ESCAPE_LABEL)
+    assert escape_line.get_xdata()[0] == 2  # every synthetic seed escapes at epoch 2
+    assert_labelled(fig)
+
+
+def test_saturation_figure_per_layer_in_unit_range():
+    table = make_history(3)
+    fig = figures.saturation_figure(table, "d3")
+    (ax,) = fig.axes
+    assert line_labels(ax) == ["hidden_1", "hidden_2", "hidden_3", "output"]
+    top = ax.get_lines()[2]
+    np.testing.assert_allclose(top.get_ydata(), [0.3 * (1 - e / 5) for e in range(1, 6)])
+    assert ax.get_ylim() == (-0.02, 1.02)
+    assert_labelled(fig)
+
+
+def test_saturation_by_variant_one_panel_each():
+    hs = histories()
+    fig = figures.saturation_by_variant(hs, {name: _escapes(h) for name, h in hs.items()})
+    assert [ax.get_title() for ax in fig.axes] == list(hs)
+    assert line_labels(fig.axes[0]) == ["hidden_1", "output", figures.ESCAPE_LABEL]
+
+
+def test_escape_figure_marks_censored_seeds_with_a_triangle_at_the_last_epoch():
+    escaped = _escapes(make_history(2))
+    censored = history.escape_epochs(make_history(2), margin=0.9)  # no seed gains 0.9: both censored
+    fig = figures.escape_figure({"a": escaped, "b": censored}, margin=0.05)
+    (ax,) = fig.axes
+    # Per row, in order: the dots of the seeds that escaped, then the censored seeds' triangles.
+    points = [c.get_offsets() for c in ax.collections[:4]]
+    np.testing.assert_allclose(points[0][:, 0], [2, 2])  # row a: both escaped at epoch 2
+    assert len(points[1]) == len(points[2]) == 0
+    np.testing.assert_allclose(points[3][:, 0], [5, 5])  # row b: censored, at its last epoch
+    np.testing.assert_allclose(points[3][:, 1], [0.85, 1.15])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    assert "censored: not by its last epoch" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert_labelled(fig)
+
+
+def test_jacobian_figure_singular_values_bound_and_prediction_against_measurement():
+    table = make_history(3)
+    fig = figures.jacobian_figure(table, "d3")
+    top, bottom = fig.axes
+    labels = line_labels(top)
+    assert labels[:2] == ["hidden_1 mean", "hidden_1 largest"] and len(bound_lines(top)) == 1
+    assert bound_lines(top)[0].get_ydata()[0] == pytest.approx(0.25)
+    assert line_labels(bottom)[:2] == ["predicted: product of mean singular values", "measured: first / last ‖∂C/∂b‖"]
+    predicted, measured = bottom.get_lines()[:2]
+    np.testing.assert_allclose(predicted.get_ydata(), 0.04)  # 0.2 × 0.2
+    np.testing.assert_allclose(measured.get_ydata(), 0.04)  # speeds fall by 0.2 per layer
+    assert bound_lines(bottom)[0].get_ydata()[0] == pytest.approx(0.25**2)
+    assert top.get_yscale() == bottom.get_yscale() == "log"
+    assert len(figures.jacobian_figure(make_history(1), "d1").axes) == 1  # one layer: no product

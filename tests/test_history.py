@@ -97,3 +97,68 @@ def test_summarize_reports_skipped_epochs_and_writes_nan_as_null() -> None:
     assert metrics["vanishing_index"] == pytest.approx(0.2)  # from epoch 2 alone
     assert metrics["loss"] is None and metrics["loss_std"] is None
     json.dumps(metrics, allow_nan=False)  # valid JSON: no NaN literal
+
+
+# ------------------------------------------------------------------------ escape epoch (issue 12)
+def test_escape_epoch_first_epoch_above_the_plateau_plus_margin() -> None:
+    epochs = [1, 2, 3, 4, 5]
+    # Plateau at epoch 1's 0.11; 0.16 is not above 0.11 + 0.05 (strictly), 0.17 is.
+    assert history.escape_epoch(epochs, [0.11, 0.11, 0.12, 0.17, 0.5], margin=0.05) == 4
+    assert history.escape_epoch(epochs, [0.11, 0.11, 0.12, 0.16, 0.16], margin=0.05) is None  # censored
+    assert history.escape_epoch(epochs, [0.8, 0.92, 0.93, 0.94, 0.95], margin=0.05) == 2  # learns at once
+    assert history.escape_epoch([3, 1, 2], [0.5, 0.1, 0.1], margin=0.05) == 3  # order by epoch
+    assert history.escape_epoch(epochs, [np.nan, 0.5, 0.6, 0.7, 0.8], margin=0.05) is None
+    assert history.escape_epoch(epochs, [0.1, np.nan, np.nan, 0.3, 0.3], margin=0.05) == 4
+    assert history.escape_epoch([], [], margin=0.05) is None
+
+
+def _plateaus(escapes: dict[int, int | None], epochs: int = 10) -> pd.DataFrame:
+    """Seeds at accuracy 0.11 until their escape epoch (None: never), 0.5 from then on."""
+    rows = [
+        {"seed": seed, "epoch": e, "accuracy": 0.11 if at is None or e < at else 0.5, "saturation/hidden_2": e}
+        for seed, at in escapes.items()
+        for e in range(1, epochs + 1)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_escape_epochs_per_seed_mark_the_censored() -> None:
+    table = history.escape_epochs(_plateaus({0: 4, 1: None, 2: 8}), margin=0.05)
+    assert table["seed"].tolist() == [0, 1, 2]
+    assert table["escaped"].tolist() == [True, False, True]
+    assert table["escape_epoch"].tolist()[::2] == [4.0, 8.0] and np.isnan(table["escape_epoch"][1])
+    assert table["last_epoch"].tolist() == [10, 10, 10]
+
+
+def test_escape_summary_averages_only_seeds_that_escaped() -> None:
+    summary = history.escape_summary(history.escape_epochs(_plateaus({0: 4, 1: None, 2: 8})))
+    assert summary == {"escape_epoch": 6.0, "escape_epoch_std": 2.0, "escaped_fraction": pytest.approx(2 / 3)}
+    none = history.escape_summary(history.escape_epochs(_plateaus({0: None, 1: None})))
+    assert none == {"escape_epoch": None, "escape_epoch_std": None, "escaped_fraction": 0.0}
+    json.dumps(none, allow_nan=False)
+
+
+def test_around_escape_before_and_after_windows() -> None:
+    table = _plateaus({0: 4, 1: None, 2: 8})  # the column is the epoch itself
+    escapes = history.escape_epochs(table)
+    before, after, seeds = history.around_escape(table, "saturation/hidden_2", escapes, window=2)
+    # seed 0: epochs 2, 3 then 4, 5; seed 2: 6, 7 then 8, 9; seed 1 (censored) left out.
+    assert (before, after, seeds) == (pytest.approx((2.5 + 6.5) / 2), pytest.approx((4.5 + 8.5) / 2), 2)
+    assert np.isnan(history.around_escape(table, "missing", escapes, window=2)[0])
+
+
+def test_summarize_adds_the_escape_epoch_and_keeps_its_keys() -> None:
+    table = make_history(2)
+    metrics = history.summarize(table, index_window=2)
+    assert (metrics["escape_epoch"], metrics["escape_epoch_std"], metrics["escaped_fraction"]) == (2.0, 0.0, 1.0)
+    assert {"accuracy", "vanishing_index", "vanishing_index_skipped_epochs", "epochs", "replicates"} <= set(metrics)
+    # A larger margin than any gain: every seed censored, and nothing averaged.
+    late = history.summarize(table, index_window=2, escape_margin=0.9)
+    assert (late["escape_epoch"], late["escape_epoch_std"], late["escaped_fraction"]) == (None, None, 0.0)
+
+
+def test_probe_columns() -> None:
+    assert history.probe_column(history.SATURATION, 3) == "saturation/hidden_3"
+    assert history.probe_column(history.ACT_P02, None) == "act_p02/output"
+    assert history.parse_layer_column("act_p98/hidden_2") == ("act_p98", 2)
+    assert history.layer_columns(make_history(3), history.JAC_MEAN) == [f"jac_mean/hidden_{i}" for i in (1, 2, 3)]

@@ -153,6 +153,8 @@ def test_every_error_is_reported_at_once() -> None:
         ("tracking", {"experiment": 5}, "tracking.experiment: expected a string, got 5 (int)"),
         ("summary", {"index_window": 0}, "summary.index_window: must be >= 1; got 0"),
         ("summary", {"index_window": "10"}, "summary.index_window: expected an integer, got '10'"),
+        ("summary", {"escape_margin": 0}, "summary.escape_margin: must be > 0; got 0"),
+        ("summary", {"escape_margin": 1.0}, "summary.escape_margin: must be < 1; got 1.0"),
         ("report", {"change_clip_quantile": 0}, "report.change_clip_quantile: must be > 0; got 0"),
         ("report", {"change_clip_quantile": 1.5}, "report.change_clip_quantile: must be <= 1; got 1.5"),
         ("report", {"dpi": 29}, "report.dpi: must be >= 30; got 29"),
@@ -168,6 +170,8 @@ def test_bad_small_sections(section: str, raw: object, fragment: str) -> None:
 def test_summary_section() -> None:
     assert parse(SummaryParams, {}, "summary").index_window == 10
     assert parse(SummaryParams, {"index_window": 3}, "summary").index_window == 3
+    assert parse(SummaryParams, {}, "summary").escape_margin == 0.05
+    assert parse(SummaryParams, {"escape_margin": 0.1}, "summary").escape_margin == 0.1
 
 
 def test_variant_labels() -> None:
@@ -340,7 +344,8 @@ def test_check_file_tells_the_repo_params_from_a_typo(tmp_path: Path, capsys: py
     raw["summary"]["index_windw"] = 5
     path.write_text(yaml.safe_dump(raw))
     assert params_main([str(path)]) == 1
-    assert "params: error: summary: unknown key(s) index_windw; allowed keys: index_window" in capsys.readouterr().err
+    message = "params: error: summary: unknown key(s) index_windw; allowed keys: index_window, escape_margin"
+    assert message in capsys.readouterr().err
 
 
 ANY_MD5S = "{" + ", ".join(f"{key}: {'a' * 32}" for key in CONTENT_KEYS) + "}"

@@ -265,3 +265,57 @@ def test_format_mean_std():
     assert report.format_mean_std(0.85, 0.05) == "0.8500 ± 0.0500"
     assert report.format_mean_std(0.03, float("nan"), ".3g") == "0.03"
     assert report.format_mean_std(float("nan"), 0.1) == "n/a"
+
+
+# ------------------------------------------------------------ why the deepest net stalls (issue 12)
+def test_stall_section_comes_before_the_remedies_with_captions_from_the_data(e2e):
+    page = (e2e["out"] / "index.html").read_text(encoding="utf-8")
+    files = {p.name for p in e2e["out"].iterdir()}
+    assert {f"activations-{D2}.png", f"saturation-{D2}.png", f"jacobians-{D2}.png", "escape_epochs.png"} <= files
+    assert "remedies-saturation-depth-2.png" in files
+    # Depth 2 is the deepest classic depth of the synthetic study.
+    assert page.index("Gradients") < page.index("5. Why depth 2 stalls") < page.index("6. Remedies")
+    assert page.index("6. Remedies") < page.index("7. Results") < page.index("8. Runs")
+    # Every synthetic seed leaves epoch 1's accuracy at epoch 2.
+    assert "2 of 2 seed(s) escaped, at epoch 2 ± 0 (seed 0: 2, seed 1: 2)" in page
+    # hidden_2's saturation is 0.2·(1 - epoch/5): 0.16 in epoch 1, then 0.12, 0.08, 0.04, 0 (mean 0.06).
+    assert "averages 0.160 over the 10 epochs before each seed&#39;s escape and 0.060 over the 10 epochs" in page
+    assert "(-0.100; 2 of 2 seed(s), median escape epoch 2)" in page
+    # Jacobians: 0.2 per layer; prediction 0.2 against the measured first / last ratio 0.2.
+    assert "predicts 0.2 for the first / last ratio of ‖∂C/∂b‖ at epoch 1, measured 0.2" in page
+    assert f"{REMEDY}: hidden_2 0.160 at epoch 1, 0.000 at epoch 5" in page
+
+
+def test_metrics_json_carries_the_escape_epoch(tmp_path):
+    folder = write_variant(tmp_path / "results", Variant(depth=2))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert (metrics["escape_epoch"], metrics["escape_epoch_std"], metrics["escaped_fraction"]) == (2.0, 0.0, 1.0)
+    assert metrics["escape_margin"] == 0.05
+
+
+def test_stall_section_of_results_without_probe_columns_shows_only_escape_epochs(tmp_path):
+    """Results trained before the probe existed: no activation figures, the escape epochs still (from accuracy)."""
+    results = write_results(tmp_path / "results")
+    for folder in results.iterdir():
+        table = make_history(2 if folder.name != D1 else 1)
+        table = table[[c for c in table.columns if not c.startswith(("act_", "saturation", "jac_"))]]
+        table.to_csv(folder / "history.csv", index=False)
+    loaded = report.load_results(results)
+    rp = report.ReportParams()
+    plots = report.stall_plots(loaded, report.escapes_of(loaded), rp, tmp_path)
+    assert [p.file for p in plots] == ["escape_epochs.png"]
+    assert report.remedy_saturation_plots(loaded, report.escapes_of(loaded), rp, tmp_path) == []
+
+
+def test_stall_captions_when_no_seed_escapes(tmp_path):
+    folder = write_variant(tmp_path / "results", Variant(depth=2))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["escape_margin"] = 0.9  # the summarize stage's margin: no seed gains that much
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (loaded,) = report.load_results(tmp_path / "results")
+    escapes = report.escapes_of([loaded])
+    text = report.escape_text(escapes[loaded.name])
+    assert text == "0 of 2 seed(s) escaped (seed 0: censored at 5, seed 1: censored at 5)"
+    caption = report.saturation_caption(loaded, escapes[loaded.name])
+    assert "No seed escaped within 5 epochs: hidden_2's saturation goes from 0.160 at epoch 1 to 0.000" in caption
+    assert "most saturated hidden layer is hidden_2 (0.160)" in caption
