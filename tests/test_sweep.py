@@ -85,6 +85,15 @@ def test_jobs_are_capped_by_the_cores() -> None:
         spec.check_jobs(0, 2)
 
 
+def test_a_gpu_per_task_when_there_are_gpus() -> None:
+    assert spec.gpus_per_task(None, 0) == 0 and spec.gpus_per_task(None, 8) == 1
+    assert spec.gpus_per_task(0, 8) == 0 and spec.gpus_per_task(0.5, 1) == 0.5
+    with pytest.raises(SweepError, match="SWEEP_GPUS=-1"):
+        spec.gpus_per_task(-1, 1)
+    with pytest.raises(SweepError, match="has 0 GPU"):
+        spec.gpus_per_task(1, 0)
+
+
 def test_remote_workers_need_a_tracking_server() -> None:
     spec.check_tracking("sqlite:////tmp/mlflow.db", remote_workers=False)
     spec.check_tracking("http://10.0.0.5:5000", remote_workers=True)

@@ -200,15 +200,6 @@ def _ray_init(target: Target, jobs: int | None) -> Any:
     return ray
 
 
-def _gpus(ray: Any, requested: float | None) -> float:
-    """GPUs per task: as requested, else one when the cluster has GPUs."""
-    if requested is not None:
-        if requested < 0:
-            raise SweepError(f"SWEEP_GPUS={requested:g}: give 0 (CPU only) or the GPUs each experiment takes.")
-        return requested
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
 def _probe(ray: Any, worker: Any, job: dict[str, Any], gpus: float) -> None:
     """One small task that checks, from a worker, that the code and the tracking server are reachable."""
     remote = ray.remote(worker.probe).options(num_cpus=1, num_gpus=gpus, max_retries=0, name="sweep:probe")
@@ -366,6 +357,8 @@ def run(args: argparse.Namespace) -> int:
             print(exp.name, " ".join(f"-S {p}" for p in exp.set_params) or "(no change)", flush=True)
         return 0
     experiments, job = prepare(args, root, target, sweep_id)
+    if args.jobs and not target.local:
+        log.info("JOBS=%s applies to a local Ray instance; the cluster runs as many at once as it has CPUs.", args.jobs)
     reporter = Reporter(len(experiments))
     where = "a local Ray instance" if target.local else f"the Ray cluster at {target.address}"
     ray = None
@@ -376,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
             from pipeline.sweep import worker
 
             ray.cloudpickle.register_pickle_by_value(worker)
-            gpus = _gpus(ray, args.gpus)
+            gpus = spec.gpus_per_task(args.gpus, ray.cluster_resources().get("GPU", 0))
             if not target.local:
                 _probe(ray, worker, job, gpus)
             cpus = int(ray.cluster_resources().get("CPU", 0))

@@ -89,6 +89,17 @@ def check_jobs(jobs: int | None, cores: int) -> int:
     return min(jobs, max(cores, 1))
 
 
+def gpus_per_task(requested: float | None, cluster_gpus: float) -> float:
+    """GPUs each experiment asks Ray for: ``SWEEP_GPUS`` when given, else one when the cluster has GPUs."""
+    if requested is None:
+        return 1.0 if cluster_gpus > 0 else 0.0
+    if requested < 0:
+        raise SweepError(f"SWEEP_GPUS={requested:g}: give 0 (CPU only) or the GPUs each experiment takes.")
+    if requested > cluster_gpus:
+        raise SweepError(f"SWEEP_GPUS={requested:g}, but Ray has {cluster_gpus:g} GPU(s): no task could start.")
+    return requested
+
+
 def check_tracking(uri: str, remote_workers: bool) -> None:
     """Workers on other machines need a tracking server: a SQLite file (or a file store) lives on this one."""
     if remote_workers and not uri.startswith(("http://", "https://")):
