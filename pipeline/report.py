@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline import curves, figures, history, tracking
+from pipeline import curves, figures, history, serve, tracking
 from pipeline.outputs import staged_dir
 from pipeline.params import (
     ParamsError,
@@ -438,7 +438,7 @@ def stall_plots(
             )
         )
         fig = figures.jacobian_figure(table, r.name)
-        plots.append(render(fig, folder, f"jacobians-{r.name}.png", rp.dpi, jacobian_caption(r)))
+        plots.append(render(fig, folder, f"jacobians-{r.name}.png", rp.dpi, jacobian_caption(r, mine)))
     if results:
         caption = "Escape epoch of every seed. " + "; ".join(f"{name}: {escape_text(e)}" for name, e in escapes.items())
         margins = sorted({escape_margin(r) for r in results})
@@ -455,9 +455,18 @@ def saturation_caption(result: VariantResult, escapes: pd.DataFrame) -> str:
     most = max(first, key=lambda c: first[c]) if first else column
     text = (
         f"{result.name}: fraction of probe (example, unit) pairs with f' below {figures.SATURATED:g} of its maximum. "
-        f"At epoch 1 the most saturated hidden layer is {history.layer_name(most)} "
-        f"({_num(first.get(most, np.nan), '.3f')}). "
     )
+    if first.get(most, 0) > 0:
+        text += (
+            f"At epoch 1 the most saturated hidden layer is {history.layer_name(most)} ({_num(first[most], '.3f')}). "
+        )
+    else:
+        text += "At epoch 1 no hidden unit is saturated on any probe example. "
+    at_last = ", ".join(
+        f"{history.layer_name(c)} {_num(_seed_mean(table, c, last), '.3f')}"
+        for c in figures.probe_layers(table, history.SATURATION)
+    )
+    text += f"At epoch {last}: {at_last}. "
     before, after, seeds = history.around_escape(table, column, escapes, ESCAPE_WINDOW)
     if seeds:
         median = escapes.loc[escapes["escaped"], "escape_epoch"].median()
@@ -473,8 +482,9 @@ def saturation_caption(result: VariantResult, escapes: pd.DataFrame) -> str:
     )
 
 
-def jacobian_caption(result: VariantResult) -> str:
-    """Per-layer mean singular values and the predicted against the measured first / last ratio, from the data."""
+def jacobian_caption(result: VariantResult, escapes: pd.DataFrame) -> str:
+    """Per-layer mean singular values, the predicted against the measured first / last ratio, and how
+    the top hidden layer's largest singular value changes around the escape, from the data."""
     table, depth = result.history, result.variant.depth
     layers = ", ".join(
         f"{history.layer_name(c)} {_num(_seed_mean(table, c, 1), '.3g')}"
@@ -484,6 +494,13 @@ def jacobian_caption(result: VariantResult) -> str:
         f"{result.name}: mean singular value of each hidden layer's Jacobian at epoch 1 (mean over seeds): {layers}; "
         f"the σ' bound is {figures.SIGMOID_BOUND:g} per sigmoid layer (times the weights)."
     )
+    largest = history.layer_column(history.JAC_MAX, depth)
+    before, after, seeds = history.around_escape(table, largest, escapes, ESCAPE_WINDOW)
+    if seeds:
+        text += (
+            f" hidden_{depth}'s largest singular value averages {_num(before, '.3g')} over the {ESCAPE_WINDOW} epochs "
+            f"before each seed's escape and {_num(after, '.3g')} over the {ESCAPE_WINDOW} epochs from it."
+        )
     if depth < 2:
         return text
     measured = history.first_to_last(table)["mean"]
@@ -775,10 +792,26 @@ def log_report(
             client.log_artifacts(report_id, str(folder))
             for r in results:
                 _update_variant_run(client, r, uri, folder, link)
+            _save_study_view(client, experiment_id, report_id, results, uri)
             runs.stop.check()  # a signal during the upload: the run ends KILLED, no report is written
     except Exception as exc:  # the run is already marked FAILED; report one clear line
         raise tracking.TrackingError(f"logging the report to MLflow at {uri} failed: {exc}") from exc
     return report_id
+
+
+def _save_study_view(
+    client: Any, experiment_id: str, report_id: str, results: Sequence[VariantResult], uri: str
+) -> None:
+    """The MLflow UI's shared view of this study (``make ui`` prints its link; see :mod:`pipeline.serve`)."""
+    logged = [r for r in results if r.run.get("parent_run") and r.run.get("tracking_uri") == tracking.redact(uri)]
+    ids = [run_id for r in logged for run_id in (r.run["parent_run"], *r.run_ids.values())] + [report_id]
+    view = json.dumps(serve.study_view(ids, max((r.variant.depth for r in results), default=1)))
+    if len(view) > serve.MAX_VIEW_CHARS:
+        log.warning(
+            "the study has too many runs for one MLflow view (%d characters); make ui opens the plain table", len(view)
+        )
+        return
+    client.set_experiment_tag(experiment_id, serve.SHARED_VIEW_TAG + serve.view_key(report_id), view)
 
 
 def _update_variant_run(client: Any, result: VariantResult, uri: str, folder: Path, report_link: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -41,48 +40,98 @@ SERVER_DIR = "mlserver"
 SERVER_WORKERS = 2
 
 
-def runs_link(base_url: str, experiment_id: str | None, run_ids: Sequence[str] = ()) -> str:
-    """Direct link to an experiment's training runs (or the UI root), in the UI's "Model training"
-    mode rather than the GenAI overview MLflow 3 opens on.
+# MLflow 3.17's UI keeps a runs page's state (search, sorting, charts and their order) in a
+# "shared view": an experiment tag mlflow.sharedViewState.<key> holding the state as JSON, opened
+# by ?viewStateShareKey=<key>. Read from its bundle (server/js/build): the key constants, the reader
+# (which ignores the view when the URL also carries search parameters such as searchFilter) and the
+# chart-card fields. Its default chart order puts metrics without a "/" section ("Model metrics")
+# after every named section, so without a view the first charts would be act_mean/..., not accuracy.
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+MODEL_METRICS = "Model metrics"  # the UI's section of metrics with no "/" in their key
+STORY = ("accuracy", "test_accuracy", "loss", "test_loss")
+LAYER_STORY = ("grad_bias", "grad", "weight_change")  # per-layer sections, in this order after the first
+MAX_VIEW_CHARS = 19_000  # MLflow limits an experiment tag's value to 20,000 characters
 
-    Given the runs behind the workspace's results, the link opens their charts (``compareRunsMode=
-    CHART``) filtered to them (``searchFilter``), sorted by name: one row per variant, its seeds
-    nested under it, so the first chart draws one training-accuracy line per variant. These are
-    the URL parameters the UI itself keeps its state in (MLflow 3.17's bundle: ``compareRunsMode``,
-    and ``searchFilter``/``orderByKey``/``orderByAsc`` of the runs search); the chart view plots
-    the first 10 rows (its default ``FIRST_10_RUNS``), and collapsed seeds are not rows.
-    """
+
+def view_key(report_run_id: str) -> str:
+    """The shared view's key for the study a report run describes."""
+    return f"study-{report_run_id}"
+
+
+def study_view(run_ids: Sequence[str], depth: int) -> dict[str, object]:
+    """The runs page of one study: its runs only, seeds collapsed under their variant, in chart view,
+    training accuracy first (one line per variant), then test accuracy and the losses, then each
+    hidden layer's speed of learning (‖∂C/∂b‖), kernel gradient and weight change."""
+    groups = [(MODEL_METRICS, list(STORY))]
+    groups += [(kind, [f"{kind}/hidden_{i}" for i in range(1, depth + 1)]) for kind in LAYER_STORY]
+    sections, charts = [], []
+    for n, (name, keys) in enumerate(groups):
+        section = f"section-{n}"
+        sections.append({"uuid": section, "name": name, "display": True, "isReordered": True, "deleted": False})
+        charts += [_line_chart(f"{section}-{i}", section, key) for i, key in enumerate(keys)]
+    listed = ", ".join(f"'{run_id}'" for run_id in run_ids)
+    return {
+        "searchFilter": f"attributes.run_id IN ({listed})",
+        "orderByKey": "attributes.start_time",  # the UI nests seeds under their variant only in this order
+        "orderByAsc": False,
+        "runsExpanded": {},
+        "compareRunCharts": charts,
+        "compareRunSections": sections,
+        "isAccordionReordered": True,  # keep this order; sections of other metrics follow
+    }
+
+
+def _line_chart(uuid: str, section: str, key: str) -> dict[str, object]:
+    """A line chart card over epochs (the fields of the UI's own LINE card)."""
+    return {
+        "uuid": uuid,
+        "type": "LINE",
+        "runsCountToCompare": 10,
+        "metricSectionId": section,
+        "deleted": False,
+        "isGenerated": True,
+        "metricKey": key,
+        "displayName": key,
+        "lineSmoothness": 0,
+        "xAxisScaleType": "linear",
+        "scaleType": "log" if key.startswith(LAYER_STORY) else "linear",
+        "range": {},
+        "xAxisKey": "step",
+        "selectedXAxisMetricKey": "",
+        "yAxisKey": "metric",
+        "yAxisExpressions": [],
+        "ignoreOutliers": False,
+        "useGlobalXaxisKey": True,
+        "useGlobalLineSmoothing": True,
+    }
+
+
+def runs_link(base_url: str, experiment_id: str | None, view: str | None = None) -> str:
+    """Direct link to an experiment's training runs (or the UI root), in the UI's "Model training"
+    mode rather than the GenAI overview MLflow 3 opens on; with ``view``, the study's shared view
+    in chart mode (see :func:`study_view`)."""
     base = base_url.rstrip("/")
     if not experiment_id:
         return f"{base}/"
     query = {"workflowType": "machine_learning"}
-    if run_ids:
-        listed = ", ".join(f"'{run_id}'" for run_id in run_ids)
-        query |= {
-            "compareRunsMode": "CHART",
-            "searchFilter": f"attributes.run_id IN ({listed})",
-            "orderByKey": "attributes.run_name",
-            "orderByAsc": "true",
-        }
-    return f"{base}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"
+    if view:
+        query |= {"viewStateShareKey": view, "compareRunsMode": "CHART"}
+    return f"{base}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
 
 
-def study_runs(root: Path, store_uri: str, experiment: str | None) -> list[str]:
-    """The runs behind the workspace's results: every variant's run and its seeds' runs (from
-    ``results/*/run.json``, when they were logged to ``store_uri``), and the latest report run."""
-    ids: list[str] = []
-    for path in sorted((root / "results").glob("*/run.json")):
-        with contextlib.suppress(OSError, ValueError):
-            run = json.loads(path.read_text(encoding="utf-8"))
-            if run.get("tracking_uri") == tracking.redact(store_uri) and run.get("parent_run"):
-                ids += [run["parent_run"], *run.get("runs", {}).values()]
-    if ids and experiment:
-        with contextlib.suppress(Exception):  # a viewer must start even when the store cannot be searched
-            (report,) = tracking.open_store(store_uri).search_runs(
-                [experiment], "attributes.run_name = 'report'", order_by=["attributes.start_time DESC"], max_results=1
-            )
-            ids.append(report.info.run_id)
-    return ids
+def latest_view(store_uri: str, experiment_id: str | None) -> str | None:
+    """The shared view of the latest report run, when the report stage saved one."""
+    if not experiment_id:
+        return None
+    with contextlib.suppress(Exception):  # a viewer must start even when the store cannot be searched
+        client = tracking.open_store(store_uri)
+        (report,) = client.search_runs(
+            [experiment_id], "attributes.run_name = 'report'", order_by=["attributes.start_time DESC"], max_results=1
+        )
+        key = view_key(report.info.run_id)
+        if SHARED_VIEW_TAG + key in client.get_experiment(experiment_id).tags:
+            return key
+    return None
 
 
 def ui_command(store_uri: str, host: str, port: int) -> list[str]:
@@ -240,14 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         command = ui_command(store, args.host, args.port)
         exp_id = experiment_id(store, track.experiment)
-        study = study_runs(root, store, exp_id)
+        view = latest_view(store, exp_id)
     else:
         if args.backend_store_uri is None or args.artifacts_destination is None:
             (root / SERVER_DIR).mkdir(exist_ok=True)
         command = server_command(
             root, args.host, args.port, args.backend_store_uri, args.artifacts_destination, args.workers
         )
-        exp_id, study = None, []
+        exp_id, view = None, None
     if not port_free(args.host, args.port):
         log.error(
             "%s:%s is already in use (another MLflow?): stop it or pick another port (PORT=5001)", host, args.port
@@ -270,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.mode == "server":
             exp_id = experiment_id(base, track.experiment)
             log.info("Tracking server: %s\nLog the pipeline to it with:  MLFLOW_TRACKING_URI=%s make repro", base, base)
-        log.info("Training runs: %s\n(Ctrl-C to stop)", runs_link(base, exp_id, study))
+        log.info("Training runs: %s\n(Ctrl-C to stop)", runs_link(base, exp_id, view))
         return process.wait()
     except KeyboardInterrupt:
         return 0

@@ -222,7 +222,7 @@ def train_and_track(
             with staged_dir(args.out) as tmp:
                 singles = [unstack(model, variant, k) for k in range(len(train.seeds))]
                 _write_outputs(tmp, history, run_info, singles)
-                _log_run_outputs(client, experiment_id, runs.run_ids, train.seeds, singles, history)
+                _log_run_outputs(client, experiment_id, runs, names, train.seeds, singles, history)
                 runs.stop.check()  # a signal during writing: the staged outputs are discarded
         except OSError as exc:
             raise OutputError(
@@ -290,7 +290,13 @@ def _log_run_inputs(
 
 
 def _log_run_outputs(
-    client: Any, experiment_id: str, run_ids: list[str], seeds: Sequence[int], models: list[Any], history: pd.DataFrame
+    client: Any,
+    experiment_id: str,
+    runs: tracking.RunSet,
+    names: Sequence[str],
+    seeds: Sequence[int],
+    models: list[Any],
+    history: pd.DataFrame,
 ) -> None:
     """Per run: its own rows of the history, and its replicate as an MLflow model (a LoggedModel in the
     experiment's Models tab, loadable with ``mlflow.pyfunc.load_model``) linked to its final metrics."""
@@ -310,13 +316,13 @@ def _log_run_outputs(
     backend = keras.backend.backend()  # what the saved model needs to load: Keras and its backend, pinned
     requirements = [f"keras=={keras.__version__}", f"{backend}=={importlib.metadata.version(backend)}"]
     final = history.sort_values("epoch").groupby("seed").tail(1).set_index("seed")
-    for seed, run_id, single in zip(seeds, run_ids, models, strict=True):
+    for seed, run_id, single, name in zip(seeds, runs.run_ids, models, names, strict=True):
         with tempfile.TemporaryDirectory() as scratch:
             csv = Path(scratch) / "history.csv"
             history[history["seed"] == seed].to_csv(csv, index=False, float_format=CSV_FLOAT)
             client.log_artifact(run_id, str(csv))
             model = client.create_logged_model(
-                experiment_id, name=f"seed-{seed}", source_run_id=run_id, model_type="keras", params={"seed": str(seed)}
+                experiment_id, name=name, source_run_id=run_id, model_type="keras", params={"seed": str(seed)}
             )
             saved = str(Path(scratch) / "model")
             mlflow.keras.save_model(single, saved, signature=signature, pip_requirements=requirements)

@@ -53,32 +53,31 @@ def test_runs_link() -> None:
     assert serve.runs_link("http://127.0.0.1:5000", None) == "http://127.0.0.1:5000/"
 
 
-def test_runs_link_to_a_study_opens_its_charts_filtered_to_its_runs() -> None:
-    import urllib.parse
-
-    link = serve.runs_link("http://127.0.0.1:5000", "3", ["aa", "bb"])
-    path, query = link.split("?", 1)
-    assert path == "http://127.0.0.1:5000/#/experiments/3/runs"
-    params = dict(urllib.parse.parse_qsl(query))
-    assert params == {
-        "workflowType": "machine_learning",
-        "compareRunsMode": "CHART",
-        "searchFilter": "attributes.run_id IN ('aa', 'bb')",
-        "orderByKey": "attributes.run_name",
-        "orderByAsc": "true",
-    }
-    assert " " not in link  # printed on a terminal line: one clickable URL
+def test_runs_link_to_a_study_opens_its_shared_view_in_chart_mode() -> None:
+    link = serve.runs_link("http://127.0.0.1:5000", "3", "study-abc")
+    assert link == (
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+        "&viewStateShareKey=study-abc&compareRunsMode=CHART"
+    )
+    # The UI ignores a shared view when the URL also has search parameters.
+    assert "searchFilter" not in link and "orderBy" not in link
 
 
-def test_study_runs_come_from_the_results_logged_to_this_store(tmp_path: Path) -> None:
-    import json
-
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for name, uri in (("a", store), ("b", "http://elsewhere:5000")):
-        (tmp_path / "results" / name).mkdir(parents=True)
-        run = {"tracking_uri": uri, "parent_run": f"p-{name}", "runs": {"0": f"c-{name}0", "1": f"c-{name}1"}}
-        (tmp_path / "results" / name / "run.json").write_text(json.dumps(run))
-    assert serve.study_runs(tmp_path, store, None) == ["p-a", "c-a0", "c-a1"]
+def test_study_view_puts_training_accuracy_first_then_each_layer() -> None:
+    view = serve.study_view(["p1", "c1", "c2", "r"], depth=2)
+    assert view["searchFilter"] == "attributes.run_id IN ('p1', 'c1', 'c2', 'r')"
+    assert (view["orderByKey"], view["orderByAsc"], view["isAccordionReordered"]) == (
+        "attributes.start_time",
+        False,
+        True,
+    )
+    sections = {s["uuid"]: s["name"] for s in view["compareRunSections"]}
+    assert list(sections.values()) == ["Model metrics", "grad_bias", "grad", "weight_change"]
+    charts = [(sections[c["metricSectionId"]], c["metricKey"]) for c in view["compareRunCharts"]]
+    assert charts[0] == ("Model metrics", "accuracy")
+    assert charts[4:6] == [("grad_bias", "grad_bias/hidden_1"), ("grad_bias", "grad_bias/hidden_2")]
+    assert {c["type"] for c in view["compareRunCharts"]} == {"LINE"}
+    assert len({c["uuid"] for c in view["compareRunCharts"]}) == len(charts)
 
 
 def test_child_env_turns_the_genai_job_runner_off_unless_asked() -> None:

@@ -151,7 +151,7 @@ def wait_until_training(project: Path, process: subprocess.Popen[str], lines: li
     while True:
         assert process.poll() is None, "".join(lines)
         assert time.monotonic() < deadline, "training did not start:\n" + "".join(lines)
-        if any("epoch 20/" in line for line in lines) and len(runs(project)) == 2:
+        if any("epoch 20/" in line for line in lines) and len(runs(project)) == 3:
             assert {status for _, status in runs(project)} == {"RUNNING"}
             return
         time.sleep(0.1)
@@ -191,7 +191,7 @@ def assert_interrupted_cleanly(project: Path, rc: int, output: str, lock: bytes,
     assert rc != 0, output
     name = signal.Signals(signum).name
     assert f"interrupted (stopped by {name}): the MLflow runs are marked KILLED" in output, output
-    assert runs(project) == [(f"{VARIANT}-seed-0", "KILLED"), (f"{VARIANT}-seed-1", "KILLED")]
+    assert runs(project) == [(VARIANT, "KILLED"), (f"{VARIANT}-seed-0", "KILLED"), (f"{VARIANT}-seed-1", "KILLED")]
     assert_nothing_written(project)
     assert (project / "dvc.lock").read_bytes() == lock
     assert "Running stage 'report'" not in output
@@ -241,7 +241,7 @@ def test_sigterm_to_dvc_then_rerun_then_run_cache_restore(make_project) -> None:
     assert "Running stage 'report'" in again.stdout
     assert (project / "results" / VARIANT / "metrics.json").is_file()
     first = runs(project)
-    assert [s for _, s in first].count("FINISHED") == 3  # 2 seeds + report
+    assert [s for _, s in first].count("FINISHED") == 4  # the variant, 2 seeds, the report
     summary = (project / "reports" / "summary.md").read_bytes()
 
     set_params(project, _set("report", dpi=120))
@@ -273,7 +273,7 @@ def test_exception_inside_training_fails_runs_and_stops_the_pipeline(make_projec
     assert f"failed to reproduce '{STAGE}'" in output
     assert "expected shape=(None, 784), found shape=(200, 783)" in output
     assert "Running stage 'report'" not in output and not (project / "reports").exists()
-    assert runs(project) == [(f"{VARIANT}-seed-0", "FAILED"), (f"{VARIANT}-seed-1", "FAILED")]
+    assert runs(project) == [(VARIANT, "FAILED"), (f"{VARIANT}-seed-0", "FAILED"), (f"{VARIANT}-seed-1", "FAILED")]
     assert_nothing_written(project)
     assert STAGE not in (project / "dvc.lock").read_text()
 
@@ -367,7 +367,7 @@ def test_same_params_and_seed_give_identical_results_even_when_run_concurrently(
         assert len(wa) == len(wb) > 0
         for x, y in zip(wa, wb, strict=True):
             assert x.dtype == y.dtype and np.array_equal(x, y)
-    assert [s for _, s in runs(project)] == ["FINISHED"] * 4
+    assert [s for _, s in runs(project)] == ["FINISHED"] * 6  # per training: the variant's run and 2 seeds
 
 
 # ------------------------------------------------------------------ untrusted input
@@ -444,6 +444,6 @@ def test_unwritable_results_fail_cleanly(make_project, mount_options: str, error
     else:
         # Found only when the outputs are written: the runs fail.
         assert "cannot write results/" in output and "free disk space" in output
-        assert runs(project) == [(f"{VARIANT}-seed-0", "FAILED"), (f"{VARIANT}-seed-1", "FAILED")]
+        assert runs(project) == [(VARIANT, "FAILED"), (f"{VARIANT}-seed-0", "FAILED"), (f"{VARIANT}-seed-1", "FAILED")]
     assert (project / "dvc.lock").read_bytes() == lock
     assert "Running stage 'report'" not in output

@@ -127,52 +127,60 @@ def browser() -> Iterator[object]:
 
 
 @pytest.mark.slow
-def test_mlflow_ui_shows_runs_charts_and_report(make_project, browser, tmp_path: Path) -> None:
+def test_the_printed_link_opens_the_study(make_project, browser, tmp_path: Path) -> None:
+    """What a newcomer sees after `make repro`, `make ui` and the printed link, without clicking:
+    the chart view, whose first chart is training accuracy with one line per variant; a table of one
+    row per variant. Then: a variant's seeds unfold under it, and the Models tab lists the replicates."""
     project = make_project()
     run(["dvc", "repro"], project)
-    names = expected_runs(project)
-    assert len(names) >= 5, names
+    variants = sorted(json.loads(p.read_text())["name"] for p in (project / "results").glob("*/run.json"))
+    seeds = expected_runs(project)
+    assert len(variants) == 3, variants
 
     ui = MakeUi(project, free_port(), tmp_path / "make-ui.log")
     try:
         match = ui.wait_for_link()
         link, experiment_id = match.group(1), match.group(2)
+        assert "viewStateShareKey=study-" in link, link
         assert ui.children, "nothing started under make ui"
 
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
         # The UI polls forever: wait for `load`, then for the elements (networkidle never comes).
         page.goto(link, wait_until="load")
-        for name in names:
-            page.get_by_text(name, exact=True).first.wait_for()
         assert f"/#/experiments/{experiment_id}/runs" in page.url
-        page.screenshot(path=tmp_path / "runs.png")
+        page.locator(".js-plotly-plot").first.wait_for()
+        # The first chart: training accuracy, a line per variant (legend "<run> (<metric>)").
+        for name in variants:
+            page.get_by_text(f"{name} (accuracy)", exact=True).first.wait_for()
+        texts = page.inner_text("body")
+        charts = texts[texts.index("matching runs") :]  # the chart area, after the runs table
+        assert charts.index("Model metrics") < charts.index("grad_bias"), "accuracy's section comes first"
+        legends = re.findall(r"^[\w.-]+ \(([^()\n]+)\)$", charts, flags=re.M)
+        assert legends and legends[0] == "accuracy", legends[:5]
+        # The table: one row per variant (and the report), seeds folded away.
+        for name in variants:
+            page.get_by_role("link", name=name, exact=True).first.wait_for()
+        assert not page.get_by_role("link", name=f"{variants[0]}-seed-0", exact=True).count()
+        page.screenshot(path=tmp_path / "study.png")
 
-        # A run's page: the per-epoch charts of the training measurements.
-        deepest = max((n for n in names if n.endswith("-seed-0")), key=lambda n: int(n.split("-")[1]))
-        page.get_by_text(deepest, exact=True).first.click()
-        page.get_by_role("tab", name="Model metrics").click()
-        search = page.get_by_placeholder("Search metric charts")
-        for metric in ("accuracy", "weight_change/hidden_1"):
-            search.fill(metric)
-            page.get_by_text(f"{deepest} ({metric})", exact=True).first.wait_for()
-            page.locator(".js-plotly-plot .trace.scatter").first.wait_for()
-        page.screenshot(path=tmp_path / "run-metrics.png")
+        # A variant unfolds into its seeds.
+        row = page.locator(".ag-row", has=page.get_by_role("link", name=variants[0], exact=True)).first
+        row.locator("button[data-component-id*='runnamecellrenderer']").first.click()
+        page.get_by_role("link", name=f"{variants[0]}-seed-0", exact=True).first.wait_for()
+        page.get_by_role("link", name=f"{variants[0]}-seed-1", exact=True).first.wait_for()
+        page.screenshot(path=tmp_path / "seeds.png")
 
-        # The report's run holds the report's figures as artifacts.
-        page.goto(link, wait_until="load")
-        page.get_by_text("report", exact=True).first.click()
-        page.get_by_role("tab", name="Artifacts").click()
-        figures = sorted(p.name for p in (project / "reports").glob("*.png"))
-        assert "accuracy_by_depth.png" in figures
-        for name in ("index.html", "summary.md", *figures[:3]):
+        # The Models tab lists every replicate as an MLflow model.
+        page.get_by_role("link", name="Models", exact=True).first.click()
+        for name in (n for n in seeds if "-seed-" in n):
             page.get_by_text(name, exact=True).first.wait_for()
-        page.screenshot(path=tmp_path / "report-artifacts.png")
+        page.screenshot(path=tmp_path / "models.png")
         page.close()
     finally:
         leaked = ui.interrupt()
     assert not leaked, f"processes left running after Ctrl-C on make ui: {leaked}"
-    assert (tmp_path / "runs.png").stat().st_size > 10_000
+    assert (tmp_path / "study.png").stat().st_size > 10_000
     print(f"screenshots: {tmp_path}")
 
 
