@@ -265,7 +265,7 @@ def test_vs_train_figure(histories: Mapping[str, pd.DataFrame]) -> Figure:
 
 
 # ------------------------------------------------------- why deep sigmoid nets stall (issue 12)
-SPREAD_NOTE = "line: mean over seeds; band: 2nd–98th percentile over probe examples and units (seed mean)"
+SPREAD_NOTE = "line: mean over seeds; band: 2nd–98th percentile\nover probe examples and units, mean over seeds"
 ESCAPE_LABEL = "median escape epoch"
 
 
@@ -334,7 +334,8 @@ def saturation_by_variant(histories: Mapping[str, pd.DataFrame], escapes: Mappin
 def escape_figure(escapes: Mapping[str, pd.DataFrame], margin: float) -> Figure:
     """Every seed's escape epoch, one row per variant: a dot where it escaped, a triangle at the
     last epoch when it did not (censored), and a bar at the mean over the seeds that escaped."""
-    fig, (ax,) = _figure(1, row_height=0.45 * len(escapes) + 1.8, width=8.0)
+    fig, (ax,) = _figure(1, row_height=0.45 * len(escapes) + 2.2, width=8.0)
+    last = 1
     for row, table in enumerate(escapes.values()):
         escaped, censored = table[table["escaped"]], table[~table["escaped"]]
         jitter = np.linspace(-0.15, 0.15, len(table)) if len(table) > 1 else np.zeros(1)
@@ -345,19 +346,21 @@ def escape_figure(escapes: Mapping[str, pd.DataFrame], margin: float) -> Figure:
         )
         if len(escaped):
             ax.plot([escaped["escape_epoch"].mean()] * 2, [row - 0.3, row + 0.3], color="k", linewidth=1.5)
+        last = max(last, int(table["last_epoch"].max()) if len(table) else 1)
     ax.scatter([], [], s=22, color="C0", label="seed escaped")
     ax.scatter([], [], s=40, marker=">", facecolors="none", edgecolors="C3", label="censored: not by its last epoch")
     ax.plot([], [], color="k", linewidth=1.5, label="mean over the seeds that escaped")
     ax.set_yticks(range(len(escapes)), list(escapes))
     ax.set_ylim(len(escapes) - 0.5, -0.5)
-    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xscale("log")
+    ax.set_xlim(0.9, last * 1.4)
     _label(
         ax,
-        f"Escape epoch: first epoch with training accuracy > epoch 1's + {margin:g}",
+        f"Escape epoch of every seed\n(first epoch with training accuracy > epoch 1's + {margin:g})",
         "variant",
-        xlabel="epoch (log above 10)",
+        xlabel="epoch (log)",
     )
-    ax.legend(loc="best", fontsize="small")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize="small", frameon=False)
     return fig
 
 
