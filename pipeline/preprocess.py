@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import cli
 from pipeline.mnist import NUM_CLASSES, DataError, MnistArrays, npz_to_arrays, write_npz
 from pipeline.outputs import staged_dir
-from pipeline.params import ParamsError, PreprocessParams, check_file, load_section
+from pipeline.params import ParamsError, PreprocessParams
 
 log = logging.getLogger("pipeline.preprocess")
 
@@ -74,28 +75,18 @@ def run(in_path: Path, out: Path, limit: int | None) -> None:
     )  # fmt: skip
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--params", default="params.yaml", help="params file (reads its 'preprocess' section)")
-    p.add_argument("--in", dest="in_path", type=Path, default=Path("data/raw/mnist.npz"), help="fetched .npz")
-    p.add_argument("--out", type=Path, default=Path("data/processed"), help="output folder")
-    return p.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = parse_args(argv)
-    try:
-        check_file(args.params)
-        params: PreprocessParams = load_section("preprocess", args.params)
-        run(args.in_path, args.out, params.limit)
-    except (ParamsError, DataError) as exc:
-        log.error("%s", exc)
-        return 1
-    except OSError as exc:
-        log.error("I/O error (reading %s or writing %s): %s", args.in_path, args.out, exc)
-        return 1
-    return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--in", dest="in_path", type=Path, default=Path("data/raw/mnist.npz"), help="fetched .npz")
+    parser.add_argument("--out", type=Path, default=Path("data/processed"), help="output folder")
+
+    def body(args: argparse.Namespace, params: PreprocessParams) -> None:
+        try:
+            run(args.in_path, args.out, params.limit)
+        except OSError as exc:
+            raise DataError(f"I/O error (reading {args.in_path} or writing {args.out}): {exc}") from exc
+
+    return cli.run_stage(parser, "preprocess", body, (DataError,), argv)
 
 
 if __name__ == "__main__":

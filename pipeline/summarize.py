@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import history
+from pipeline import cli, history
 from pipeline.outputs import write_text_atomic
-from pipeline.params import ParamsError, SummaryParams, check_file, load_section
+from pipeline.params import SummaryParams
 
 log = logging.getLogger("pipeline.summarize")
 REQUIRED_COLUMNS = ("seed", "epoch", *history.SCALARS)
@@ -43,32 +43,21 @@ def read_history(path: Path) -> pd.DataFrame:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m pipeline.summarize", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--history", type=Path, required=True, help="the variant's history.csv")
     parser.add_argument("--out", type=Path, required=True, help="metrics.json to write")
-    args = parser.parse_args(argv)
-    try:
-        check_file(args.params)
-        params: SummaryParams = load_section("summary", args.params)
-        metrics = history.summarize(read_history(args.history), params.index_window, params.escape_margin)
-        write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
-    except (ParamsError, SummaryError) as exc:
-        log.error("%s", exc)
-        return 1
-    except OSError as exc:
-        log.error("cannot write %s: %s; free disk space or make its folder writable", args.out, exc.strerror or exc)
-        return 1
-    log.info(
-        "%s: vanishing index %s, escape epoch %s (%s of the seeds escaped) -> %s",
-        args.history.parent.name,
-        metrics["vanishing_index"],
-        metrics["escape_epoch"],
-        metrics["escaped_fraction"],
-        args.out,
-    )
-    return 0
+
+    def body(args: argparse.Namespace, params: SummaryParams) -> None:
+        metrics = history.summarize(read_history(args.history), params.index_window)
+        try:
+            write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
+        except OSError as exc:
+            raise SummaryError(
+                f"cannot write {args.out}: {exc.strerror or exc}; free disk space or make its folder writable"
+            ) from exc
+        log.info("%s: vanishing index %s -> %s", args.history.parent.name, metrics["vanishing_index"], args.out)
+
+    return cli.run_stage(parser, "summary", body, (SummaryError,), argv)
 
 
 if __name__ == "__main__":
