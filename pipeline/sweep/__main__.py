@@ -193,8 +193,11 @@ def _ray_init(target: Target, jobs: int | None) -> Any:
         else:
             ray.init(address=target.address, **options)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if target.local:
+            raise SweepError(f"Could not start a local Ray instance: {why}") from None
         raise SweepError(
-            f"Could not connect to the Ray cluster at {target.address}: {str(exc).strip().splitlines()[0]}. "
+            f"Could not connect to the Ray cluster at {target.address}: {why}. "
             "Check RAY_ADDRESS and that your token is the cluster's (RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."
         ) from None
     return ray
