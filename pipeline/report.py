@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,8 +181,12 @@ def remedy_groups(results: Sequence[VariantResult]) -> dict[int, list[VariantRes
 
 
 def ui_base(uri: str) -> str:
-    """The MLflow UI for runs logged at ``uri``: the server itself, else the local ``make ui`` address."""
-    return uri.rstrip("/") + "/" if uri.startswith(("http://", "https://")) else LOCAL_UI
+    """The MLflow UI for runs logged at ``uri``: the server itself (without any user name or password:
+    a link is for a browser, which asks for them), else the local ``make ui`` address."""
+    if not uri.startswith(("http://", "https://")):
+        return LOCAL_UI
+    parts = urllib.parse.urlsplit(uri)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/") + "/"
 
 
 def run_link(base: str, experiment_id: str, run_id: str) -> str:

@@ -102,6 +102,8 @@ def test_remedy_groups_put_the_classic_variant_first(tmp_path):
 def test_run_links():
     assert report.ui_base("sqlite:////x/mlflow.db") == "http://127.0.0.1:5000/"
     assert report.ui_base("https://mlflow.example.org/root") == "https://mlflow.example.org/root/"
+    assert report.ui_base("https://alice:s3cret@mlflow.example.org/") == "https://mlflow.example.org/"
+    assert report.ui_base("https://alice:***@mlflow.example.org") == "https://mlflow.example.org/"
     link = report.run_link("http://127.0.0.1:5000/", "3", "abc")
     assert link == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
 
