@@ -85,7 +85,8 @@ def on_ray(project: Path, base: Path, values: list[str], jobs: int | None) -> tu
     if jobs:
         command += ["--jobs", str(jobs)]
     start = time.monotonic()
-    done = subprocess.run(command, cwd=project, env=clean_env(**ray_env(base)), capture_output=True, text=True)
+    with ray_env(base) as own:
+        done = subprocess.run(command, cwd=project, env=clean_env(**own), capture_output=True, text=True)
     total = time.monotonic() - start
     if done.returncode != 0:
         raise SystemExit(f"the Ray sweep failed:\n{done.stdout}\n{done.stderr}")

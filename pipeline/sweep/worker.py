@@ -19,6 +19,7 @@ Every command runs under :mod:`pipeline.sweep.supervise`, so that a dying worker
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -143,6 +144,8 @@ def run_experiment(job: Mapping[str, Any]) -> dict[str, Any]:
     finally:
         result["seconds"] = time.monotonic() - start
         shutil.rmtree(attempt, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the sweep's folder, once its last attempt here is done
+            attempt.parent.rmdir()
     return result
 
 

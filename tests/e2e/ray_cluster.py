@@ -52,20 +52,28 @@ class RayCluster:
             return []
 
 
-def ray_env(base: Path) -> dict[str, str]:
+@contextmanager
+def ray_env(base: Path) -> Iterator[dict[str, str]]:
     """Token authentication with a token file of the test's own, and a short Ray temp folder
-    (Ray's Unix socket paths must stay under about 100 characters)."""
-    token = base / "ray-token"
+    (Ray's Unix socket paths must stay under about 100 characters), removed afterwards."""
+    token = base / f"ray-token-{secrets.token_hex(4)}"
     token.write_text(secrets.token_hex(32), encoding="utf-8")
     token.chmod(0o600)
     tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_TMPDIR": str(tmp)}
+    try:
+        yield {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_TMPDIR": str(tmp)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
 def ray_cluster(base: Path, port: int, workers: int = 2, timeout_s: float = 120) -> Iterator[RayCluster]:
     """Start the cluster in the background; stop it (and every process it started) afterwards."""
-    own = ray_env(base)
+    with ray_env(base) as own:
+        yield from _run_cluster(own, port, workers, timeout_s)
+
+
+def _run_cluster(own: dict[str, str], port: int, workers: int, timeout_s: float) -> Iterator[RayCluster]:
     env = {**os.environ, **own}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     command = [sys.executable, "-m", "tests.e2e.ray_cluster", "--port", str(port), "--workers", str(workers)]
@@ -107,7 +115,6 @@ def ray_cluster(base: Path, port: int, workers: int = 2, timeout_s: float = 120)
         for leftover in psutil.wait_procs(started, timeout=10)[1]:
             leftover.kill()
         reader.join(timeout=5)
-        shutil.rmtree(own["RAY_TMPDIR"], ignore_errors=True)
 
 
 def main() -> int:

@@ -65,6 +65,13 @@ def cluster(base: Path) -> Iterator[RayCluster]:
 
 
 @pytest.fixture(scope="module")
+def local_ray(base: Path) -> Iterator[dict[str, str]]:
+    """A token and temp folder for sweeps that start a local Ray instance."""
+    with ray_env(base) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
 def server(base: Path) -> Iterator[str]:
     home = prepare_project(base, tiny, name="server-home")
     args = ["--backend-store-uri", f"sqlite:///{base / 'server.db'}", "--artifacts-destination", str(base / "art")]
@@ -332,9 +339,9 @@ def test_remote_workers_with_a_sqlite_store_are_refused(cluster: RayCluster, wor
     assert not (project / "mlflow.db").exists()
 
 
-def test_unreachable_ray_address_fails_within_seconds(server: str, workspace, base: Path) -> None:
+def test_unreachable_ray_address_fails_within_seconds(server: str, workspace, local_ray: dict[str, str]) -> None:
     project = workspace("noray")
-    env = clean_env(RAY_ADDRESS=f"127.0.0.1:{free_port()}", MLFLOW_TRACKING_URI=server, **ray_env(base))
+    env = clean_env(RAY_ADDRESS=f"127.0.0.1:{free_port()}", MLFLOW_TRACKING_URI=server, **local_ray)
     err, elapsed = refused(project, env)
     assert "nothing answers at 127.0.0.1:" in err and "RAY_ADDRESS" in err, err
     assert elapsed < 30, elapsed
@@ -361,7 +368,7 @@ def test_code_the_workers_cannot_reach_is_refused(cluster: RayCluster, server: s
     assert "no git remote 'origin'" in err, err
 
 
-def test_local_sweep_straight_after_repro(workspace, base: Path) -> None:
+def test_local_sweep_straight_after_repro(workspace, local_ray: dict[str, str]) -> None:
     """``make repro`` then ``make sweep`` (local Ray): dvc.lock is modified, the results are new."""
     project = workspace("local", origin=False)
     run(["dvc", "repro", "preprocess"], project)
@@ -370,7 +377,7 @@ def test_local_sweep_straight_after_repro(workspace, base: Path) -> None:
     status = run(["git", "status", "--porcelain"], project).stdout
     assert " M dvc.lock" in status, status
 
-    env = clean_env(**ray_env(base))
+    env = clean_env(**local_ray)
     result = run(
         ["make", "-o", ".venv/.installed", "sweep", f"BIN={BIN}", "JOBS=2", "SWEEP=-S train.learning_rate=0.1,0.5"],
         project,
