@@ -48,14 +48,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="metrics.json to write")
 
     def body(args: argparse.Namespace, params: SummaryParams) -> None:
-        metrics = history.summarize(read_history(args.history), params.index_window)
+        metrics = history.summarize(read_history(args.history), params.index_window, params.escape_margin)
         try:
             write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
         except OSError as exc:
             raise SummaryError(
                 f"cannot write {args.out}: {exc.strerror or exc}; free disk space or make its folder writable"
             ) from exc
-        log.info("%s: vanishing index %s -> %s", args.history.parent.name, metrics["vanishing_index"], args.out)
+        log.info(
+            "%s: vanishing index %s, escape epoch %s (fraction of seeds escaped %s) -> %s",
+            args.history.parent.name,
+            metrics["vanishing_index"],
+            metrics["escape_epoch"],
+            metrics["escaped_fraction"],
+            args.out,
+        )
 
     return cli.run_stage(parser, "summary", body, (SummaryError,), argv)
 

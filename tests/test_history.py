@@ -162,3 +162,17 @@ def test_probe_columns() -> None:
     assert history.probe_column(history.ACT_P02, None) == "act_p02/output"
     assert history.parse_layer_column("act_p98/hidden_2") == ("act_p98", 2)
     assert history.layer_columns(make_history(3), history.JAC_MEAN) == [f"jac_mean/hidden_{i}" for i in (1, 2, 3)]
+
+
+def test_summarize_stage_uses_the_params_escape_margin(tmp_path) -> None:
+    """The stage passes summary.escape_margin on: a margin no seed reaches leaves every seed censored."""
+    from pipeline import summarize as stage
+
+    make_history(2).to_csv(tmp_path / "history.csv", index=False)
+    for margin, expected in ((0.05, (2.0, 1.0)), (0.9, (None, 0.0))):
+        (tmp_path / "params.yaml").write_text(f"summary: {{index_window: 2, escape_margin: {margin}}}\n")
+        args = ["--params", str(tmp_path / "params.yaml"), "--history", str(tmp_path / "history.csv")]
+        assert stage.main([*args, "--out", str(tmp_path / "metrics.json")]) == 0
+        metrics = json.loads((tmp_path / "metrics.json").read_text())
+        assert (metrics["escape_epoch"], metrics["escaped_fraction"]) == expected
+        assert metrics["escape_margin"] == margin
