@@ -317,8 +317,8 @@ def _wait_for(predicate, timeout: float = 10.0) -> bool:
 def test_the_command_group_never_outlives_the_task(tmp_path: Path, victim: str) -> None:
     """SIGKILL of the Ray worker (the OOM killer), or of its direct child as Ray's force-cancel does:
     the guard SIGTERMs the command's whole group, grandchildren included, and removes the attempt folder."""
-    attempt = tmp_path / "attempt"
-    attempt.mkdir()
+    attempt = tmp_path / "sweep-s" / "s-1.123"
+    attempt.mkdir(parents=True)
     worker_code = (
         "import os, subprocess, sys, time\n"
         f"subprocess.Popen([sys.executable, {str(SUPERVISE)!r}, str(os.getpid()), {str(attempt)!r},"
@@ -343,7 +343,7 @@ def test_the_command_group_never_outlives_the_task(tmp_path: Path, victim: str) 
             launcher.send_signal(signal.SIGKILL)
         _, alive = psutil.wait_procs(started, timeout=10)
         assert not alive, alive
-        assert _wait_for(lambda: not attempt.exists())
+        assert _wait_for(lambda: not attempt.parent.exists())
     finally:
         worker_proc.kill()
         worker_proc.wait()

@@ -82,6 +82,8 @@ def guard(worker: int, launcher: int, cleanup: str, command: list[str]) -> int:
             break
         time.sleep(0.2)
     shutil.rmtree(cleanup, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the sweep's folder, when this was its last attempt here
+        Path(cleanup).parent.rmdir()
     return 128 + stopped[0]
 
 
