@@ -238,6 +238,12 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
     remote = None if target.local else args.git_remote
     if remote:
         workspace.check_on_remote(root, remote, workspace.git(["rev-parse", "HEAD^{commit}"], root))
+    taken = sorted(existing(root, remote, [e.name for e in experiments]))
+    if taken:  # a task's push would replace them
+        raise SweepError(
+            f"Experiments named {', '.join(taken)} exist already: choose another --name, or remove them first "
+            "(dvc exp remove" + (f" --git-remote {remote}" if remote else "") + " <names>)."
+        )
     snap = workspace.snapshot(root, sweep_id)
     try:
         if remote:
@@ -314,13 +320,26 @@ def landed(root: Path, names: Sequence[str]) -> set[str]:
     return {n for n in names if n in present}
 
 
+def existing(root: Path, remote: str | None, names: Sequence[str]) -> set[str]:
+    """Which of ``names`` are experiments already, in the workspace or on ``remote``."""
+    found = landed(root, names)
+    if remote:
+        found |= set(names) & remote_experiments(root, remote)
+    return found
+
+
+def remote_experiments(root: Path, remote: str) -> set[str]:
+    """The names of the experiments on a git remote."""
+    listing = workspace.git(["ls-remote", remote, "refs/exps/*"], root, timeout=120)
+    return {line.rsplit("/", 1)[-1] for line in listing.splitlines()}
+
+
 def bring_back(root: Path, git_url: str, names: Sequence[str]) -> None:
     """Cluster sweeps: fetch the experiments (refs and outputs) from ``origin`` into the workspace;
     only those that are there (after Ctrl-C, some never were)."""
     import subprocess
 
-    listing = workspace.git(["ls-remote", git_url, "refs/exps/*"], root, timeout=120)
-    there = {line.rsplit("/", 1)[-1] for line in listing.splitlines()}
+    there = remote_experiments(root, git_url)
     names = [n for n in names if n in there]
     if not names:
         return

@@ -169,9 +169,8 @@ def test_cluster_sweep_lands_every_experiment(cluster: RayCluster, server: str, 
     status_before = run(["git", "status", "--porcelain"], project).stdout
 
     started = time.monotonic()
-    result = run(
-        [*SWEEP, "--name", "e2e", "-S", "train.learning_rate=0.1,0.5"], project, env=cluster_env(cluster, server)
-    )
+    command = [*SWEEP, "--name", "e2e", "-S", "train.learning_rate=0.1,0.5"]
+    result = run(command, project, env=cluster_env(cluster, server))
     elapsed = time.monotonic() - started
     out = result.stdout
     assert "on the Ray cluster at 127.0.0.1:" in out and "+ uncommitted changes" in out, out
@@ -203,6 +202,9 @@ def test_cluster_sweep_lands_every_experiment(cluster: RayCluster, server: str, 
     run(["dvc", "plots", "diff", "e2e-1", "e2e-2", "-o", str(base / "e2e-plots")], project)
     run(["dvc", "exp", "apply", "e2e-2"], project)
     assert yaml.safe_load((project / "params.yaml").read_text())["train"]["learning_rate"] == 0.5
+    # The same names again would replace them: refused.
+    again = run(command, project, env=cluster_env(cluster, server), check=False)
+    assert again.returncode == 2 and "Experiments named e2e-1, e2e-2 exist already" in again.stderr, again.stderr
     print(f"cluster sweep of 2: {elapsed:.0f} s")
 
 
