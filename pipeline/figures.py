@@ -265,7 +265,7 @@ def test_vs_train_figure(histories: Mapping[str, pd.DataFrame]) -> Figure:
 
 
 # ------------------------------------------------------- why deep sigmoid nets stall (issue 12)
-SPREAD_NOTE = "line: mean over seeds; band: 2nd–98th percentile\nover probe examples and units, mean over seeds"
+SPREAD_NOTE = "line: mean over seeds; band: 2nd–98th percentile over probe examples and units"
 ESCAPE_LABEL = "median escape epoch"
 
 
@@ -290,18 +290,19 @@ def _mark_escape(ax: Axes, escapes: pd.DataFrame | None) -> None:
 
 def activation_figure(history: pd.DataFrame, title: str, escapes: pd.DataFrame | None = None) -> Figure:
     """Each layer's activation over epochs (Glorot & Bengio 2010, Fig. 2): the mean with the
-    2–98 % band over probe examples and units, hidden layers and the output layer on one axis."""
-    fig, (ax,) = _figure(1, row_height=4.2)
-    for i, column in enumerate(probe_layers(history, ACT_MEAN)):
-        means = history.groupby("epoch")[[column, column.replace(ACT_MEAN, ACT_P02), column.replace(ACT_MEAN, ACT_P98)]]
-        curve = means.mean().sort_index()
+    2–98 % band over probe examples and units, one panel per layer (hidden layers, then the output)."""
+    columns = probe_layers(history, ACT_MEAN)
+    fig, axes = _figure(max(len(columns), 1), row_height=1.9, sharex=True, sharey=True)
+    for i, (ax, column) in enumerate(zip(axes, columns, strict=False)):
+        spread = [column, column.replace(ACT_MEAN, ACT_P02), column.replace(ACT_MEAN, ACT_P98)]
+        curve = history.groupby("epoch")[spread].mean().sort_index()
         x = curve.index.to_numpy()
-        ax.plot(x, curve.iloc[:, 0], color=f"C{i}", label=layer_name(column))
-        ax.fill_between(x, curve.iloc[:, 1], curve.iloc[:, 2], color=f"C{i}", alpha=0.15, linewidth=0)
-    _mark_escape(ax, escapes)
-    _label(ax, f"Activation values per layer\n({SPREAD_NOTE})", "activation on the probe batch")
-    ax.legend(loc="best", fontsize="small")
-    fig.suptitle(title)
+        ax.plot(x, curve[spread[0]], color=f"C{i}", label="mean")
+        ax.fill_between(x, curve[spread[1]], curve[spread[2]], color=f"C{i}", alpha=0.25, linewidth=0, label="2–98 %")
+        _mark_escape(ax, escapes)
+        _label(ax, layer_name(column), "activation", xlabel="epoch" if i == len(columns) - 1 else "")
+        ax.legend(loc="upper left", fontsize="x-small", ncol=3)
+    fig.suptitle(f"{title}\nactivation values per layer on the probe batch\n({SPREAD_NOTE})")
     return fig
 
 

@@ -165,18 +165,20 @@ def _escapes(table):
     return history.escape_epochs(table)
 
 
-def test_activation_figure_one_line_and_band_per_layer_and_the_output():
+def test_activation_figure_one_panel_with_mean_and_band_per_layer_and_the_output():
     table = make_history(2)
     fig = figures.activation_figure(table, "d2", _escapes(table))
-    (ax,) = fig.axes
-    assert line_labels(ax) == ["hidden_1", "hidden_2", "output", figures.ESCAPE_LABEL]
-    assert len(ax.collections) == 3  # one 2–98 % band per layer
-    # The band spans the seed-mean 2nd and 98th percentiles: 0.1 to 0.9 for hidden layers.
-    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert [ax.get_title() for ax in fig.axes] == ["hidden_1", "hidden_2", "output"]
+    for ax in fig.axes:
+        assert line_labels(ax) == ["mean", figures.ESCAPE_LABEL]
+        assert len(ax.collections) == 1  # the 2–98 % band
+        escape_line = next(line for line in ax.get_lines() if line.get_label() == figures.ESCAPE_LABEL)
+        assert escape_line.get_xdata()[0] == 2  # every synthetic seed escapes at epoch 2
+    # hidden_2's mean is 0.5 + 0.2·(1 - epoch/5); its band the seed-mean 2nd and 98th percentiles, 0.1 to 0.9.
+    np.testing.assert_allclose(fig.axes[1].get_lines()[0].get_ydata(), [0.5 + 0.2 * (1 - e / 5) for e in range(1, 6)])
+    band = fig.axes[1].collections[0].get_paths()[0].vertices[:, 1]
     assert band.min() == pytest.approx(0.1) and band.max() == pytest.approx(0.9)
-    escape_line = next(line for line in ax.get_lines() if line.get_label() == figures.ESCAPE_LABEL)
-    assert escape_line.get_xdata()[0] == 2  # every synthetic seed escapes at epoch 2
-    assert_labelled(fig)
+    assert fig.axes[-1].get_xlabel() == "epoch"
 
 
 def test_saturation_figure_per_layer_in_unit_range():
