@@ -332,7 +332,7 @@ def saturation_by_variant(histories: Mapping[str, pd.DataFrame], escapes: Mappin
     return fig
 
 
-def escape_figure(escapes: Mapping[str, pd.DataFrame], margin: float) -> Figure:
+def escape_figure(escapes: Mapping[str, pd.DataFrame], margin: float | None) -> Figure:
     """Every seed's escape epoch, one row per variant: a dot where it escaped, a triangle at the
     last epoch when it did not (censored), and a bar at the mean over the seeds that escaped."""
     fig, (ax,) = _figure(1, row_height=0.45 * len(escapes) + 2.2, width=8.0)
@@ -357,7 +357,8 @@ def escape_figure(escapes: Mapping[str, pd.DataFrame], margin: float) -> Figure:
     ax.set_xlim(0.9, last * 1.4)
     _label(
         ax,
-        f"Escape epoch of every seed\n(first epoch with training accuracy > epoch 1's + {margin:g})",
+        f"Escape epoch of every seed\n(first epoch with training accuracy > epoch 1's + "
+        f"{'its margin' if margin is None else format(margin, 'g')})",
         "variant",
         xlabel="epoch (log)",
     )

@@ -447,7 +447,7 @@ def stall_plots(
     if results:
         caption = "Escape epoch of every seed. " + "; ".join(f"{name}: {escape_text(e)}" for name, e in escapes.items())
         margins = sorted({escape_margin(r) for r in results})
-        fig = figures.escape_figure(escapes, margins[0] if len(margins) == 1 else float("nan"))
+        fig = figures.escape_figure(escapes, margins[0] if len(margins) == 1 else None)
         plots.append(render(fig, folder, "escape_epochs.png", rp.dpi, caption + "."))
     return plots
 

@@ -212,6 +212,8 @@ def test_escape_figure_marks_censored_seeds_with_a_triangle_at_the_last_epoch():
     np.testing.assert_allclose(points[3][:, 1], [0.85, 1.15])
     assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
     assert "censored: not by its last epoch" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "+ 0.05)" in ax.get_title()
+    assert "+ its margin)" in figures.escape_figure({"a": escaped}, margin=None).axes[0].get_title()
     assert_labelled(fig)
 
 
