@@ -115,6 +115,7 @@ def assert_pipeline_logged(project: Path, url: str) -> list[Any]:
     for run_file in run_files:
         info = json.loads(run_file.read_text())
         assert info["tracking_uri"] == url
+        training_ids.add(info["parent_run"])  # the variant's run, its seeds nested under it
         epochs = json.loads((run_file.parent / "metrics.json").read_text())["epochs"]
         for run_id in info["runs"].values():
             training_ids.add(run_id)
@@ -124,7 +125,7 @@ def assert_pipeline_logged(project: Path, url: str) -> list[Any]:
             gradients = client.get_metric_history(run_id, "grad_bias/hidden_1")
             assert [m.step for m in gradients] == list(range(1, epochs + 1))
             artifacts = {a.path for a in client.list_artifacts(run_id)}
-            assert {"history.csv", "model"} <= artifacts
+            assert "history.csv" in artifacts
             assert r.data.tags["dvc.stage"].split("@")[0] in ("train", "remedy")
         # An artifact downloaded through the server is the file the stage wrote.
         scratch = project.parent / f"download-{uuid.uuid4().hex[:6]}"
