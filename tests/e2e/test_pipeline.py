@@ -195,7 +195,7 @@ def test_one_group_per_study_although_the_stages_rewrite_committed_files(make_pr
     assert {g for _, g, _ in second.values()} != {g for _, g, _ in first.values()}  # other params: other study
     assert {e for *_, e in second.values()} != {e for *_, e in first.values()}
 
-    run(["dvc", "repro", "-f", "report"], project)  # the same study again: same group, a new execution
+    run(["dvc", "repro", "-f", "-s", "report"], project)  # the same study again: same group, a new execution
     third = {k: v for k, v in _tags(project).items() if k not in first and k not in second}
     ((name, group, execution),) = third.values()
     assert name == "report" and group == next(iter(second.values()))[1]
