@@ -39,12 +39,12 @@ test-fast: $(STAMP) ## Run only the fast unit tests
 	$(BIN)/python -m pytest -m "not slow and not network" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Check style with ruff
-	$(BIN)/ruff check pipeline tests
-	$(BIN)/ruff format --check pipeline tests
+	$(BIN)/ruff check pipeline tests benchmarks
+	$(BIN)/ruff format --check pipeline tests benchmarks
 
 format: $(STAMP) ## Reformat the code with ruff
-	$(BIN)/ruff check --fix pipeline tests
-	$(BIN)/ruff format pipeline tests
+	$(BIN)/ruff check --fix pipeline tests benchmarks
+	$(BIN)/ruff format pipeline tests benchmarks
 
 ui: $(STAMP) ## Browse the MLflow store in the MLflow UI on 127.0.0.1:5000 (HOST=, PORT=); prints the runs link
 	$(BIN)/python -m pipeline.serve ui --host $(HOST) --port $(PORT)

@@ -47,10 +47,9 @@ def worker(side: str, args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     import keras
 
-    from pipeline.engine import StackedTrainer
+    from pipeline.engine import StackedTrainer, configure_backend
     from pipeline.model import build_model, unstack
     from pipeline.params import Variant
-    from pipeline.engine import configure_backend
 
     if side == "project":
         configure_backend()

@@ -43,10 +43,9 @@ def main() -> int:
 
     import keras
 
-    from pipeline.engine import StackedTrainer
+    from pipeline.engine import StackedTrainer, configure_backend
     from pipeline.model import build_model
     from pipeline.params import Variant
-    from pipeline.engine import configure_backend
 
     backend = configure_backend()
     x, y, x_test, y_test = load(args.data)
