@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from pipeline import history, measures
+from pipeline import columns, measures
 from pipeline.engine import StackedTrainer
 from pipeline.model import hidden_layers
 
@@ -190,7 +190,7 @@ class ActivationProbe(keras.callbacks.Callback):
     ``saturation``, and the singular values of its back-propagation Jacobian (``jac_mean``,
     ``jac_max``, on the first ``jacobian_examples`` probe examples); the same activation
     statistics for the output layer (``…/output``); and ``jac_product`` over hidden layers
-    1 … L-1. Definitions in :mod:`pipeline.measures`; column names in :mod:`pipeline.history`.
+    1 … L-1. Definitions in :mod:`pipeline.measures`; column names in :mod:`pipeline.columns`.
     """
 
     def __init__(self, x: np.ndarray, jacobian_examples: int = JACOBIAN_EXAMPLES) -> None:
@@ -230,11 +230,11 @@ class ActivationProbe(keras.callbacks.Callback):
         for i, activation in enumerate(self._activations):
             u, a = values[2 * i], values[2 * i + 1]
             layer = i + 1 if i < len(hidden) else None  # the last Activation is the output layer's
-            column = functools.partial(history.probe_column, layer=layer)
+            column = functools.partial(columns.probe_column, layer=layer)
             mean, low, high = measures.activation_stats(a)
-            logs[column(history.ACT_MEAN)], logs[column(history.ACT_P02)] = mean, low
-            logs[column(history.ACT_P98)] = high
-            logs[column(history.SATURATION)] = measures.saturation(activation, u)
+            logs[column(columns.ACT_MEAN)], logs[column(columns.ACT_P02)] = mean, low
+            logs[column(columns.ACT_P98)] = high
+            logs[column(columns.SATURATION)] = measures.saturation(activation, u)
             if layer is None:
                 continue
             slope = measures.activation_derivative(activation, u[:, : self.jacobian_examples])
@@ -242,7 +242,7 @@ class ActivationProbe(keras.callbacks.Callback):
             if scale is not None:
                 slope = slope * scale
             jac_mean, jac_max = measures.jacobian_summary(slope, kernels[i])
-            logs[column(history.JAC_MEAN)], logs[column(history.JAC_MAX)] = jac_mean, jac_max
+            logs[column(columns.JAC_MEAN)], logs[column(columns.JAC_MAX)] = jac_mean, jac_max
             if layer < len(hidden):
                 products.append(jac_mean)
-        logs[history.JAC_PRODUCT] = measures.jacobian_product(products, replicates)
+        logs[columns.JAC_PRODUCT] = measures.jacobian_product(products, replicates)

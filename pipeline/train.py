@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.history import SCALARS  # column names only: the final values linked to each model
+from pipeline.columns import SCALARS
 from pipeline.outputs import staged_dir
 from pipeline.params import ParamsError, TrackingParams, TrainParams, Variant, check_file, load_section, parse
 
