@@ -95,6 +95,11 @@ class VariantResult:
     def run_ids(self) -> dict[str, str]:
         return {str(seed): str(run_id) for seed, run_id in (self.run.get("runs") or {}).items()}
 
+    def parent_in(self, uri: str) -> str | None:
+        """The variant's parent run, when its runs were logged to the store at ``uri`` (else None)."""
+        parent = self.run.get("parent_run")
+        return parent if parent and self.run.get("tracking_uri") == tracking.redact(uri) else None
+
 
 def is_classic(variant: Variant) -> bool:
     """Nielsen's setup: sigmoid, quadratic cost, Glorot initialisation, no normalisation."""
@@ -808,8 +813,8 @@ def _save_study_view(
     client: Any, experiment_id: str, report_id: str, results: Sequence[VariantResult], uri: str
 ) -> None:
     """The MLflow UI's shared view of this study (``make ui`` prints its link; see :mod:`pipeline.serve`)."""
-    logged = [r for r in results if r.run.get("parent_run") and r.run.get("tracking_uri") == tracking.redact(uri)]
-    ids = [run_id for r in logged for run_id in (r.run["parent_run"], *r.run_ids.values())] + [report_id]
+    ids = [run_id for r in results if r.parent_in(uri) for run_id in (r.parent_in(uri), *r.run_ids.values())]
+    ids.append(report_id)
     view = json.dumps(serve.study_view(ids, max((r.variant.depth for r in results), default=1)))
     if len(view) > serve.MAX_VIEW_CHARS:
         log.warning(
@@ -824,8 +829,8 @@ def _update_variant_run(client: Any, result: VariantResult, uri: str, folder: Pa
     and the report's link in its description. Runs logged to another store are left alone."""
     from mlflow.entities import Metric
 
-    parent = result.run.get("parent_run")
-    if not parent or result.run.get("tracking_uri") != tracking.redact(uri):
+    parent = result.parent_in(uri)
+    if parent is None:
         log.info("%s: its runs are not in %s; their figures and summary are not logged there", result.name, uri)
         return
     for png in (folder / f"{kind}-{result.name}.png" for kind in VARIANT_FIGURES):
