@@ -1,24 +1,17 @@
-"""Parse ``params.yaml`` once into frozen, validated pydantic models.
+"""Parse ``params.yaml`` into frozen pydantic models, one section per stage (``load_section``).
 
-This module is the only reader of ``params.yaml``. Every stage loads just its own
-section (``load_section``) so that a stage's behaviour depends only on the keys
-DVC tracks for it. Errors name the offending key, what was found and what is
-allowed, and are raised before any output or MLflow run exists.
-
-Validation is pydantic's, in strict mode (``"ten"``, ``2.5`` and ``true`` are not
-integers); ``parse`` turns its errors into one ``ParamsError`` whose lines read
-``train.epochs: must be >= 1; got 0``.
+Validation is strict (``"ten"``, ``2.5`` and ``true`` are not integers); ``parse`` turns pydantic's
+errors into one ``ParamsError`` with a line per error, such as ``train.epochs: must be >= 1; got 0``.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import re
-import types
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
@@ -145,7 +138,7 @@ class FileMirror(_Params):
 
 
 Mirror = NpzMirror | IdxMirror | PypiMirror | FileMirror
-_MIRRORS = {m.model_fields["kind"].default: m for m in get_args(Mirror)}
+_KINDS = tuple(m.model_fields["kind"].default for m in get_args(Mirror))
 
 
 class FetchParams(_Params):
@@ -169,7 +162,7 @@ class FetchParams(_Params):
 class PreprocessParams(_Params):
     """``preprocess`` section: ``limit`` keeps the first N training images (null: all)."""
 
-    limit: int | None = Field(None, gt=0)
+    limit: Annotated[int, _check(lambda n: n > 0, "must be null or > 0; got {value}")] | None = None
 
 
 # --------------------------------------------------------------------------- train
@@ -333,14 +326,9 @@ def check_file(path: str | Path = "params.yaml") -> None:
 def parse(cls: type[T], data: Any, where: str) -> T:
     """Validate ``data`` as ``cls`` (a model, or ``dict[str, Variant]``); errors name ``where``."""
     try:
-        return _adapter(cls).validate_python(data)
+        return TypeAdapter(cls).validate_python(data)
     except ValidationError as exc:
-        raise ParamsError("\n".join(_message(err, cls, where) for err in exc.errors())) from None
-
-
-@functools.cache
-def _adapter(cls: Any) -> TypeAdapter[Any]:
-    return TypeAdapter(cls)
+        raise ParamsError("\n".join(_message(err, where) for err in exc.errors())) from None
 
 
 # ------------------------------------------------------------------------ messages
@@ -353,79 +341,51 @@ _EXPECTED = {
     "model_type": "a mapping",
     "model_attributes_type": "a mapping",
 }
-_BOUNDS = {
-    "greater_than": ("gt", ">"),
-    "greater_than_equal": ("ge", ">="),
-    "less_than": ("lt", "<"),
-    "less_than_equal": ("le", "<="),
-}
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # the keys of pydantic's bound errors' ctx
 
 
-def _message(err: Any, root: Any, where: str) -> str:
+def _message(err: Any, where: str) -> str:
     """One pydantic error as ``<key path>: <what is wrong>``."""
     kind, loc, value, ctx = err["type"], err["loc"], err["input"], err.get("ctx", {})
     if kind == "missing":
-        return f"{_locate(root, loc[:-1], where)[0]}: missing required key '{loc[-1]}'"
-    path, tp = _locate(root, loc, where)
+        return f"{_path(loc[:-1], where)}: missing required key '{loc[-1]}'"
+    path = _path(loc, where)
     if kind == "value_error":  # raised by the validators above, already phrased for the user
         return f"{path}: {ctx['error']}"
     if kind == "literal_error":
-        return f"{path}: got {value!r}; allowed: {', '.join(map(str, get_args(_bare(tp))))}"
+        allowed = ctx["expected"].replace("'", "").replace(" or ", ", ")  # pydantic writes "'a', 'b' or 'c'"
+        return f"{path}: got {value!r}; allowed: {allowed}"
     if kind == "union_tag_not_found":  # the only union is Mirror's
-        return f"{path}: missing required key 'kind' (one of {', '.join(_MIRRORS)})"
+        return f"{path}: missing required key 'kind' (one of {', '.join(_KINDS)})"
     if kind == "union_tag_invalid":
-        return f"{path}.kind: got {value['kind']!r}; allowed: {', '.join(_MIRRORS)}"
+        return f"{path}.kind: got {value['kind']!r}; allowed: {', '.join(_KINDS)}"
     if kind in _EXPECTED:
         return f"{path}: expected {_EXPECTED[kind]}, got {value!r} ({type(value).__name__})"
-    if kind in _BOUNDS:
-        key, op = _BOUNDS[kind]
-        bound = f"{ctx[key]:g}" if isinstance(ctx[key], float) else ctx[key]  # 0, not 0.0
-        null = "null or " if type(None) in get_args(tp) else ""
-        return f"{path}: must be {null}{op} {bound}; got {value!r}"
+    for key, op in _BOUNDS.items():
+        if key in ctx:
+            return f"{path}: must be {op} {ctx[key]:g}; got {value!r}"  # :g writes 0, not 0.0
     return f"{path}: {err['msg']}"
 
 
-def _locate(tp: Any, loc: tuple[int | str, ...], where: str) -> tuple[str, Any]:
-    """The key path of pydantic's ``loc`` as messages write it, and the type declared there.
+def _path(loc: tuple[int | str, ...], where: str) -> str:
+    """pydantic's ``loc`` as messages write it: ``fetch.mirrors[0].sha256``.
 
-    ``loc`` also holds the tag of a discriminated union (``mirrors, 0, 'npz', 'sha256'``),
-    which the path leaves out (``fetch.mirrors[0].sha256``).
+    ``loc`` also holds the tag of a discriminated union after a mirror's index
+    (``mirrors, 0, 'npz', 'sha256'``), which the path leaves out.
     """
     path = where
-    for part in loc:
-        tp = _bare(tp)
+    for before, part in zip((None, *loc), loc, strict=False):
         if part == "[key]":  # the error is about the mapping's key itself
             path += " (key)"
-        elif isinstance(tp, type) and issubclass(tp, BaseModel):
-            field = tp.model_fields.get(str(part))
-            tp = field.annotation if field else Any
-            path += f".{part}"
-        elif get_origin(tp) is tuple:
-            tp = get_args(tp)[0]
+        elif isinstance(part, int):
             path += f"[{part}]"
-        elif get_origin(tp) is dict:
-            tp = get_args(tp)[1]
+        elif not (isinstance(before, int) and part in _KINDS):
             path += f".{part}"
-        elif tp == Mirror:  # the tag pydantic adds to the path of a Mirror's errors
-            tp = _MIRRORS.get(part, Any)
-        else:
-            path += f".{part}"
-    return path, tp
-
-
-def _bare(tp: Any) -> Any:
-    """``tp`` without ``Annotated`` metadata or ``| None``."""
-    if get_origin(tp) is Annotated:
-        return _bare(get_args(tp)[0])
-    if get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
-        return _bare(next(a for a in get_args(tp) if a is not type(None)))
-    return tp
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.params [params.yaml]``: check the file, exit 1 with the reason if it is invalid."""
-    import sys
-
     path = (argv if argv is not None else sys.argv[1:]) or ["params.yaml"]
     try:
         check_file(path[0])
@@ -437,31 +397,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-__all__ = [
-    "ACTIVATIONS",
-    "CONTENT_KEYS",
-    "IDX_GZ_FILES",
-    "INITIALIZERS",
-    "LOSSES",
-    "NORMS",
-    "FetchParams",
-    "FileMirror",
-    "GridParams",
-    "IdxMirror",
-    "Mirror",
-    "NpzMirror",
-    "ParamsError",
-    "PreprocessParams",
-    "PypiMirror",
-    "ReportParams",
-    "SummaryParams",
-    "TrackingParams",
-    "TrainParams",
-    "Variant",
-    "check_file",
-    "load_section",
-    "parse",
-    "read_params_file",
-    "study_variants",
-]
