@@ -1,16 +1,10 @@
 """Where the MLflow store is, how runs start and end, and lineage tags.
 
-The default store is SQLite at the project root (``sqlite:///<root>/mlflow.db``);
-``MLFLOW_TRACKING_URI`` overrides it. Artifacts of experiments this project
-creates go to ``<root>/mlartifacts``. ``dvc exp run --queue`` executes stages in
-temporary copies under ``<root>/.dvc/tmp/exps/``; the root is resolved through
-such a copy so those runs land in the same store as the workspace.
-
-Stages call :func:`preflight` before they train: an unreachable or misconfigured store
-fails in seconds, naming the URI and what to do, before any output or run exists.
-Several stages may share one SQLite store at once (``dvc queue start -j 2``): MLflow
-waits on SQLite's lock for 20 s per transaction, and :func:`open_store` serialises the
-one step MLflow leaves unguarded, creating the schema of a new store.
+The default store is ``sqlite:///<root>/mlflow.db`` (``MLFLOW_TRACKING_URI`` overrides it), with
+artifacts in ``<root>/mlartifacts``; the root of a ``dvc exp run --queue`` copy is its workspace.
+Several stages may share one SQLite store (``dvc queue start -j 2``): MLflow waits on SQLite's lock
+for 20 s per transaction, and :func:`open_store` serialises the one step it leaves unguarded, creating
+the schema of a new store.
 """
 
 from __future__ import annotations
@@ -18,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -33,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 log = logging.getLogger(__name__)
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
-EXPS_TMP = (".dvc", "tmp", "exps")
+EXPS_TMP = "/.dvc/tmp/exps/"  # where `dvc exp run --queue` copies the workspace to run stages
 EXECUTION_ENV = "PIPELINE_EXECUTION"
 EXECUTION_TAG = "pipeline.execution"
 SWEEP_ENV = "PIPELINE_SWEEP"
@@ -111,33 +108,23 @@ def project_root(start: str | Path | None = None) -> Path:
     points at the workspace for queued experiments, else cwd), or the workspace a DVC
     experiment copy under ``.dvc/tmp/exps`` belongs to."""
     path = Path(start or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-    parts = path.parts
-    for i in range(len(parts) - len(EXPS_TMP) + 1):
-        if parts[i : i + len(EXPS_TMP)] == EXPS_TMP:
-            return Path(*parts[:i])
-    return path
-
-
-def default_tracking_uri(root: str | Path | None = None) -> str:
-    """``sqlite:///<absolute root>/mlflow.db``."""
-    return f"sqlite:///{project_root(root) / STORE_FILE}"
+    workspace, in_copy, _ = f"{path}/".partition(EXPS_TMP)
+    return Path(workspace) if in_copy else path
 
 
 def tracking_uri(root: str | Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite store ``sqlite:///<absolute root>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / STORE_FILE}"
 
 
 def preflight(uri: str, timeout_s: float = 5.0, attempts: int = 3) -> None:
-    """Check that the store at ``uri`` works before any training starts.
+    """Check that the store at ``uri`` works before any training starts; raise :class:`TrackingError`
+    naming the URI and the remedy.
 
-    HTTP(S) servers get ``attempts`` short requests to the tracking API (``timeout_s``
-    each, a short back-off between them), so an unreachable server fails in seconds
-    rather than after MLflow's own minutes of retries. A SQLite store needs a writable
-    folder; an existing one is opened (a corrupt or outdated file fails here), a missing
-    one is left for :func:`open_store` to create, so a failing stage leaves none. Other
-    database URIs are opened with a time bound. Raises :class:`TrackingError` naming
-    the URI and the remedy.
+    A server gets ``attempts`` requests of ``timeout_s`` each, so an unreachable one fails in seconds,
+    not after MLflow's minutes of retries. An existing SQLite store is opened (a corrupt or outdated
+    file fails here); a missing one is left for :func:`open_store` to create, so a failing stage leaves
+    none. Other databases are opened with a time bound.
     """
     if uri.startswith(("http://", "https://")):
         _check_server(uri, timeout_s, attempts)
@@ -191,12 +178,10 @@ def _check_server(uri: str, timeout_s: float, attempts: int) -> None:
         retry_log.setLevel(level)
     status = response.status_code
     if status == 200:
-        try:
+        with contextlib.suppress(ValueError):
             response.json()
-        except ValueError:
-            status = -1  # answered, but not with the tracking API's JSON
-        else:
             return
+        status = -1  # answered, but not with the tracking API's JSON
     if status in (401, 403):
         raise TrackingError(
             f"MLflow tracking server {uri} refused the request (HTTP {status}): set MLFLOW_TRACKING_USERNAME and "
@@ -234,22 +219,21 @@ def _why(message: str, timeout_s: float) -> str:
 
 def _bounded(check: Any, timeout_s: float, uri: str) -> None:
     """Run ``check`` in a daemon thread; fail if it does not finish within ``timeout_s``."""
-    outcome: list[BaseException | None] = []
+    errors: list[BaseException] = []
 
     def target() -> None:
         try:
             check()
-            outcome.append(None)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            outcome.append(exc)
+            errors.append(exc)
 
     thread = threading.Thread(target=target, name="mlflow-preflight", daemon=True)
     thread.start()
     thread.join(timeout_s)
-    if not outcome:
+    if thread.is_alive():
         raise TrackingError(f"MLflow store {uri} did not answer within {timeout_s:g} s; check MLFLOW_TRACKING_URI.")
-    if outcome[0] is not None:
-        raise outcome[0]
+    if errors:
+        raise errors[0]
 
 
 def sqlite_path(uri: str) -> Path:
@@ -301,18 +285,10 @@ def open_store(uri: str, lock_timeout_s: float = 300.0) -> Any:
 
 def git_commit(root: Path) -> str:
     """HEAD's commit (``-dirty`` appended when tracked files changed), or ``unknown``."""
+    # --exclude=*: the full hash, never a tag's name.
+    command = ["git", "describe", "--always", "--abbrev=40", "--exclude=*", "--dirty"]
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        return subprocess.run(command, cwd=root, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -323,10 +299,6 @@ def study_digest(code_dir: Path, params_file: Path) -> str:
     Not git's view of the tree: the stages themselves rewrite committed files (``dvc.lock``,
     ``history.csv``), so a dirty flag would split one ``dvc repro`` into several groups.
     """
-    import json
-
-    import yaml
-
     h = hashlib.sha256()
     for source in sorted(code_dir.glob("*.py")):
         h.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
