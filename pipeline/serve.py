@@ -1,22 +1,16 @@
 """Start the MLflow UI over the project's store (``ui``) or a tracking server (``server``).
 
-Both bind 127.0.0.1 unless told otherwise, refuse a port that is already taken, print
-the direct link to the experiment's training runs (MLflow 3's start page is a GenAI
-overview that hides them), and run MLflow in its own process group so that Ctrl-C,
-SIGTERM, SIGHUP or the death of the parent ``make`` stops MLflow and all of its worker
-processes, not just the parent.
-
-``server``: ``mlflow server`` with a SQL backend (default ``mlserver/mlflow.db``; a team
-passes ``--backend-store-uri postgresql+psycopg2://...``) and proxied artifacts (default
-``mlserver/artifacts``; or ``--artifacts-destination s3://...``), so that clients need
-only the server's URL: ``MLFLOW_TRACKING_URI=http://127.0.0.1:5000 make repro``.
-MLflow's GenAI job runner is left off (see :func:`child_env`).
+Both bind 127.0.0.1 unless told otherwise, refuse a busy port, print the link to the experiment's
+training runs (MLflow 3 opens on a GenAI overview that hides them), and run MLflow in its own process
+group, so that Ctrl-C, SIGTERM, SIGHUP or the death of the parent ``make`` stops all of its workers.
+The server proxies artifacts, so clients need only its URL (``MLFLOW_TRACKING_URI=http://...``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -206,24 +200,15 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout_s: float =
 def stop_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     """Terminate MLflow and every worker it started (they share its process group, which
     may outlive the parent when it crashed: the group is signalled either way)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):  # raised once the whole group has exited
         os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        process.wait()
-        return
-    try:
-        process.wait(timeout=grace_s)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:  # workers still exiting?
+        while time.monotonic() < deadline:
+            process.poll()  # reap MLflow itself: a zombie still counts as a member of the group
             os.killpg(process.pid, 0)
             time.sleep(0.1)
         os.killpg(process.pid, signal.SIGKILL)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
+    process.wait()
 
 
 def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
@@ -233,14 +218,9 @@ def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
 def _die_with_parent() -> None:
     """On Linux, receive SIGTERM when the parent dies: ``make server`` killed by SIGTERM
     (CI cancelling, ``timeout``) does not pass the signal on to its children."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
