@@ -38,22 +38,21 @@ def staged_dir(out: Path) -> Iterator[Path]:
 
 def _replace(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``, replacing what is there; the old one is restored if the move fails."""
-    backup = None
-    if dst.exists() or dst.is_symlink():
-        # Move the old output aside first, so ``dst`` never holds a mix of old and new.
-        backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-        dst.rename(backup)
+    if not (dst.exists() or dst.is_symlink()):
+        src.rename(dst)
+        return
+    # Move the old output aside first, so ``dst`` never holds a mix of old and new.
+    backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    dst.rename(backup)
     try:
         src.rename(dst)
     except OSError:
-        if backup is not None:
-            backup.rename(dst)
+        backup.rename(dst)
         raise
-    if backup is not None:
-        if backup.is_dir() and not backup.is_symlink():
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            backup.unlink()
+    if backup.is_dir() and not backup.is_symlink():
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        backup.unlink()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -178,10 +178,9 @@ def _check_server(uri: str, timeout_s: float, attempts: int) -> None:
         retry_log.setLevel(level)
     status = response.status_code
     if status == 200:
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError):  # answered, but perhaps not with the tracking API's JSON
             response.json()
             return
-        status = -1  # answered, but not with the tracking API's JSON
     if status in (401, 403):
         raise TrackingError(
             f"MLflow tracking server {uri} refused the request (HTTP {status}): set MLFLOW_TRACKING_USERNAME and "
@@ -192,7 +191,7 @@ def _check_server(uri: str, timeout_s: float, attempts: int) -> None:
             f"MLflow tracking server {uri} answered HTTP {status} to {endpoint}: its backend store is probably "
             "down or misconfigured; see the server's log."
         )
-    found = f"HTTP {status}" if status > 0 else "a response that is not the tracking API's JSON"
+    found = f"HTTP {status}" if status != 200 else "a response that is not the tracking API's JSON"
     raise TrackingError(
         f"{uri} does not look like an MLflow tracking server ({endpoint} gave {found}): check the scheme, host, "
         f"port and path of MLFLOW_TRACKING_URI. {_SERVER_HELP}"
