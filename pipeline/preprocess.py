@@ -2,9 +2,9 @@
 
 ``python -m pipeline.preprocess [--params params.yaml] --in data/raw/mnist.npz --out data/processed``
 
-Writes ``<out>/train.npz`` and ``<out>/test.npz`` (keys ``x``: float32 (n, 784) in
-[0, 1], ``y``: float32 one-hot (n, 10)) and nothing else. The folder is built beside
-``<out>`` and renamed into place, so ``<out>`` is either the old or the new result.
+Writes ``<out>/train.npz`` and ``<out>/test.npz`` (keys ``x``: float32 (n, 784) in [0, 1],
+``y``: float32 one-hot (n, 10)) and nothing else, into a folder built beside ``<out>`` and
+renamed into place, so ``<out>`` is either the old or the new result.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pipeline.params import ParamsError, PreprocessParams
 log = logging.getLogger("pipeline.preprocess")
 
 
-def one_hot(labels: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
-    """float32 one-hot rows for integer ``labels``."""
-    return np.eye(classes, dtype=np.float32)[labels]
+def one_hot(labels: np.ndarray) -> np.ndarray:
+    """float32 one-hot rows for integer ``labels`` 0..9."""
+    return np.eye(NUM_CLASSES, dtype=np.float32)[labels]
 
 
 def scale(images: np.ndarray) -> np.ndarray:
@@ -43,32 +43,24 @@ def preprocess(arrays: MnistArrays, limit: int | None) -> dict[str, np.ndarray]:
             f"preprocess.limit: {limit} is more than the {n_train} training images; "
             f"set it to null (all) or at most {n_train}"
         )
-    keep = slice(0, limit)
     return {
-        "x_train": scale(arrays.x_train[keep]),
-        "y_train": one_hot(arrays.y_train[keep]),
+        "x_train": scale(arrays.x_train[:limit]),
+        "y_train": one_hot(arrays.y_train[:limit]),
         "x_test": scale(arrays.x_test),
         "y_test": one_hot(arrays.y_test),
     }
 
 
-def write_processed(data: dict[str, np.ndarray], out: Path) -> None:
-    """Write ``train.npz``/``test.npz`` into a fresh folder beside ``out``, then swap it in."""
-    with staged_dir(Path(out)) as tmp:
+def run(in_path: Path, out: Path, limit: int | None) -> None:
+    if not in_path.is_file():
+        raise DataError(f"{in_path}: no such file; run the fetch stage first (dvc repro fetch)")
+    data = preprocess(npz_to_arrays(in_path), limit)
+    with staged_dir(out) as tmp:
         for split in ("train", "test"):
             with (tmp / f"{split}.npz").open("wb") as f:
                 write_npz(f, {"x": data[f"x_{split}"], "y": data[f"y_{split}"]})
                 f.flush()
                 os.fsync(f.fileno())
-
-
-def run(in_path: Path, out: Path, limit: int | None) -> None:
-    """Load ``in_path``, preprocess, write ``out``."""
-    if not Path(in_path).is_file():
-        raise DataError(f"{in_path}: no such file; run the fetch stage first (dvc repro fetch)")
-    arrays = npz_to_arrays(in_path)
-    data = preprocess(arrays, limit)
-    write_processed(data, out)
     log.info(
         "wrote %s: %d training and %d test examples (limit %s)",
         out, len(data["x_train"]), len(data["x_test"]), limit,

