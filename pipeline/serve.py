@@ -113,19 +113,21 @@ def runs_link(base_url: str, experiment_id: str | None, view: str | None = None)
     return f"{base}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
 
 
-def latest_view(store_uri: str, experiment_id: str | None) -> str | None:
-    """The shared view of the latest report run, when the report stage saved one."""
-    if not experiment_id:
-        return None
-    with contextlib.suppress(Exception):  # a viewer must start even when the store cannot be searched
+def find_study(store_uri: str, name: str) -> tuple[str | None, str | None]:
+    """The id of experiment ``name`` and the shared view of its latest report run; None for either
+    until the store has it (a viewer must start even on a new store, or one that cannot be searched)."""
+    exp_id = view = None
+    with contextlib.suppress(Exception):
         client = tracking.open_store(store_uri)
-        (report,) = client.search_runs(
-            [experiment_id], "attributes.run_name = 'report'", order_by=["attributes.start_time DESC"], max_results=1
-        )
-        key = view_key(report.info.run_id)
-        if SHARED_VIEW_TAG + key in client.get_experiment(experiment_id).tags:
-            return key
-    return None
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            exp_id = str(experiment.experiment_id)
+            (report,) = client.search_runs(
+                [exp_id], "attributes.run_name = 'report'", order_by=["attributes.start_time DESC"], max_results=1
+            )
+            key = view_key(report.info.run_id)
+            view = key if SHARED_VIEW_TAG + key in experiment.tags else None
+    return exp_id, view
 
 
 def ui_command(store_uri: str, host: str, port: int) -> list[str]:
@@ -170,15 +172,6 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def experiment_id(store_uri: str, name: str) -> str | None:
-    """Id of experiment ``name`` in the store, or None when it does not exist yet."""
-    try:
-        experiment = tracking.open_store(store_uri).get_experiment_by_name(name)
-    except Exception:  # noqa: BLE001 - an empty or new store is not an error for a viewer
-        return None
-    return None if experiment is None else str(experiment.experiment_id)
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout_s: float = 180.0) -> bool:
@@ -268,8 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("no MLflow store at %s yet: run `make repro` first", store)
             return 1
         command = ui_command(store, args.host, args.port)
-        exp_id = experiment_id(store, track.experiment)
-        view = latest_view(store, exp_id)
+        exp_id, view = find_study(store, track.experiment)
     else:
         if args.backend_store_uri is None or args.artifacts_destination is None:
             (root / SERVER_DIR).mkdir(exist_ok=True)
@@ -297,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("MLflow did not start on %s; see its messages above", base)
             return 1
         if args.mode == "server":
-            exp_id = experiment_id(base, track.experiment)
+            exp_id = find_study(base, track.experiment)[0]
             log.info("Tracking server: %s\nLog the pipeline to it with:  MLFLOW_TRACKING_URI=%s make repro", base, base)
         log.info("Training runs: %s\n(Ctrl-C to stop)", runs_link(base, exp_id, view))
         return process.wait()
