@@ -240,42 +240,30 @@ def sqlite_path(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
-@contextmanager
-def _init_lock(uri: str, timeout_s: float) -> Iterator[None]:
-    """Exclusive lock (``<db>-lock`` beside a SQLite file) held while MLflow creates or migrates
-    the schema: MLflow's ``SqlAlchemyStore`` does that unguarded, and two processes opening a
-    new store at once (``dvc queue start -j 2``) corrupt each other's migrations."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    from filelock import FileLock, Timeout
-
-    path = sqlite_path(uri)
-    lock = path.with_name(path.name + "-lock")
-    try:
-        with FileLock(lock, timeout=timeout_s):
-            yield
-    except Timeout:
-        raise TrackingError(
-            f"MLflow store {uri}: another process has held {lock} for over {timeout_s:g} s; "
-            "if none is running, delete that file."
-        ) from None
-
-
 def open_store(uri: str, lock_timeout_s: float = 300.0) -> Any:
-    """An ``MlflowClient`` whose store is open and usable: for SQLite, the schema is created
-    or checked under an exclusive lock, so concurrent stages never race on it.
+    """An ``MlflowClient`` whose store is open and usable; raises :class:`TrackingError` (naming ``uri``)
+    when the store cannot be opened.
 
-    Raises :class:`TrackingError` (naming ``uri``) when the store cannot be opened.
+    MLflow's ``SqlAlchemyStore`` creates or migrates the schema unguarded, and two processes opening a new
+    SQLite store at once (``dvc queue start -j 2``) corrupt each other's migrations: for SQLite, that step
+    runs under an exclusive lock, ``<db>-lock`` beside the file.
     """
+    from filelock import FileLock, Timeout
     from mlflow import MlflowClient
 
+    lock: Any = contextlib.nullcontext()
+    if uri.startswith("sqlite:///"):
+        path = sqlite_path(uri)
+        lock = FileLock(path.with_name(path.name + "-lock"), timeout=lock_timeout_s)
     try:
-        with _init_lock(uri, lock_timeout_s):
+        with lock:
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)  # builds the store: creates or verifies the schema
-    except TrackingError:
-        raise
+    except Timeout:
+        raise TrackingError(
+            f"MLflow store {uri}: another process has held {lock.lock_file} for over {lock_timeout_s:g} s; "
+            "if none is running, delete that file."
+        ) from None
     except Exception as exc:  # MLflow and SQLAlchemy raise many kinds: one clear line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"MLflow store {uri} cannot be opened: {reason}") from exc
