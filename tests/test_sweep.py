@@ -3,9 +3,11 @@ the workspace snapshot (real git in a temporary folder) and the supervisor (real
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -185,7 +187,6 @@ JOB = {
     "sweep": "s",
     "name": "s-1",
     "git_url": "/ws",
-    "push_url": "/ws",
     "ref": "refs/sweeps/s",
     "base": "b" * 40,
     "commit": "c" * 40,
@@ -224,6 +225,44 @@ def test_task_env_drops_other_stores_and_adds_the_sweeps() -> None:
     env = worker.task_env(JOB, {"PATH": "/usr/bin", "MLFLOW_TRACKING_URI": "http://other", "DVC_EXP_NAME": "x"})
     assert env["MLFLOW_TRACKING_URI"] == "sqlite:////ws/mlflow.db" and "DVC_EXP_NAME" not in env
     assert env["PIPELINE_SWEEP"] == "s" and env["PATH"].startswith(str(Path(sys.executable).parent))
+
+
+def test_the_task_runs_where_the_project_cannot_be_imported(tmp_path: Path) -> None:
+    """Workers have the project's requirements, not its code: shipped by value, the task and the probe
+    (and what they use of the supervisor) run in a Python that cannot import ``pipeline``."""
+    from ray import cloudpickle
+
+    from pipeline.sweep.__main__ import SHIPPED_BY_VALUE
+
+    for module in SHIPPED_BY_VALUE:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        shipped = cloudpickle.dumps((worker.run_experiment, worker.probe))
+    finally:
+        for module in SHIPPED_BY_VALUE:
+            cloudpickle.unregister_pickle_by_value(module)
+    repo = _repo(tmp_path / "ws")
+    subprocess.run(["git", "update-ref", "refs/sweeps/s", "HEAD"], cwd=repo, check=True)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{free.getsockname()[1]}"
+    job = {**JOB, "git_url": str(tmp_path / "missing"), "work_root": str(tmp_path), "supervisor": SUPERVISE.read_text()}
+    code = (
+        "import importlib.util, json, pickle, sys\n"
+        "assert importlib.util.find_spec('pipeline') is None\n"
+        "run_experiment, probe = pickle.loads(sys.stdin.buffer.read())\n"
+        "job, repo, closed = json.loads(sys.argv[1])\n"
+        "print(json.dumps([run_experiment(job), probe(repo, 'refs/sweeps/s', closed)]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", code, json.dumps([job, str(repo), closed])],
+        input=shipped, cwd=tmp_path, capture_output=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    result, probed = json.loads(done.stdout)
+    assert (result["ok"], result["step"], result["status"]) == (False, "clone", 128), result
+    assert "does not exist" in result["tail"] and not (tmp_path / "sweep-s").exists()  # the attempt's folder
+    assert probed["error"].startswith(f"workers cannot reach the tracking server {closed}"), probed
 
 
 # -- the workspace snapshot, on real git ----------------------------------------------------------

@@ -1,24 +1,18 @@
 """The sweep driver: ``python -m pipeline.sweep [-S key=v1,v2 ...] [--jobs N] [--gpus G]`` (``make sweep``).
 
-Without ``RAY_ADDRESS`` it starts a local Ray instance bound to 127.0.0.1, sized to the
-machine's cores (``--jobs`` caps it), and stops it afterwards; the workers fetch the code
-from the workspace itself and push their experiments straight back into it. With
-``RAY_ADDRESS=host:port`` it submits to that cluster; the workers fetch from the
-workspace's ``origin``, push there, and the driver then pulls the experiments
-(``dvc exp pull``).
-
-Everything that can be checked is checked before anything is submitted (exit status 2,
-nothing left behind): the ``-S`` syntax, the tracking store (a cluster needs an HTTP
-server), the Ray address (a TCP probe: seconds, not Ray's minute of retries) and token,
-the git and DVC remotes, and, from one worker, that the code and the tracking server are
-reachable. Exit status 1 when an experiment failed, 130 on Ctrl-C (outstanding tasks are
-cancelled; an experiment is pushed as its very last step, so none is half there).
+Without ``RAY_ADDRESS``: a local Ray instance on 127.0.0.1, sized to the cores (``--jobs`` caps
+it); the workers fetch the code from the workspace and push their experiments straight back.
+With ``RAY_ADDRESS=host:port``: that cluster; the workers fetch from and push to ``origin``,
+and the driver then pulls the experiments (``dvc exp pull``). Everything that can be checked
+is checked before anything is submitted (exit 2, nothing left behind; see the README's
+Faults). Exit 1 when an experiment failed, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -26,23 +20,25 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 import time
-import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import tracking
-from pipeline.sweep import spec, workspace
+from pipeline import params, tracking
+from pipeline.sweep import spec, supervise, worker, workspace
 from pipeline.sweep.spec import Experiment, SweepError
 
 log = logging.getLogger("pipeline.sweep")
+say = functools.partial(print, flush=True)  # the user-facing lines (progress, table); diagnostics go to logging
 
-LOCAL_ADDRESSES = ("", "local")
 PROBE_TIMEOUT_S = 120.0
 TAIL_SHOWN = 25
+# Pickled by value, not by name: the workers have the project's requirements but not its code (they clone it).
+SHIPPED_BY_VALUE = (worker, supervise)
 
 
 @dataclass(frozen=True)
@@ -60,9 +56,7 @@ class Target:
     @property
     def loopback(self) -> bool:
         """A local instance or a cluster on this machine's loopback: Ray must keep 127.0.0.1 as it is."""
-        if self.local:
-            return True
-        if self.host == "localhost":
+        if self.local or self.host == "localhost":
             return True
         try:
             return bool(self.host) and ipaddress.ip_address(str(self.host)).is_loopback
@@ -72,9 +66,9 @@ class Target:
 
 def ray_target(address: str | None) -> Target:
     """Parse ``RAY_ADDRESS``: unset/``local`` (local instance), ``host:port``, ``ray://host:port`` or ``auto``."""
-    if address is None or address.strip() in LOCAL_ADDRESSES:
+    address = (address or "").strip()
+    if address in ("", "local"):
         return Target(None)
-    address = address.strip()
     if address == "auto":
         return Target(address)
     rest = address.removeprefix("ray://")
@@ -89,8 +83,7 @@ def check_reachable(target: Target, timeout_s: float = 3.0) -> None:
     if target.host is None or target.port is None:
         return
     try:
-        with socket.create_connection((target.host, target.port), timeout=timeout_s):
-            pass
+        socket.create_connection((target.host, target.port), timeout=timeout_s).close()
     except OSError as exc:
         raise SweepError(
             f"RAY_ADDRESS={target.address}: nothing answers at {target.host}:{target.port} ({exc.strerror or exc}). "
@@ -106,12 +99,9 @@ def check_auth(target: Target, environ: dict[str, str]) -> None:
             f"RAY_AUTH_MODE={mode}: sweeps run only with Ray's token authentication (RAY_AUTH_MODE=token), "
             "since anyone who reaches an unauthenticated cluster can run code on it."
         )
-    if target.local:
+    if target.local or environ.get("RAY_AUTH_TOKEN"):
         return  # a local instance makes its own token (~/.ray/auth_token) when there is none
-    path = environ.get("RAY_AUTH_TOKEN_PATH")
-    if environ.get("RAY_AUTH_TOKEN"):
-        return
-    token_file = Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
+    token_file = Path(environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
     if not token_file.is_file() or not token_file.read_text(encoding="utf-8").strip():
         raise SweepError(
             f"No Ray token for the cluster at {target.address}: {token_file} is missing or empty. On the head node, "
@@ -127,54 +117,35 @@ def new_sweep_id() -> str:
 
 def experiment_names(root: Path, experiments: Sequence[Experiment]) -> set[str]:
     """The MLflow experiment names the sweep logs to (``tracking.experiment``, as overridden)."""
-    import yaml
-
     try:
-        params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        params = {}
-    default = (params.get("tracking") or {}).get("experiment")
-    names = {exp.overrides.get("tracking.experiment", default) for exp in experiments}
-    return {str(n) for n in names if n}
+        default = (params.read_params_file(root / "params.yaml").get("tracking") or {}).get("experiment")
+    except params.ParamsError:
+        default = None
+    return {str(n) for n in (exp.overrides.get("tracking.experiment", default) for exp in experiments) if n}
 
 
-class Reporter:
-    """The driver's user-facing lines (progress, table) on stdout; diagnostics go to logging."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = 0
-
-    def line(self, text: str = "") -> None:
-        print(text, flush=True)
-
-    def finished(self, result: dict[str, Any], metric: str) -> None:
-        self.done += 1
-        count = f"[{self.done}/{self.total}]"
-        took = spec.format_seconds(result.get("seconds", 0.0))
-        if result.get("ok"):
-            summary = spec.headline(spec.variant_metrics(result.get("metrics") or {}), metric)
-            self.line(f"{count} {result['name']}  done in {took}  {summary}")
-            return
-        step = result.get("step")
-        where = "in Ray (its worker died more often than --retries allows)" if step == "ray" else f"at {step}"
-        if result.get("status") is not None:
-            where += f" (exit {result['status']})"
-        self.line(f"{count} {result['name']}  FAILED {where} after {took}")
-        tail = (result.get("tail") or "").splitlines()[-TAIL_SHOWN:]
-        for text in tail:
-            self.line(f"    | {text}")
+def report(result: dict[str, Any], count: str, metric: str) -> None:
+    """A finished experiment's line (``count`` is ``[k/n]``): its headline metric, or where it failed and its log."""
+    took = spec.format_seconds(result.get("seconds", 0.0))
+    if result.get("ok"):
+        summary = spec.headline(spec.variant_metrics(result.get("metrics") or {}), metric)
+        say(f"{count} {result['name']}  done in {took}  {summary}")
+        return
+    step = result.get("step")
+    where = "in Ray (its worker died more often than --retries allows)" if step == "ray" else f"at {step}"
+    if result.get("status") is not None:
+        where += f" (exit {result['status']})"
+    say(f"{count} {result['name']}  FAILED {where} after {took}")
+    for text in (result.get("tail") or "").splitlines()[-TAIL_SHOWN:]:
+        say(f"    | {text}")
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP stop the driver the way Ctrl-C does (SIGINT too where the shell
     started it with SIGINT ignored, as a non-interactive shell does for background jobs)."""
-
-    def handler(signum: int, frame: types.FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in signals}  # raises KeyboardInterrupt
     try:
         yield
     finally:
@@ -185,13 +156,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def _ray_init(target: Target, jobs: int | None) -> Any:
     import ray
 
-    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    local = {"num_cpus": spec.check_jobs(jobs, os.cpu_count() or 1), "include_dashboard": False} if target.local else {}
     try:
-        if target.local:
-            cpus = spec.check_jobs(jobs, os.cpu_count() or 1)
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **options)
-        else:
-            ray.init(address=target.address, **options)
+        ray.init(address=target.address or "local", log_to_driver=False, logging_level=logging.WARNING, **local)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if target.local:
@@ -203,7 +170,7 @@ def _ray_init(target: Target, jobs: int | None) -> Any:
     return ray
 
 
-def _probe(ray: Any, worker: Any, job: dict[str, Any], gpus: float) -> None:
+def _probe(ray: Any, job: dict[str, Any], gpus: float) -> None:
     """One small task that checks, from a worker, that the code and the tracking server are reachable."""
     remote = ray.remote(worker.probe).options(num_cpus=1, num_gpus=gpus, max_retries=0, name="sweep:probe")
     ref = remote.remote(job["git_url"], job["ref"], job["env"]["MLFLOW_TRACKING_URI"])
@@ -227,18 +194,16 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
     experiments = spec.plan(sweep_id, args.set_param, args.max_experiments)
     uri = tracking.tracking_uri(root)
     spec.check_tracking(uri, remote_workers=not target.local)
-    try:
-        tracking.preflight(uri)
-    except tracking.TrackingError as exc:
-        raise SweepError(str(exc)) from None
-    dvc_name, dvc_url = workspace.dvc_remote(root)
+    tracking.preflight(uri)
+    dvc_name, dvc_url, cache_dir = workspace.dvc_config(root)
     check_reachable(target)
     check_auth(target, os.environ)
     git_url = str(root) if target.local else workspace.remote_url(root, args.git_remote)
     remote = None if target.local else args.git_remote
     if remote:
         workspace.check_on_remote(root, remote, workspace.git(["rev-parse", "HEAD^{commit}"], root))
-    taken = sorted(existing(root, remote, [e.name for e in experiments]))
+    names = [e.name for e in experiments]
+    taken = sorted(experiments_in(root, ".", names) | (experiments_in(root, remote, names) if remote else set()))
     if taken:  # a task's push would replace them
         raise SweepError(
             f"Experiments named {', '.join(taken)} exist already: choose another --name, or remove them first "
@@ -255,18 +220,15 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
     except BaseException:
         workspace.delete_ref(root, snap.ref, remote)
         raise
-    from pipeline.sweep import supervise
-
     job = {
         "sweep": sweep_id,
         "git_url": git_url,
-        "push_url": git_url,
         "ref": snap.ref,
         "base": snap.base,
         "commit": snap.commit,
         "dvc_remote": dvc_name,
         "dvc_url": dvc_url,
-        "cache_dir": workspace.dvc_cache_dir(root) if target.local else None,
+        "cache_dir": cache_dir if target.local else None,
         "supervisor": Path(supervise.__file__).read_text(encoding="utf-8"),
         "env": {
             tracking.SWEEP_ENV: sweep_id,
@@ -279,19 +241,14 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
 
 
 def submit_and_wait(
-    ray: Any, job: dict, experiments: Sequence[Experiment], gpus: float, retries: int, reporter: Reporter, metric: str
+    ray: Any, job: dict, experiments: Sequence[Experiment], gpus: float, retries: int, metric: str
 ) -> dict[str, dict[str, Any]]:
     """One task per experiment; a line per finished one. Ctrl-C cancels the rest (KeyboardInterrupt re-raised)."""
-    from pipeline.sweep import worker
-
-    task = ray.remote(worker.run_experiment)
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=retries, retry_exceptions=False)(worker.run_experiment)
     pending = {}
     for exp in experiments:
-        options = {"num_cpus": 1, "num_gpus": gpus, "max_retries": retries, "retry_exceptions": False}
-        ref = task.options(name=f"sweep:{exp.name}", **options).remote(
-            {**job, "name": exp.name, "set_params": list(exp.set_params)}
-        )
-        pending[ref] = exp.name
+        job_of = {**job, "name": exp.name, "set_params": list(exp.set_params)}
+        pending[task.options(name=f"sweep:{exp.name}").remote(job_of)] = exp.name
     results: dict[str, dict[str, Any]] = {}
     try:
         while pending:
@@ -303,56 +260,33 @@ def submit_and_wait(
                 except Exception as exc:  # noqa: BLE001 - a task that died more often than its retries allow
                     result = {"name": name, "ok": False, "step": "ray", "tail": str(exc), "seconds": 0.0}
                 results[name] = result
-                reporter.finished(result, metric)
+                report(result, f"[{len(results)}/{len(experiments)}]", metric)
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref, force=True)
-        reporter.line(f"Interrupted: cancelling {len(pending)} outstanding experiment(s)...")
+        say(f"Interrupted: cancelling {len(pending)} outstanding experiment(s)...")
         ray.wait(list(pending), num_returns=len(pending), timeout=30)
         raise
     return results
 
 
-def landed(root: Path, names: Sequence[str]) -> set[str]:
-    """Which of ``names`` are experiment refs in the workspace now."""
-    listing = workspace.git(["for-each-ref", "--format=%(refname)", "refs/exps/"], root)
+def experiments_in(root: Path, repo: str, names: Sequence[str]) -> set[str]:
+    """Which of ``names`` are experiments in ``repo``: a git remote, or ``"."`` for the workspace."""
+    listing = workspace.git(["ls-remote", repo, "refs/exps/*"], root, timeout=120)
     present = {line.rsplit("/", 1)[-1] for line in listing.splitlines()}
     return {n for n in names if n in present}
 
 
-def existing(root: Path, remote: str | None, names: Sequence[str]) -> set[str]:
-    """Which of ``names`` are experiments already, in the workspace or on ``remote``."""
-    found = landed(root, names)
-    if remote:
-        found |= set(names) & remote_experiments(root, remote)
-    return found
-
-
-def remote_experiments(root: Path, remote: str) -> set[str]:
-    """The names of the experiments on a git remote."""
-    listing = workspace.git(["ls-remote", remote, "refs/exps/*"], root, timeout=120)
-    return {line.rsplit("/", 1)[-1] for line in listing.splitlines()}
-
-
-def bring_back(root: Path, git_url: str, names: Sequence[str]) -> None:
-    """Cluster sweeps: fetch the experiments (refs and outputs) from ``origin`` into the workspace;
-    only those that are there (after Ctrl-C, some never were)."""
-    import subprocess
-
-    there = remote_experiments(root, git_url)
-    names = [n for n in names if n in there]
-    if not names:
-        return
-
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "pull", git_url, *names],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        log.error("dvc exp pull %s failed:\n%s", git_url, (done.stdout + done.stderr).strip())
+def bring_back(root: Path, git_url: str | None, names: Sequence[str]) -> set[str]:
+    """Which of ``names`` are in the workspace now. A cluster sweep (``git_url``: ``origin``) first fetches
+    the experiments (refs and outputs) into it; only those that are there (after Ctrl-C, some never were)."""
+    there = sorted(experiments_in(root, git_url, names)) if git_url else []
+    if there:
+        pull = [sys.executable, "-m", "dvc", "exp", "pull", git_url, *there]
+        done = subprocess.run(pull, cwd=root, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            log.error("dvc exp pull %s failed:\n%s", git_url, (done.stdout + done.stderr).strip())
+    return experiments_in(root, ".", names)
 
 
 def save_logs(root: Path, sweep_id: str, results: dict[str, dict[str, Any]]) -> Path:
@@ -366,7 +300,6 @@ def save_logs(root: Path, sweep_id: str, results: dict[str, dict[str, Any]]) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    """The whole sweep; its exit status."""
     root = workspace.workspace_root(Path.cwd())
     target = ray_target(args.address)
     if target.loopback:
@@ -376,56 +309,49 @@ def run(args: argparse.Namespace) -> int:
     sweep_id = spec.check_name(args.name) if args.name else new_sweep_id()
     if args.dry_run:
         for exp in spec.plan(sweep_id, args.set_param, args.max_experiments):
-            print(exp.name, " ".join(f"-S {p}" for p in exp.set_params) or "(no change)", flush=True)
+            say(exp.name, " ".join(f"-S {p}" for p in exp.set_params) or "(no change)")
         return 0
     experiments, job = prepare(args, root, target, sweep_id)
     if args.jobs and not target.local:
         log.info("JOBS=%s applies to a local Ray instance; the cluster runs as many at once as it has CPUs.", args.jobs)
-    reporter = Reporter(len(experiments))
+    names = [e.name for e in experiments]
     where = "a local Ray instance" if target.local else f"the Ray cluster at {target.address}"
+    pulled_from = None if target.local else job["git_url"]  # a local sweep's workers push into the workspace
     ray = None
     try:
         with sigterm_as_interrupt():
             ray = _ray_init(target, args.jobs)
         with sigterm_as_interrupt():  # again: ray.init may have installed handlers of its own
-            from pipeline.sweep import worker
-
-            ray.cloudpickle.register_pickle_by_value(worker)
+            for module in SHIPPED_BY_VALUE:
+                ray.cloudpickle.register_pickle_by_value(module)
             gpus = spec.gpus_per_task(args.gpus, ray.cluster_resources().get("GPU", 0))
             if not target.local:
-                _probe(ray, worker, job, gpus)
+                _probe(ray, job, gpus)
             cpus = int(ray.cluster_resources().get("CPU", 0))
-            reporter.line(
+            say(
                 f"Sweep {sweep_id}: {len(experiments)} experiment(s) on {where} ({cpus} CPU(s), "
                 f"{gpus:g} GPU(s) per experiment), baseline {job['base'][:7]}"
                 + (" + uncommitted changes" if job["commit"] != job["base"] else "")
             )
             try:
-                results = submit_and_wait(ray, job, experiments, gpus, args.retries, reporter, args.metrics[0])
+                results = submit_and_wait(ray, job, experiments, gpus, args.retries, args.metrics[0])
             except KeyboardInterrupt:
-                if not target.local:
-                    bring_back(root, job["git_url"], [e.name for e in experiments])
-                kept = landed(root, [e.name for e in experiments])
-                reporter.line(f"Stopped. {len(kept)} experiment(s) had finished and are in dvc exp show.")
+                kept = bring_back(root, pulled_from, names)
+                say(f"Stopped. {len(kept)} experiment(s) had finished and are in dvc exp show.")
                 return 130
     except KeyboardInterrupt:
-        reporter.line("Stopped before any experiment was submitted.")
+        say("Stopped before any experiment was submitted.")
         return 130
     finally:
         if ray is not None and ray.is_initialized():
             ray.shutdown()
         workspace.delete_ref(root, job["ref"], None if target.local else args.git_remote)
-    ok = [name for name, r in results.items() if r.get("ok")]
-    if not target.local:
-        bring_back(root, job["git_url"], ok)
-    kept = landed(root, ok)
-    failed = [e.name for e in experiments if e.name not in kept]
+    kept = bring_back(root, pulled_from, [name for name, r in results.items() if r.get("ok")])
+    failed = [n for n in names if n not in kept]
     logs = save_logs(root, sweep_id, results)
     metrics = {name: spec.variant_metrics(r.get("metrics") or {}) for name, r in results.items() if r.get("ok")}
-    reporter.line()
-    reporter.line(spec.comparison_table(experiments, metrics, failed, args.metrics))
-    reporter.line()
-    reporter.line(
+    say(f"\n{spec.comparison_table(experiments, metrics, failed, args.metrics)}\n")
+    say(
         f"{len(kept)} of {len(experiments)} experiment(s) landed: dvc exp show; dvc exp apply <name>; "
         f"MLflow: tags.\"{tracking.SWEEP_TAG}\" = '{sweep_id}'. Logs: {logs.relative_to(root)}"
     )
@@ -441,12 +367,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "-S", "--set-param", action="append", default=[], metavar="[FILE:]KEY=VALUES",
         help="as dvc exp run -S; comma lists expand to the cartesian product (repeatable)",
     )  # fmt: skip
-    parser.add_argument(
-        "--jobs", type=_optional_int, default=None, help="local Ray: at most this many at once (default: all cores)"
-    )
-    parser.add_argument(
-        "--gpus", type=_optional_float, default=None, help="GPUs per experiment (default: 1 if the cluster has GPUs)"
-    )
+    parser.add_argument("--jobs", type=_optional_int, help="local Ray: at most this many at once (default: all cores)")
+    parser.add_argument("--gpus", type=_optional_float, help="GPUs per experiment (default: 1 if the cluster has GPUs)")
     parser.add_argument(
         "--retries", type=int, default=2, help="Ray retries of an experiment whose worker died (default 2)"
     )
@@ -482,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except SweepError as exc:
+    except (SweepError, tracking.TrackingError) as exc:  # refused before anything was submitted
         log.error("%s", exc)
         return 2
 

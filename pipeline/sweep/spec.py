@@ -1,9 +1,7 @@
 """Pure parts of a sweep: ``-S`` expansion, experiment names, argument checks, the comparison table.
 
-``-S`` arguments expand exactly as ``dvc exp run --queue -S ...`` expands them: DVC's own
-helpers (Hydra's override grammar) turn comma lists into the cartesian product and keep
-bracketed values such as ``train.seeds=[0],[1]`` (two experiments) or ``train.seeds=[0,1]``
-(one) intact.
+``-S`` expands as in ``dvc exp run --queue``, with DVC's own helpers (Hydra's override grammar):
+comma lists give the cartesian product; ``train.seeds=[0],[1]`` is two experiments, ``[0,1]`` one.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 DEFAULT_METRICS = ("accuracy", "test_accuracy", "vanishing_index")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
@@ -81,12 +80,10 @@ def plan(sweep_id: str, set_params: Sequence[str], max_experiments: int = 10_000
 
 
 def check_jobs(jobs: int | None, cores: int) -> int:
-    """Local Ray's CPU count: ``jobs`` capped by the machine's cores (``None``: all cores)."""
-    if jobs is None:
-        return max(cores, 1)
-    if jobs < 1:
+    """Local Ray's CPU count: ``jobs`` capped by the machine's ``cores`` (at least 1; ``jobs`` None: all)."""
+    if jobs is not None and jobs < 1:
         raise SweepError(f"JOBS={jobs}: give a positive number of experiments to run at once (or leave it empty).")
-    return min(jobs, max(cores, 1))
+    return min(jobs or cores, cores)
 
 
 def gpus_per_task(requested: float | None, cluster_gpus: float) -> float:
@@ -115,13 +112,12 @@ def variant_metrics(metrics_show: Mapping[str, object]) -> dict[str, dict[str, f
     the folder of each ``.../<variant>/metrics.json``; non-numeric values are dropped."""
     out: dict[str, dict[str, float]] = {}
     for rev in metrics_show.values():
-        files = (rev or {}).get("data", {}) if isinstance(rev, Mapping) else {}
+        files = rev.get("data", {}) if isinstance(rev, Mapping) else {}
         for path, entry in files.items():
             data = entry.get("data") if isinstance(entry, Mapping) else None
             if not isinstance(data, Mapping):
                 continue
-            parts = path.replace("\\", "/").split("/")
-            variant = parts[-2] if len(parts) >= 2 else parts[-1]
+            variant = PurePosixPath(path.replace("\\", "/")).parent.name or path
             numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             if numbers:
                 out[variant] = numbers
@@ -162,9 +158,7 @@ def comparison_table(
     one row marked ``failed``. Params that are the same in every experiment are left out
     (the table says so below it), unless there is a single experiment.
     """
-    params: list[str] = []
-    for exp in experiments:
-        params += [k for k in exp.overrides if k not in params]
+    params = list(dict.fromkeys(k for exp in experiments for k in exp.overrides))  # in order, each once
     constant = {
         k: experiments[0].overrides.get(k)
         for k in params
@@ -180,13 +174,9 @@ def comparison_table(
             rows.append([exp.name, *values, "failed" if exp.name in failed else "no metrics", *[""] * len(shown)])
             continue
         for variant, numbers in sorted(metrics[exp.name].items()):
-            rows.append([exp.name, *values, variant, *[_number(numbers.get(k)) for k in shown]])
+            rows.append([exp.name, *values, variant, *[f"{numbers[k]:.4g}" if k in numbers else "" for k in shown]])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     if constant:
         lines.append("Same in every experiment: " + ", ".join(f"{k}={v}" for k, v in constant.items()))
     return "\n".join(lines)
-
-
-def _number(value: float | None) -> str:
-    return "" if value is None else f"{value:.4g}"

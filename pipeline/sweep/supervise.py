@@ -1,18 +1,17 @@
 """Run one command of a sweep's task so that it never outlives the task.
 
-Usage: ``python supervise.py WORKER_PID CLEANUP_DIR COMMAND...`` (a worker runs this file's
-source with ``python -c``: it needs nothing but the standard library).
+Usage: ``python supervise.py WORKER_PID CLEANUP_DIR COMMAND...``. Standard library only: a
+worker runs this file's source (it travels in the job) with ``python -c``.
 
-A Ray worker can die at any point: cancelled with force (Ctrl-C on the driver), killed by the
-out-of-memory killer, or with its node. Ray then kills the worker's direct children, with
-SIGKILL, but not their children: ``dvc exp run`` and its training stage would go on, orphaned.
-So this process (the *launcher*, the worker's child) forks a *guard* in a session of its own,
-which Ray does not reach, and relays its exit status. The guard runs the command in another
-new session (process group) and stops that whole group with SIGTERM when the launcher dies
-(``PR_SET_PDEATHSIG``) or the worker is gone (polled), or on SIGTERM/SIGINT/SIGHUP. The
-training stage then ends its MLflow runs KILLED at the end of the epoch. The guard waits for
-the group to go (SIGKILL after a grace period), removes ``CLEANUP_DIR`` (the attempt's clone)
-and exits 128 + the signal's number; otherwise it exits with the command's status.
+When a Ray worker dies (force-cancelled, out-of-memory killer, lost node), Ray SIGKILLs its
+direct children but not theirs: ``dvc exp run`` and training would go on, orphaned. So this
+process (the *launcher*, the worker's child) forks a *guard* in a session of its own, which
+Ray does not reach, and relays its exit status. The guard runs the command in another new
+session and SIGTERMs that group when the launcher dies (``PR_SET_PDEATHSIG``), the worker is
+gone (polled), or on SIGTERM/SIGINT/SIGHUP; training then ends its MLflow runs KILLED at the
+end of the epoch. The guard waits for the group to go (SIGKILL after a grace period), removes
+``CLEANUP_DIR`` (the attempt's clone) and exits 128 + the signal's number; else it exits
+with the command's status.
 """
 
 from __future__ import annotations
@@ -36,14 +35,20 @@ def alive(pid: int) -> bool:
     """Whether process ``pid`` exists (a zombie counts as gone)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+    except (OSError, IndexError):  # no /proc: not Linux
         try:
-            os.kill(pid, 0)
+            with contextlib.suppress(PermissionError):  # another user's process
+                os.kill(pid, 0)
         except ProcessLookupError:
             return False
-        except PermissionError:
-            return True
         return True
+
+
+def remove_attempt(folder: str | Path) -> None:
+    """Remove an attempt's folder, and the sweep's folder above it when that was its last attempt here."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        Path(folder).parent.rmdir()
 
 
 def guard(worker: int, launcher: int, cleanup: str, command: list[str]) -> int:
@@ -72,18 +77,16 @@ def guard(worker: int, launcher: int, cleanup: str, command: list[str]) -> int:
     if not stopped:
         return child.returncode if child.returncode >= 0 else 128 - child.returncode
     deadline = time.monotonic() + GRACE_S
-    while True:  # dvc exits at once; training ends its runs at the end of the epoch
+    while time.monotonic() < deadline:  # dvc exits at once; training ends its runs at the end of the epoch
         try:
             os.killpg(child.pid, 0)
         except ProcessLookupError:
             break
-        if time.monotonic() > deadline:
-            os.killpg(child.pid, signal.SIGKILL)
-            break
         time.sleep(0.2)
-    shutil.rmtree(cleanup, ignore_errors=True)
-    with contextlib.suppress(OSError):  # the sweep's folder, when this was its last attempt here
-        Path(cleanup).parent.rmdir()
+    else:  # the grace period is over
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+    remove_attempt(cleanup)
     return 128 + stopped[0]
 
 
@@ -98,13 +101,8 @@ def main(argv: list[str]) -> int:
             code = guard(worker, launcher, cleanup, command)
         finally:
             os._exit(code)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-    code = os.waitstatus_to_exitcode(status)
+    # The launcher installs no signal handlers, so waitpid is retried on EINTR (PEP 475).
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     return code if code >= 0 else 128 - code
 
 

@@ -1,25 +1,16 @@
 """What one Ray task does: one DVC experiment in a fresh clone, pushed back all or nothing.
 
-The driver ships this module to the workers by value (``cloudpickle.register_pickle_by_value``):
-a worker needs Ray and the project's requirements installed, not the project's code, which
-it clones. So this module imports only the standard library.
+The driver ships this module and :mod:`.supervise` to the workers by value (cloudpickle's
+``register_pickle_by_value``): a worker needs Ray and the project's requirements, not the
+project's code, which it clones. So both import only the standard library, and this one
+imports from :mod:`.supervise` (a worker cannot import it by name, but it travels along).
 
-Steps (:func:`steps`): clone the sweep's git source; check out the baseline commit and lay
-the snapshot's tree on it (the workspace's uncommitted changes); point the clone's DVC
-remote at the workspace's (absolute) remote and, when the worker shares the workspace's
-machine, its cache; ``dvc exp run --pull -S ... --name ...``; push the outputs and run cache
-to the DVC remote; and last, ``dvc exp push --no-cache --force``, whose git push updates the
-experiment's ref in one step. An attempt stopped anywhere before that last step leaves no
-experiment; a retried attempt starts again from a fresh clone and overwrites nothing but
-its own name's ref.
-
-Every command runs under :mod:`pipeline.sweep.supervise`, so that a dying worker takes its
-``dvc`` and training processes down with it instead of leaving them running.
+The last step, ``dvc exp push --no-cache --force``, updates the experiment's ref in one git
+push: an attempt stopped before it leaves no experiment, and a retry starts from a fresh clone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -28,9 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from pipeline.sweep.supervise import alive, remove_attempt
 
 LOG_TAIL_LINES = 60
 PUSH_ATTEMPTS = 3
@@ -54,7 +48,7 @@ def steps(job: Mapping[str, Any], clone: str) -> list[Step]:
     out += [
         ("dvc exp run", [*dvc, "exp", "run", "--pull", "--name", job["name"], *set_params]),
         ("dvc push", [*dvc, "push", "--run-cache", "--remote", job["dvc_remote"]]),
-        ("dvc exp push", [*dvc, "exp", "push", "--no-cache", "--force", job["push_url"], job["name"]]),
+        ("dvc exp push", [*dvc, "exp", "push", "--no-cache", "--force", job["git_url"], job["name"]]),
     ]
     return out
 
@@ -62,11 +56,8 @@ def steps(job: Mapping[str, Any], clone: str) -> list[Step]:
 def task_env(job: Mapping[str, Any], base: Mapping[str, str]) -> dict[str, str]:
     """The commands' environment: the worker's, less other stores and experiments, plus the sweep's."""
     env = {k: v for k, v in base.items() if not k.startswith(("MLFLOW_TRACKING_URI", "DVC_", "PIPELINE_SWEEP"))}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["GIT_TERMINAL_PROMPT"] = "0"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env.update(job["env"])
-    return env
+    path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return {**env, "PATH": path, "GIT_TERMINAL_PROMPT": "0", "DVC_NO_ANALYTICS": "1", **job["env"]}
 
 
 def _attempt_dir(job: Mapping[str, Any]) -> Path:
@@ -76,38 +67,12 @@ def _attempt_dir(job: Mapping[str, Any]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob(f"{job['name']}.*"):
         pid = old.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     path = root / f"{job['name']}.{os.getpid()}"
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir()
     return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _supervised(
-    job: Mapping[str, Any], argv: list[str], cwd: Path, env: dict[str, str], out: Any, cleanup: Path
-) -> int:
-    """Run ``argv`` under the supervisor (its source travels in the job), output to ``out``."""
-    command = [sys.executable, "-c", job["supervisor"], str(os.getpid()), str(cleanup), *argv]
-    return subprocess.run(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out).returncode
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def run_experiment(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,6 +83,13 @@ def run_experiment(job: Mapping[str, Any]) -> dict[str, Any]:
     clone = attempt / "repo"
     log_path = attempt / "log.txt"
     env = task_env(job, os.environ)
+
+    def supervised(argv: list[str], out: Any) -> int:
+        """Run ``argv`` under the supervisor (its source travels in the job), output to ``out``."""
+        command = [sys.executable, "-c", job["supervisor"], str(os.getpid()), str(attempt), *argv]
+        cwd = clone if clone.exists() else attempt  # the clone step runs before there is one
+        return subprocess.run(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out).returncode
+
     result: dict[str, Any] = {"name": job["name"], "ok": False, "host": socket.gethostname(), "pid": os.getpid()}
     try:
         with log_path.open("w", encoding="utf-8") as log:
@@ -126,7 +98,7 @@ def run_experiment(job: Mapping[str, Any]) -> dict[str, Any]:
                 log.flush()
                 tries = PUSH_ATTEMPTS if label == "dvc exp push" else 1  # concurrent pushes may race on a lock
                 for _ in range(tries):
-                    status = _supervised(job, argv, clone if clone.exists() else attempt, env, log, attempt)
+                    status = supervised(argv, log)
                     if status == 0:
                         break
                     time.sleep(1.0)
@@ -137,36 +109,32 @@ def run_experiment(job: Mapping[str, Any]) -> dict[str, Any]:
                 metrics_file = attempt / "metrics.json"
                 with metrics_file.open("w", encoding="utf-8") as out:
                     shown = [sys.executable, "-m", "dvc", "metrics", "show", "--json"]
-                    if _supervised(job, shown, clone, env, out, attempt) == 0:
+                    if supervised(shown, out) == 0:
                         result["metrics"] = json.loads(metrics_file.read_text(encoding="utf-8") or "{}")
                 result["ok"] = True
-        result["tail"] = _tail(log_path)
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        result["tail"] = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
     finally:
         result["seconds"] = time.monotonic() - start
-        shutil.rmtree(attempt, ignore_errors=True)
-        with contextlib.suppress(OSError):  # the sweep's folder, once its last attempt here is done
-            attempt.parent.rmdir()
+        remove_attempt(attempt)
     return result
 
 
 def probe(git_url: str, ref: str, tracking_uri: str, timeout_s: float = 20.0) -> dict[str, str]:
     """From a worker: can it fetch the sweep's ref and reach the tracking server? ``{"error": ...}`` if not."""
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    env, host = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}, socket.gethostname()
     try:
         listed = subprocess.run(
             ["git", "ls-remote", git_url, ref], capture_output=True, text=True, timeout=timeout_s, env=env, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"error": f"git ls-remote {git_url} failed on {socket.gethostname()}: {exc}"}
+        return {"error": f"git ls-remote {git_url} failed on {host}: {exc}"}
     if listed.returncode != 0 or not listed.stdout.strip():
         why = listed.stderr.strip() or f"no {ref} there"
-        return {"error": f"workers cannot fetch the code from {git_url} ({socket.gethostname()}): {why}"}
+        return {"error": f"workers cannot fetch the code from {git_url} ({host}): {why}"}
     if tracking_uri.startswith(("http://", "https://")):
-        import urllib.request
-
         try:
-            with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s):  # noqa: S310
-                pass
+            urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()  # noqa: S310
         except OSError as exc:
-            return {"error": f"workers cannot reach the tracking server {tracking_uri} ({socket.gethostname()}): {exc}"}
-    return {"sha": listed.stdout.split()[0], "host": socket.gethostname(), "python": sys.executable}
+            return {"error": f"workers cannot reach the tracking server {tracking_uri} ({host}): {exc}"}
+    return {"sha": listed.stdout.split()[0], "host": host, "python": sys.executable}

@@ -1,11 +1,9 @@
 """The workspace side of a sweep: its code as one commit the workers can fetch, its git and DVC remotes.
 
-Uncommitted changes travel the way ``dvc exp run --queue`` takes them: the whole working
-tree (tracked changes, deletions and untracked files that git does not ignore) becomes a
-commit on top of ``HEAD``, built in a temporary index so that the user's index and files
-stay untouched, and kept on the ref ``refs/sweeps/<id>`` for the workers to fetch. A
-worker checks out ``HEAD`` and applies that commit's tree, so each experiment's baseline
-is ``HEAD`` and ``dvc exp show`` lists it there.
+As with ``dvc exp run --queue``, the whole working tree (tracked changes, deletions, untracked
+files git does not ignore) becomes a commit on ``HEAD``, built in a temporary index so that
+the user's index and files stay untouched, on the ref ``refs/sweeps/<id>``. A worker checks
+out ``HEAD`` and applies that commit's tree, so ``dvc exp show`` lists each experiment on ``HEAD``.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from pipeline.sweep.spec import SweepError
 
 log = logging.getLogger(__name__)
 
-SWEEP_REFS = "refs/sweeps"
 FALLBACK_IDENTITY = ("vanishing-gradient sweep", "sweep@localhost")
 
 
@@ -71,15 +68,8 @@ def workspace_root(cwd: Path) -> Path:
 
 def identity(root: Path) -> dict[str, str]:
     """``GIT_AUTHOR_*`` and ``GIT_COMMITTER_*`` for the sweep's commits: the workspace's user, else a fallback."""
-
-    def config(key: str) -> str:
-        try:
-            return git(["config", key], root)
-        except SweepError:
-            return ""
-
-    name = config("user.name") or FALLBACK_IDENTITY[0]
-    email = config("user.email") or FALLBACK_IDENTITY[1]
+    name = git(["config", "--get", "--default", FALLBACK_IDENTITY[0], "user.name"], root)
+    email = git(["config", "--get", "--default", FALLBACK_IDENTITY[1], "user.email"], root)
     return {
         "GIT_AUTHOR_NAME": name,
         "GIT_AUTHOR_EMAIL": email,
@@ -103,7 +93,7 @@ def snapshot(root: Path, sweep_id: str) -> Snapshot:
     if tree != git(["rev-parse", f"{base}^{{tree}}"], root):
         message = f"sweep {sweep_id}: uncommitted changes of the workspace"
         commit = git(["commit-tree", tree, "-p", base, "-m", message], root, env=identity(root))
-    ref = f"{SWEEP_REFS}/{sweep_id}"
+    ref = f"refs/sweeps/{sweep_id}"
     git(["update-ref", ref, commit], root)
     return Snapshot(base, commit, ref)
 
@@ -147,9 +137,9 @@ def check_on_remote(root: Path, remote: str, commit: str) -> None:
     shas = {line.split()[0] for line in listing.splitlines() if line.strip()}
     if commit in shas:
         return
-    for sha in shas:
-        known = subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=root, capture_output=True).returncode
-        if known == 0 and subprocess.run(["git", "merge-base", "--is-ancestor", commit, sha], cwd=root).returncode == 0:
+    for sha in shas:  # a sha we do not have fails (status 128) like one that does not descend from commit
+        ancestor = ["git", "merge-base", "--is-ancestor", commit, sha]
+        if subprocess.run(ancestor, cwd=root, capture_output=True).returncode == 0:
             return
     raise SweepError(
         f"Commit {commit[:12]} (HEAD) is not on the git remote '{remote}', so the cluster's workers cannot check it "
@@ -158,31 +148,24 @@ def check_on_remote(root: Path, remote: str, commit: str) -> None:
 
 
 def push_ref(root: Path, remote: str, ref: str) -> None:
-    """Push the sweep's ref (the snapshot commit) to ``remote``."""
     try:
         git(["push", "--quiet", "--force", remote, f"{ref}:{ref}"], root, timeout=300)
     except SweepError as exc:
         raise SweepError(f"Could not send the workspace's changes to '{remote}' ({ref}): {exc}") from None
 
 
-def dvc_remote(root: Path) -> tuple[str, str]:
-    """The default DVC remote's name and URL, a local path absolute (DVC resolves it against ``.dvc/``)."""
+def dvc_config(root: Path) -> tuple[str, str, str]:
+    """The default DVC remote's name and URL, a local path absolute (DVC resolves it against ``.dvc/``),
+    and the workspace's DVC cache folder."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         name = repo.config["core"].get("remote")
         remotes = repo.config.get("remote", {})
+        cache_dir = str(repo.cache.local_cache_dir)
     if not name or name not in remotes:
         raise SweepError(
             "The workspace has no default DVC remote, where each experiment's outputs go: "
             "dvc remote add -d storage <path or URL>."
         )
-    return name, str(remotes[name]["url"])
-
-
-def dvc_cache_dir(root: Path) -> str:
-    """The workspace's DVC cache folder."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return str(repo.cache.local_cache_dir)
+    return name, str(remotes[name]["url"]), cache_dir
