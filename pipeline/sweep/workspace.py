@@ -20,8 +20,6 @@ from pipeline.sweep.spec import SweepError
 
 log = logging.getLogger(__name__)
 
-FALLBACK_IDENTITY = ("vanishing-gradient sweep", "sweep@localhost")
-
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -68,8 +66,8 @@ def workspace_root(cwd: Path) -> Path:
 
 def identity(root: Path) -> dict[str, str]:
     """``GIT_AUTHOR_*`` and ``GIT_COMMITTER_*`` for the sweep's commits: the workspace's user, else a fallback."""
-    name = git(["config", "--get", "--default", FALLBACK_IDENTITY[0], "user.name"], root)
-    email = git(["config", "--get", "--default", FALLBACK_IDENTITY[1], "user.email"], root)
+    name = git(["config", "--get", "--default", "vanishing-gradient sweep", "user.name"], root)
+    email = git(["config", "--get", "--default", "sweep@localhost", "user.email"], root)
     return {
         "GIT_AUTHOR_NAME": name,
         "GIT_AUTHOR_EMAIL": email,
