@@ -83,9 +83,7 @@ def test_variants_are_values() -> None:
 
 
 def _train(**overrides: object) -> dict[str, object]:
-    base: dict[str, object] = {"seeds": [0], "epochs": 3}
-    base.update(overrides)
-    return base
+    return {"seeds": [0], "epochs": 3, **overrides}
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ import pytest
 
 from pipeline import tracking
 from tests.conftest import ROOT
-from tests.helpers_data import stalling_server, stopwatch
+from tests.helpers_data import _running, stalling_server, stopwatch
 
 SEARCH = "/api/2.0/mlflow/experiments/search"
 
@@ -51,15 +50,8 @@ def answering(status: int, body: bytes, content_type: str = "application/json") 
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _running(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
+        yield f"http://127.0.0.1:{port}", hits
 
 
 def closed_port() -> int:
