@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.history import LAYER_KINDS, SCALARS, depth_of, mean_curves, parse_layer_column
+from pipeline.columns import LAYER_KINDS, SCALARS, parse_layer_column
+from pipeline.history import depth_of, mean_curves
 
 CURVES_FILE = "curves.csv"
 LAYERS_FILE = "layers.csv"
@@ -52,11 +53,9 @@ def layer_curves(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 def write_plot_data(histories: Mapping[str, pd.DataFrame], folder: Path) -> list[Path]:
     """Write ``curves.csv`` and ``layers.csv`` into ``folder`` (created); returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
     for name, frame in ((CURVES_FILE, study_curves(histories)), (LAYERS_FILE, layer_curves(histories))):
         frame.to_csv(folder / name, index=False, float_format="%.6g")
-        written.append(folder / name)
-    return written
+    return [folder / CURVES_FILE, folder / LAYERS_FILE]
 
 
 def _concat(frames: list[pd.DataFrame], order: list[str]) -> pd.DataFrame:

@@ -1,13 +1,8 @@
-"""The per-epoch history of one variant: its columns, and the statistics drawn from it.
+"""The per-epoch history of one variant (the train stage's ``history.csv``) and the statistics drawn from it.
 
-A history is the train stage's ``history.csv``: one row per (seed, epoch) with the
-columns of :data:`SCALARS` and, per hidden layer i, ``<kind>/hidden_<i>`` for every kind
-in :data:`LAYER_KINDS` and :data:`PROBE_KINDS`, ``<kind>/output`` for every kind in
-:data:`OUTPUT_KINDS`, and :data:`JAC_PRODUCT`. Histories written before the probe kinds
-existed lack those columns; everything here that reads them says so (empty or NaN).
-This module is the one place that knows that layout: column names, statistics over
-seeds, layer-to-layer ratios, final values, escape epochs and the summary that becomes
-``metrics.json``. Pure pandas/NumPy; nothing here reads or writes files.
+One row per (seed, epoch), with the columns of :mod:`pipeline.columns`. Histories written
+before the probe columns existed lack those; everything here that reads them says so
+(empty or NaN). Apart from :func:`read_history`, pure pandas/NumPy.
 
 Spread over seeds is the population standard deviation (``ddof=0``): the seeds are the
 whole set of replicates trained, not a sample to generalise from, and one seed gives 0.
@@ -18,35 +13,32 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.columns import (  # noqa: F401 - re-exported: history is where readers of the table look
-    ACT_MEAN,
-    ACT_P02,
-    ACT_P98,
-    GRAD,
-    GRAD_BIAS,
-    JAC_MAX,
-    JAC_MEAN,
-    JAC_PRODUCT,
-    LAYER_KINDS,
-    OUTPUT,
-    OUTPUT_KINDS,
-    PROBE_KINDS,
-    SATURATION,
-    SCALARS,
-    SPEED,
-    WEIGHT_CHANGE,
-    layer_column,
-    output_column,
-    parse_layer_column,
-    probe_column,
-)
+from pipeline.columns import SCALARS, SPEED, WEIGHT_CHANGE, layer_column, parse_layer_column
 
+REQUIRED_COLUMNS = ("seed", "epoch", *SCALARS)
 # The escape epoch: first epoch whose training accuracy exceeds epoch 1's by more than this.
 ESCAPE_MARGIN = 0.05
+
+
+class HistoryError(ValueError):
+    """A ``history.csv`` that cannot be read or lacks what every statistic needs; the message says what to do."""
+
+
+def read_history(path: Path) -> pd.DataFrame:
+    """``history.csv`` with the columns every statistic needs, at least one hidden layer and one row."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise HistoryError(f"{path}: cannot be read ({exc}); rerun its train stage (dvc repro)") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing or frame.empty or depth_of(frame) == 0:
+        raise HistoryError(f"{path}: missing column(s) {missing or 'per layer'} or no rows; rerun its train stage")
+    return frame
 
 
 def layer_columns(history: pd.DataFrame, kind: str) -> list[str]:
@@ -158,14 +150,8 @@ def escape_epochs(history: pd.DataFrame, margin: float = ESCAPE_MARGIN) -> pd.Da
     rows = []
     for seed, group in history.groupby("seed", sort=True):
         epoch = escape_epoch(group["epoch"], group["accuracy"], margin)
-        rows.append(
-            {
-                "seed": int(seed),
-                "escape_epoch": np.nan if epoch is None else float(epoch),
-                "escaped": epoch is not None,
-                "last_epoch": int(group["epoch"].max()),
-            }
-        )
+        last = int(group["epoch"].max())
+        rows.append((int(seed), np.nan if epoch is None else float(epoch), epoch is not None, last))
     return pd.DataFrame(rows, columns=["seed", "escape_epoch", "escaped", "last_epoch"])
 
 

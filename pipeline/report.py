@@ -2,19 +2,17 @@
 
 ``python -m pipeline.report --params params.yaml --results results --out reports``
 
-Reads every ``results/<name>/`` folder holding ``history.csv`` and ``run.json`` (written
-by the train stage) and ``metrics.json`` (the summarize stage), draws the figures of :mod:`pipeline.figures`
-and writes ``<out>/index.html`` (the Jinja2 template ``templates/report.html.j2``, images
-embedded, no external resources), the same
-figures as PNG files, ``<out>/summary.md`` and, for ``dvc plots``, the seed-mean curves
-in ``<out>/plots/``. Everything is built in a temporary
-folder beside ``--out``, logged to MLflow as the artifacts of one run named ``report``,
-and only then moved into place, so a failure leaves no half-written report.
+Reads every ``results/<name>/`` folder holding ``history.csv`` and ``run.json`` (the train
+stage) and ``metrics.json`` (the summarize stage), and writes ``<out>/index.html`` (the
+template ``templates/report.html.j2``, images embedded, no external resources), the figures
+of :mod:`pipeline.figures` as PNG files, ``<out>/summary.md`` and, for ``dvc plots``, the
+seed-mean curves in ``<out>/plots/``. All is built in a temporary folder beside ``--out``,
+logged to MLflow as the artifacts of one run named ``report``, and only then moved into
+place, so a failure leaves no half-written report.
 
-Depends on the ``report`` section of params.yaml (``tracking`` only names the MLflow
-experiment its run goes to), and on ``grid`` and
-``remedies`` only to know which variants belong to the study (folders of variants since
-removed are skipped); how they were trained (seeds, epochs) is read from the results.
+Params: ``report``, ``tracking`` (the MLflow experiment), and ``grid`` and ``remedies`` only
+to know which variants belong to the study (folders of variants since removed are skipped);
+how they were trained (seeds, epochs) is read from the results.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import base64
 import io
 import json
 import logging
+import math
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,7 +34,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline import curves, figures, history, serve, tracking
+from pipeline import cli, columns, curves, figures, history, serve, tracking
+from pipeline.columns import ACT_MEAN, ACT_P02, ACT_P98, JAC_MAX, JAC_MEAN, JAC_PRODUCT, SATURATION
+from pipeline.measures import SATURATED
 from pipeline.outputs import staged_dir
 from pipeline.params import (
     ParamsError,
@@ -51,12 +52,13 @@ from pipeline.params import (
 log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("history.csv", "metrics.json", "run.json")
-REQUIRED_COLUMNS = ("seed", "epoch", *history.SCALARS)
 LOCAL_UI = "http://127.0.0.1:5000/"
 STAGE = "report"
 VARIANT_FIGURES = ("classic", "bands", "gradients")  # <kind>-<name>.png: one variant's own figures
 REPORT_LINE = "The study's report:"  # the line of a variant run's description that links the latest report
+SETTINGS = ("depth", "activation", "loss", "init", "norm")  # a variant's fields, in the tables' order
 CLASSIC = ("sigmoid", "mse", "glorot_uniform", "none")  # activation, loss, init, norm
+ESCAPE_WINDOW = 10  # epochs before, and from, each seed's escape that the captions average
 
 
 class ReportError(RuntimeError):
@@ -81,7 +83,8 @@ class VariantResult:
 
     @property
     def classic(self) -> bool:
-        return is_classic(self.variant)
+        """Nielsen's setup: sigmoid, quadratic cost, Glorot initialisation, no normalisation."""
+        return (self.variant.activation, self.variant.loss, self.variant.init, self.variant.norm) == CLASSIC
 
     @property
     def seeds(self) -> list[int]:
@@ -101,20 +104,12 @@ class VariantResult:
         return parent if parent and self.run.get("tracking_uri") == tracking.redact(uri) else None
 
 
-def is_classic(variant: Variant) -> bool:
-    """Nielsen's setup: sigmoid, quadratic cost, Glorot initialisation, no normalisation."""
-    return (variant.activation, variant.loss, variant.init, variant.norm) == CLASSIC
-
-
 def load_variant(folder: Path) -> VariantResult:
     """Read one results folder; ReportError names the file that is missing or malformed."""
     try:
-        table = pd.read_csv(folder / "history.csv")
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ReportError(f"{folder / 'history.csv'}: cannot be read ({exc})") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
-    if missing or table.empty:
-        raise ReportError(f"{folder / 'history.csv'}: missing column(s) {missing} or no rows; rerun the train stage")
+        table = history.read_history(folder / "history.csv")
+    except history.HistoryError as exc:
+        raise ReportError(str(exc)) from exc
     metrics, run = _read_json(folder / "metrics.json"), _read_json(folder / "run.json")
     try:
         variant = parse(Variant, run["variant"], f"{folder / 'run.json'} variant")
@@ -160,12 +155,11 @@ def load_results(results: Path, study: Sequence[Variant] | None = None) -> list[
             raise ReportError(f"{seen[result.variant]} and {result.folder} both hold variant {result.variant}")
         seen[result.variant] = result.folder
     if study is not None:
-        wanted = set(study)
         for result in loaded:
-            if result.variant not in wanted:
+            if result.variant not in study:
                 log.info("skipping %s: it is not in the study's params (grid, remedies)", result.folder)
-        loaded = [result for result in loaded if result.variant in wanted]
-        missing = sorted(str(v) for v in wanted - {result.variant for result in loaded})
+        loaded = [result for result in loaded if result.variant in study]
+        missing = sorted(str(v) for v in set(study) - set(seen))
         if missing:
             raise ReportError(f"no results for {', '.join(missing)} in {results}; run their train stages (dvc repro)")
     return sorted(loaded, key=study_order)
@@ -205,23 +199,23 @@ def histories(results: Iterable[VariantResult]) -> dict[str, pd.DataFrame]:
     return {r.name: r.history for r in results}
 
 
-def mean_later_change(table: pd.DataFrame, column: str = "weight_change/hidden_1") -> float:
-    """Mean of ``column`` over epochs >= 2 and seeds (the first epoch's large change left out)."""
-    later = table.loc[table["epoch"] >= 2, column]
-    return float(later.mean()) if len(later) else float("nan")
-
-
-def median_layer_ratios(table: pd.DataFrame) -> dict[str, float]:
-    """Per adjacent layer pair, the median over epochs of the seed-mean speed ratio (earlier / next)."""
-    return {name: float(stats["mean"].median()) for name, stats in history.layer_ratios(table).items()}
-
-
 def _num(value: float, fmt: str = ".4f") -> str:
     return format(value, fmt) if np.isfinite(value) else "n/a"
 
 
-def _quarter() -> str:
-    return f"1/{1 / figures.SIGMOID_BOUND:.0f}"
+def _seed_mean(table: pd.DataFrame, column: str, epoch: int) -> float:
+    """Mean over seeds of ``column`` at ``epoch`` (NaN when the column or the epoch is missing)."""
+    return float(table.loc[table["epoch"] == epoch, column].mean()) if column in table.columns else math.nan
+
+
+def _at(table: pd.DataFrame, column: str, epoch: int, fmt: str = ".3f") -> str:
+    return _num(_seed_mean(table, column, epoch), fmt)
+
+
+def final_accuracy(summary: pd.DataFrame, label: str) -> str:
+    """Final training accuracy of variant ``label``: mean ± std over its seeds."""
+    row = summary.set_index("variant").loc[label]
+    return format_mean_std(row["accuracy_mean"], row["accuracy_std"])
 
 
 # --------------------------------------------------------------------------- figures
@@ -249,105 +243,74 @@ def classic_plots(
 ) -> list[Plot]:
     """Nielsen's figures for the classic variants: per depth, then across depths, then σ and σ'."""
     classic = [r for r in results if r.classic]
+    finals = {r.name: final_accuracy(summary, r.name) for r in classic}
     plots = []
     for r in classic:
         seed = int(r.history["seed"].min())
-        fig = figures.classic_figure(history.one_seed(r.history), f"{r.name} (seed {seed})", rp.change_clip_quantile)
-        seeds = int(summary.set_index("variant").loc[r.name, "seeds"])
+        fig = figures.classic_figure(r.history, f"{r.name} (seed {seed})", rp.change_clip_quantile)
         caption = (
             f"{r.name}, seed {seed}: training accuracy and weight change per hidden layer. "
-            f"Final training accuracy over {seeds} seed(s): {final_accuracy(summary, r.name)}."
+            f"Final training accuracy over {r.history['seed'].nunique()} seed(s): {finals[r.name]}."
         )
         plots.append(render(fig, folder, f"classic-{r.name}.png", rp.dpi, caption))
     if not classic:
         return plots
     hs = histories(classic)
-    changes = {r.name: mean_later_change(r.history) for r in classic}
+    # Mean over epochs >= 2 and seeds: the first epoch's large change left out.
+    changes = {r.name: float(r.history.loc[r.history["epoch"] >= 2, "weight_change/hidden_1"].mean()) for r in classic}
     base_label, base = next(iter(changes.items()))
-    relative = ", ".join(
-        f"{label} {_num(change, '.3g')} ({_num(change / base, '.3g')}× {base_label})"
-        for label, change in changes.items()
+    relative = ", ".join(f"{k} {_num(c, '.3g')} ({_num(c / base, '.3g')}× {base_label})" for k, c in changes.items())
+    listed = ", ".join(f"{name} {final}" for name, final in finals.items())
+    accuracy = f"Training accuracy of the classic networks by depth. Final accuracy (mean ± std over seeds): {listed}."
+    change = f"Weight change of the first hidden layer (log scale). Mean over epochs ≥ 2 and seeds: {relative}."
+    final = "Final training accuracy against depth: mean ± std over seeds, and each seed's value."
+    bound = figures.SIGMOID_BOUND
+    sigmoid = (
+        f"σ and σ'. σ' never exceeds σ'(0) = {figures.QUARTER} = {bound:g}, so back-propagating "
+        f"through each sigmoid layer scales the error by at most {bound:g} (times the weights)."
     )
-    plots += [
-        render(
-            figures.accuracy_by_depth(hs), folder, "accuracy_by_depth.png", rp.dpi, _accuracy_caption(classic, summary)
-        ),
-        render(
-            figures.first_layer_change(hs),
-            folder,
-            "first_layer_change.png",
-            rp.dpi,
-            f"Weight change of the first hidden layer (log scale). Mean over epochs ≥ 2 and seeds: {relative}.",
-        ),
-        render(
-            figures.final_accuracy_vs_depth(history.final_values(hs)),
-            folder,
-            "final_accuracy_vs_depth.png",
-            rp.dpi,
-            "Final training accuracy against depth: mean ± std over seeds, and each seed's value.",
-        ),
-        render(
-            figures.sigmoid_figure(),
-            folder,
-            "sigmoid.png",
-            rp.dpi,
-            f"σ and σ'. σ' never exceeds σ'(0) = {_quarter()} = {figures.SIGMOID_BOUND:g}, so back-propagating "
-            f"through each sigmoid layer scales the error by at most {figures.SIGMOID_BOUND:g} (times the weights).",
-        ),
+    across = [
+        (figures.accuracy_by_depth(hs), "accuracy_by_depth.png", accuracy),
+        (figures.first_layer_change(hs), "first_layer_change.png", change),
+        (figures.final_accuracy_vs_depth(history.final_values(hs)), "final_accuracy_vs_depth.png", final),
+        (figures.sigmoid_figure(), "sigmoid.png", sigmoid),
     ]
-    return plots
-
-
-def final_accuracy(summary: pd.DataFrame, label: str) -> str:
-    """Final training accuracy of variant ``label``: mean ± std over its seeds."""
-    row = summary.set_index("variant").loc[label]
-    return format_mean_std(row["accuracy_mean"], row["accuracy_std"])
-
-
-def _accuracy_caption(classic: Sequence[VariantResult], summary: pd.DataFrame) -> str:
-    finals = ", ".join(f"{r.name} {final_accuracy(summary, r.name)}" for r in classic)
-    return f"Training accuracy of the classic networks by depth. Final accuracy (mean ± std over seeds): {finals}."
+    return plots + [render(fig, folder, file, rp.dpi, caption) for fig, file, caption in across]
 
 
 def band_plots(results: Sequence[VariantResult], rp: ReportParams, folder: Path) -> list[Plot]:
     """Replicate spread of every variant."""
-    return [
-        render(
-            figures.bands_figure(r.history, r.name, rp.change_clip_quantile),
-            folder,
-            f"bands-{r.name}.png",
-            rp.dpi,
-            f"{r.name}: seeds {', '.join(map(str, sorted(r.history['seed'].unique())))}; {figures.BAND_NOTE}.",
-        )
-        for r in results
-    ]
+    plots = []
+    for r in results:
+        caption = f"{r.name}: seeds {', '.join(map(str, sorted(r.history['seed'].unique())))}; {figures.BAND_NOTE}."
+        fig = figures.bands_figure(r.history, r.name, rp.change_clip_quantile)
+        plots.append(render(fig, folder, f"bands-{r.name}.png", rp.dpi, caption))
+    return plots
 
 
 def gradient_plots(results: Sequence[VariantResult], rp: ReportParams, folder: Path) -> list[Plot]:
-    """Per-layer gradients and layer ratios of every variant that logged gradients."""
+    """Per-layer gradients and layer ratios of every variant, with the median of each ratio over epochs."""
     plots = []
     for r in results:
-        ratios = median_layer_ratios(r.history)
-        if ratios:
-            listed = ", ".join(f"{name} {_num(value, '.3g')}" for name, value in ratios.items())
-            text = f"Median layer-to-layer ratio over epochs: {listed}; the σ' bound is {figures.SIGMOID_BOUND:g}."
-        else:
-            text = "One hidden layer: no layer-to-layer ratio."
-        plots.append(
-            render(figures.gradient_figure(r.history, r.name), folder, f"gradients-{r.name}.png", rp.dpi, text)
+        ratios = history.layer_ratios(r.history)
+        listed = ", ".join(f"{name} {_num(float(stats['mean'].median()), '.3g')}" for name, stats in ratios.items())
+        text = (
+            f"Median layer-to-layer ratio over epochs: {listed}; the σ' bound is {figures.SIGMOID_BOUND:g}."
+            if ratios
+            else "One hidden layer: no layer-to-layer ratio."
         )
+        fig = figures.gradient_figure(r.history, r.name)
+        plots.append(render(fig, folder, f"gradients-{r.name}.png", rp.dpi, text))
     return plots
 
 
 def remedy_plots(results: Sequence[VariantResult], summary: pd.DataFrame, rp: ReportParams, folder: Path) -> list[Plot]:
     """One figure per depth that has remedies, with the classic variant of that depth alongside."""
-    table = summary.set_index("variant")
+    index = summary.set_index("variant")["vanishing_index_mean"]
     plots = []
     for depth, group in remedy_groups(results).items():
         facts = "; ".join(
-            f"{r.name}: final accuracy {final_accuracy(summary, r.name)}, "
-            f"vanishing index "
-            f"{format_mean_std(table.loc[r.name, 'vanishing_index_mean'], np.nan, '.3g')}"
+            f"{r.name}: final accuracy {final_accuracy(summary, r.name)}, vanishing index {_num(index[r.name], '.3g')}"
             for r in group
         )
         fig = figures.remedies_figure(histories(group))
@@ -356,9 +319,6 @@ def remedy_plots(results: Sequence[VariantResult], summary: pd.DataFrame, rp: Re
 
 
 # ----------------------------------------------------- why the deepest classic net stalls (issue 12)
-ESCAPE_WINDOW = 10  # epochs before, and from, each seed's escape that the saturation caption averages
-
-
 def escape_margin(result: VariantResult) -> float:
     """The margin the summarize stage computed the escape epoch with (in metrics.json), else the default."""
     value = result.metrics.get("escape_margin")
@@ -372,13 +332,12 @@ def escapes_of(results: Iterable[VariantResult]) -> dict[str, pd.DataFrame]:
 
 def has_probe(result: VariantResult) -> bool:
     """Whether the history holds the probe's activation, saturation and Jacobian columns."""
-    return bool(history.layer_columns(result.history, history.SATURATION))
+    return bool(history.layer_columns(result.history, SATURATION))
 
 
 def stalling_variant(results: Sequence[VariantResult]) -> VariantResult | None:
     """The deepest classic variant: the one whose plateau the section explains."""
-    classic = [r for r in results if r.classic]
-    return max(classic, key=lambda r: r.variant.depth) if classic else None
+    return max((r for r in results if r.classic), key=lambda r: r.variant.depth, default=None)
 
 
 def escape_text(escapes: pd.DataFrame) -> str:
@@ -394,22 +353,16 @@ def escape_text(escapes: pd.DataFrame) -> str:
     return f"{head} ({each})"
 
 
-def _seed_mean(table: pd.DataFrame, column: str, epoch: int) -> float:
-    values = table.loc[table["epoch"] == epoch, column] if column in table.columns else pd.Series(dtype=float)
-    return float(values.mean()) if len(values) else float("nan")
-
-
 def stall_text(result: VariantResult | None, escapes: Mapping[str, pd.DataFrame]) -> str:
     """The section's opening sentences, from the deepest classic variant's data."""
     if result is None:
         return "No classic variant in these results."
-    plateau = _seed_mean(result.history, "accuracy", 1)
     return (
-        f"{result.name} starts at a training accuracy of {_num(plateau)} (epoch 1, mean over seeds) and stays "
-        f"there until its escape epoch, the first epoch whose accuracy exceeds epoch 1's by more than "
-        f"{escape_margin(result):g}: {escape_text(escapes[result.name])}. Measured every epoch on the fixed probe "
+        f"{result.name} starts at a training accuracy of {_at(result.history, 'accuracy', 1, '.4f')} (epoch 1, mean "
+        f"over seeds) and stays there until its escape epoch, the first epoch whose accuracy exceeds epoch 1's by more "
+        f"than {escape_margin(result):g}: {escape_text(escapes[result.name])}. Measured every epoch on the fixed probe "
         "batch, as Glorot & Bengio (2010) did: each layer's activations, the fraction of its units in the flat "
-        f"part of the activation (saturated: f' below {figures.SATURATED:g} of its maximum), and the singular values "
+        f"part of the activation (saturated: f' below {SATURATED:g} of its maximum), and the singular values "
         "of each layer's back-propagation Jacobian against the σ' bound."
     )
 
@@ -421,34 +374,13 @@ def stall_plots(
     r = stalling_variant(results)
     plots = []
     if r is not None and has_probe(r):
-        table, mine, depth, last = r.history, escapes[r.name], r.variant.depth, r.epochs
-        top = f"hidden_{depth}"
-
-        def at(column: str, epoch: int, fmt: str = ".3f") -> str:
-            return _num(_seed_mean(table, column, epoch), fmt)
-
-        act, lo, hi = (
-            history.layer_column(kind, depth) for kind in (history.ACT_MEAN, history.ACT_P02, history.ACT_P98)
-        )
-        out = history.output_column(history.ACT_MEAN)
-        caption = (
-            f"{r.name}: activations on the probe batch (Glorot & Bengio 2010, Fig. 2). The top hidden layer ({top}) "
-            f"averages {at(act, 1)} at epoch 1 (2–98 %: {at(lo, 1)}–{at(hi, 1)}) and {at(act, last)} at epoch {last} "
-            f"({at(lo, last)}–{at(hi, last)}); the output layer {at(out, 1)} and {at(out, last)}."
-        )
-        fig = figures.activation_figure(table, r.name, mine)
-        plots.append(render(fig, folder, f"activations-{r.name}.png", rp.dpi, caption))
-        plots.append(
-            render(
-                figures.saturation_figure(table, r.name, mine),
-                folder,
-                f"saturation-{r.name}.png",
-                rp.dpi,
-                saturation_caption(r, mine),
-            )
-        )
-        fig = figures.jacobian_figure(table, r.name)
-        plots.append(render(fig, folder, f"jacobians-{r.name}.png", rp.dpi, jacobian_caption(r, mine)))
+        mine = escapes[r.name]
+        for kind, fig, caption in (
+            ("activations", figures.activation_figure(r.history, r.name, mine), activation_caption(r)),
+            ("saturation", figures.saturation_figure(r.history, r.name, mine), saturation_caption(r, mine)),
+            ("jacobians", figures.jacobian_figure(r.history, r.name), jacobian_caption(r, mine)),
+        ):
+            plots.append(render(fig, folder, f"{kind}-{r.name}.png", rp.dpi, caption))
     if results:
         caption = "Escape epoch of every seed. " + "; ".join(f"{name}: {escape_text(e)}" for name, e in escapes.items())
         margins = sorted({escape_margin(r) for r in results})
@@ -457,15 +389,27 @@ def stall_plots(
     return plots
 
 
+def activation_caption(result: VariantResult) -> str:
+    """The top hidden layer's activations (mean and 2–98 % band) and the output layer's, at the first and
+    the last epoch, from the data."""
+    table, depth, last = result.history, result.variant.depth, result.epochs
+    act, lo, hi = (columns.layer_column(kind, depth) for kind in (ACT_MEAN, ACT_P02, ACT_P98))
+    out = columns.output_column(ACT_MEAN)
+    return (
+        f"{result.name}: activations on the probe batch (Glorot & Bengio 2010, Fig. 2). The top hidden layer "
+        f"(hidden_{depth}) averages {_at(table, act, 1)} at epoch 1 (2–98 %: {_at(table, lo, 1)}–{_at(table, hi, 1)}) "
+        f"and {_at(table, act, last)} at epoch {last} ({_at(table, lo, last)}–{_at(table, hi, last)}); the output "
+        f"layer {_at(table, out, 1)} and {_at(table, out, last)}."
+    )
+
+
 def saturation_caption(result: VariantResult, escapes: pd.DataFrame) -> str:
     """How the top hidden layer's saturation changes around each seed's escape, from the data."""
     table, depth, last = result.history, result.variant.depth, result.epochs
-    column, top = history.layer_column(history.SATURATION, depth), f"hidden_{depth}"
-    first = {c: _seed_mean(table, c, 1) for c in history.layer_columns(table, history.SATURATION)}
-    most = max(first, key=lambda c: first[c]) if first else column
-    text = (
-        f"{result.name}: fraction of probe (example, unit) pairs with f' below {figures.SATURATED:g} of its maximum. "
-    )
+    column, top = columns.layer_column(SATURATION, depth), f"hidden_{depth}"
+    first = {c: _seed_mean(table, c, 1) for c in history.layer_columns(table, SATURATION)}
+    most = max(first, key=first.get) if first else column
+    text = f"{result.name}: fraction of probe (example, unit) pairs with f' below {SATURATED:g} of its maximum. "
     if first.get(most, 0) > 0:
         text += (
             f"At epoch 1 the most saturated hidden layer is {history.layer_name(most)} ({_num(first[most], '.3f')}). "
@@ -473,8 +417,7 @@ def saturation_caption(result: VariantResult, escapes: pd.DataFrame) -> str:
     else:
         text += "At epoch 1 no hidden unit is saturated on any probe example. "
     at_last = ", ".join(
-        f"{history.layer_name(c)} {_num(_seed_mean(table, c, last), '.3f')}"
-        for c in figures.probe_layers(table, history.SATURATION)
+        f"{history.layer_name(c)} {_at(table, c, last)}" for c in figures.probe_layers(table, SATURATION)
     )
     text += f"At epoch {last}: {at_last}. "
     before, after, seeds = history.around_escape(table, column, escapes, ESCAPE_WINDOW)
@@ -486,9 +429,8 @@ def saturation_caption(result: VariantResult, escapes: pd.DataFrame) -> str:
             f"{seeds} of {len(escapes)} seed(s), median escape epoch {median:.0f})."
         )
     return text + (
-        f"No seed escaped within {last} epochs: {top}'s saturation goes from "
-        f"{_num(_seed_mean(table, column, 1), '.3f')} at epoch 1 to "
-        f"{_num(_seed_mean(table, column, last), '.3f')} at epoch {last}."
+        f"No seed escaped within {last} epochs: {top}'s saturation goes from {_at(table, column, 1)} at epoch 1 to "
+        f"{_at(table, column, last)} at epoch {last}."
     )
 
 
@@ -497,15 +439,13 @@ def jacobian_caption(result: VariantResult, escapes: pd.DataFrame) -> str:
     the top hidden layer's largest singular value changes around the escape, from the data."""
     table, depth = result.history, result.variant.depth
     layers = ", ".join(
-        f"{history.layer_name(c)} {_num(_seed_mean(table, c, 1), '.3g')}"
-        for c in history.layer_columns(table, history.JAC_MEAN)
+        f"{history.layer_name(c)} {_at(table, c, 1, '.3g')}" for c in history.layer_columns(table, JAC_MEAN)
     )
     text = (
         f"{result.name}: mean singular value of each hidden layer's Jacobian at epoch 1 (mean over seeds): {layers}; "
         f"the σ' bound is {figures.SIGMOID_BOUND:g} per sigmoid layer (times the weights)."
     )
-    largest = history.layer_column(history.JAC_MAX, depth)
-    before, after, seeds = history.around_escape(table, largest, escapes, ESCAPE_WINDOW)
+    before, after, seeds = history.around_escape(table, columns.layer_column(JAC_MAX, depth), escapes, ESCAPE_WINDOW)
     if seeds:
         text += (
             f" hidden_{depth}'s largest singular value averages {_num(before, '.3g')} over the {ESCAPE_WINDOW} epochs "
@@ -514,11 +454,11 @@ def jacobian_caption(result: VariantResult, escapes: pd.DataFrame) -> str:
     if depth < 2:
         return text
     measured = history.first_to_last(table)["mean"]
-    predicted = history.seed_stats(table, history.JAC_PRODUCT)["mean"]
+    predicted = history.seed_stats(table, JAC_PRODUCT)["mean"]
     return text + (
         f" Their product over hidden_1 … hidden_{depth - 1} predicts {_num(predicted.iloc[0], '.3g')} for the first / "
-        f"last ratio of ‖∂C/∂b‖ at epoch 1, measured {_num(measured.iloc[0], '.3g')}; (1/4)^{depth - 1} = "
-        f"{figures.SIGMOID_BOUND ** (depth - 1):.3g}. Medians over epochs: predicted "
+        f"last ratio of ‖∂C/∂b‖ at epoch 1, measured {_num(measured.iloc[0], '.3g')}; "
+        f"({figures.QUARTER})^{depth - 1} = {figures.SIGMOID_BOUND ** (depth - 1):.3g}. Medians over epochs: predicted "
         f"{_num(predicted.median(), '.3g')}, measured {_num(measured.median(), '.3g')}."
     )
 
@@ -532,10 +472,10 @@ def remedy_saturation_plots(
         group = [r for r in group if has_probe(r)]
         if not group:
             continue
-        column = history.layer_column(history.SATURATION, depth)
+        column = columns.layer_column(SATURATION, depth)
         facts = "; ".join(
-            f"{r.name}: hidden_{depth} {_num(_seed_mean(r.history, column, 1), '.3f')} at epoch 1, "
-            f"{_num(_seed_mean(r.history, column, r.epochs), '.3f')} at epoch {r.epochs}"
+            f"{r.name}: hidden_{depth} {_at(r.history, column, 1)} at epoch 1, "
+            f"{_at(r.history, column, r.epochs)} at epoch {r.epochs}"
             for r in group
         )
         fig = figures.saturation_by_variant(histories(group), {r.name: escapes[r.name] for r in group})
@@ -546,15 +486,12 @@ def remedy_saturation_plots(
 
 def held_out_plots(results: Sequence[VariantResult], rp: ReportParams, folder: Path) -> list[Plot]:
     """Test beside training accuracy, when any variant logged test accuracy."""
-    hs = histories(results)
+    fig = figures.test_vs_train_figure(histories(results))
     caption = "Held-out (test) accuracy beside training accuracy for every variant."
-    return [render(figures.test_vs_train_figure(hs), folder, "test_vs_train.png", rp.dpi, caption)]
+    return [render(fig, folder, "test_vs_train.png", rp.dpi, caption)]
 
 
 # ------------------------------------------------------------------------------ html
-TEMPLATE = "report.html.j2"
-
-
 def page_html(context: Mapping[str, Any]) -> str:
     """``index.html`` from the Jinja2 template (autoescaped: every value is text unless marked safe)."""
     import jinja2
@@ -566,25 +503,16 @@ def page_html(context: Mapping[str, Any]) -> str:
         keep_trailing_newline=True,
     )
     env.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
-    return env.get_template(TEMPLATE).render(context)
+    return env.get_template("report.html.j2").render(context)
 
 
 def variant_rows(results: Sequence[VariantResult]) -> list[tuple[Any, ...]]:
     """The setup table: what was trained, as recorded in the results."""
-    return [
-        (
-            r.name,
-            r.variant.depth,
-            r.variant.activation,
-            r.variant.loss,
-            r.variant.init,
-            r.variant.norm,
-            ", ".join(map(str, r.seeds)),
-            r.epochs,
-            "classic" if r.classic else "remedy",
-        )
-        for r in results
-    ]
+    rows = []
+    for r in results:
+        settings = [getattr(r.variant, k) for k in SETTINGS]
+        rows.append((r.name, *settings, ", ".join(map(str, r.seeds)), r.epochs, "classic" if r.classic else "remedy"))
+    return rows
 
 
 def result_rows(summary: pd.DataFrame) -> list[tuple[Any, ...]]:
@@ -610,15 +538,8 @@ def run_rows(results: Sequence[VariantResult], uri: str) -> tuple[list[dict[str,
         local = local or base == LOCAL_UI
         experiment = str(r.run.get("experiment_id", ""))
         for seed, run_id in r.run_ids.items():
-            rows.append(
-                {
-                    "variant": r.name,
-                    "seed": seed,
-                    "experiment": experiment,
-                    "run_id": run_id,
-                    "link": run_link(base, experiment, run_id),
-                }
-            )
+            link = run_link(base, experiment, run_id)
+            rows.append({"variant": r.name, "seed": seed, "experiment": experiment, "run_id": run_id, "link": link})
     return rows, local
 
 
@@ -642,7 +563,7 @@ def build_report(
     summary = summary_table(
         histories(results), {r.name: r.variant for r in results}, {r.name: r.metrics for r in results}
     )
-    q = _quarter()
+    q = figures.QUARTER
     runs, local = run_rows(results, uri)
     stalling, escapes = stalling_variant(results), escapes_of(results)
     sections = [
@@ -700,22 +621,8 @@ def build_report(
 
 
 # ------------------------------------------------------------------------ tables
-SUMMARY_COLUMNS = [
-    "variant",
-    "depth",
-    "activation",
-    "loss",
-    "init",
-    "norm",
-    "seeds",
-    "epochs",
-    "accuracy_mean",
-    "accuracy_std",
-    "test_accuracy_mean",
-    "test_accuracy_std",
-    "vanishing_index_mean",
-    "vanishing_index_std",
-]
+MEASURES = ("accuracy", "test_accuracy", "vanishing_index")  # mean and std of each in the summary table
+SUMMARY_COLUMNS = ["variant", *SETTINGS, "seeds", "epochs", *(f"{k}_{s}" for k in MEASURES for s in ("mean", "std"))]
 
 
 def summary_table(
@@ -725,31 +632,24 @@ def summary_table(
 ) -> pd.DataFrame:
     """One row per variant (keys of ``histories``): its settings and final values, mean and std over seeds.
 
-    Accuracy and test accuracy are taken from ``metrics`` (the summarize stage's ``metrics.json``)
-    when present there, else computed from each seed's last epoch (std with ddof=0); the
-    vanishing index comes from ``metrics`` only (NaN without it).
+    Each value is taken from ``metrics`` (the summarize stage's ``metrics.json``) when present
+    there, else computed from each seed's last epoch (std with ddof=0); so the vanishing
+    index, which is no column of a history, comes from ``metrics`` only (NaN without it).
     """
     rows = []
     for label, table in histories.items():
-        variant, given, last = variants[label], (metrics or {}).get(label, {}), history.final_rows(table)
-        seeds = int(table["seed"].nunique())
-        rows.append(
-            [
-                *(label, variant.depth, variant.activation, variant.loss, variant.init, variant.norm),
-                *(seeds, int(table["epoch"].max())),
-                *_mean_std(given, last, "accuracy"),
-                *_mean_std(given, last, "test_accuracy"),
-                *_mean_std(given, None, "vanishing_index"),
-            ]
-        )
+        given, last = (metrics or {}).get(label, {}), history.final_rows(table)
+        settings = [getattr(variants[label], k) for k in SETTINGS]
+        values = [value for key in MEASURES for value in _mean_std(given, last, key)]
+        rows.append([label, *settings, int(table["seed"].nunique()), int(table["epoch"].max()), *values])
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def _mean_std(given: Mapping[str, float], last: pd.DataFrame | None, key: str) -> tuple[float, float]:
+def _mean_std(given: Mapping[str, float], last: pd.DataFrame, key: str) -> tuple[float, float]:
     """``key`` and ``key_std`` from ``given`` (metrics.json), else mean and std (ddof=0) of ``last[key]``."""
     if key in given:  # metrics.json writes a non-finite value as null
         return tuple(np.nan if v is None else float(v) for v in (given[key], given.get(f"{key}_std")))
-    if last is None or key not in last.columns:
+    if key not in last.columns:
         return np.nan, np.nan
     return float(last[key].mean()), float(last[key].std(ddof=0))
 
@@ -765,21 +665,11 @@ def format_mean_std(mean: float, std: float, fmt: str = ".4f") -> str:
 
 def summary_markdown(summary: pd.DataFrame) -> str:
     """A short Markdown table of the final values."""
-    lines = [
-        "# Vanishing-gradient study: results",
-        "",
-        "Final-epoch values, mean ± std over replicate seeds.",
-        "",
-        "| variant | final accuracy | test accuracy | vanishing index |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {row.variant} | {format_mean_std(row.accuracy_mean, row.accuracy_std)} "
-        f"| {format_mean_std(row.test_accuracy_mean, row.test_accuracy_std)} "
-        f"| {format_mean_std(row.vanishing_index_mean, row.vanishing_index_std, '.3g')} |"
-        for row in summary.itertuples(index=False)
-    ]
-    return "\n".join(lines) + "\n"
+    head = (
+        "# Vanishing-gradient study: results\n\nFinal-epoch values, mean ± std over replicate seeds.\n\n"
+        "| variant | final accuracy | test accuracy | vanishing index |\n|---|---|---|---|\n"
+    )
+    return head + "".join(f"| {name} | {a} | {t} | {v} |\n" for name, _, _, a, t, v in result_rows(summary))
 
 
 # ------------------------------------------------------------------------- output
@@ -843,19 +733,14 @@ def _update_variant_run(client: Any, result: VariantResult, uri: str, folder: Pa
     client.set_tag(parent, tracking.NOTE_TAG, f"{note}\n\n{REPORT_LINE} [index.html]({report_link}).")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the stage; 0 on success, 1 on a known failure (nothing written), with its traceback in the log."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (report, tracking)")
     parser.add_argument("--results", type=Path, default=Path("results"), help="folder of variant results")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder (replaced)")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the stage; 0 on success, 1 on a known failure (nothing written), with its traceback in the log."""
-    args = parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=cli.LOG_FORMAT)
     try:
         check_file(args.params)
         rp: ReportParams = load_section("report", args.params)

@@ -16,30 +16,15 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
-
 from pipeline import cli, history
 from pipeline.outputs import write_text_atomic
 from pipeline.params import SummaryParams
 
 log = logging.getLogger("pipeline.summarize")
-REQUIRED_COLUMNS = ("seed", "epoch", *history.SCALARS)
 
 
 class SummaryError(RuntimeError):
-    """The history cannot be summarised; the message names the file and what to do."""
-
-
-def read_history(path: Path) -> pd.DataFrame:
-    """``history.csv`` with the columns a summary needs; SummaryError otherwise."""
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise SummaryError(f"{path}: cannot be read ({exc}); rerun its train stage (dvc repro)") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing or frame.empty or history.depth_of(frame) == 0:
-        raise SummaryError(f"{path}: missing column(s) {missing or 'per layer'} or no rows; rerun its train stage")
-    return frame
+    """The summary cannot be written; the message names the file and what to do."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="metrics.json to write")
 
     def body(args: argparse.Namespace, params: SummaryParams) -> None:
-        metrics = history.summarize(read_history(args.history), params.index_window, params.escape_margin)
+        metrics = history.summarize(history.read_history(args.history), params.index_window, params.escape_margin)
         try:
             write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
         except OSError as exc:
@@ -64,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
         )
 
-    return cli.run_stage(parser, "summary", body, (SummaryError,), argv)
+    return cli.run_stage(parser, "summary", body, (SummaryError, history.HistoryError), argv)
 
 
 if __name__ == "__main__":

@@ -36,16 +36,16 @@ def test_sigmoid_bound_is_computed_quarter():
 
 # ------------------------------------------------------------------ classic figures
 def test_classic_figure_panels_and_clip():
-    history = make_history(3, seeds=(0,))
-    fig = figures.classic_figure(history, "depth-3", clip_quantile=0.5)
+    table = make_history(3, seeds=(0,))
+    fig = figures.classic_figure(table, "depth-3", clip_quantile=0.5)
     assert isinstance(fig, Figure)
     acc_ax, change_ax = fig.axes
     assert acc_ax.get_lines()[0].get_ydata()[-1] == pytest.approx(0.78)
     assert line_labels(change_ax) == ["hidden_1", "hidden_2", "hidden_3"]
     assert [t.get_text() for t in change_ax.get_legend().get_texts()] == ["hidden_1", "hidden_2", "hidden_3"]
-    later = history.loc[history["epoch"] >= 2, figures.layer_columns(history, "weight_change")].to_numpy().ravel()
+    later = table.loc[table["epoch"] >= 2, history.layer_columns(table, "weight_change")].to_numpy().ravel()
     assert change_ax.get_ylim()[1] == pytest.approx(np.quantile(later, 0.5) * 1.05)
-    assert change_ax.get_ylim()[1] < history["weight_change/hidden_3"].max()  # epoch 1 is clipped away
+    assert change_ax.get_ylim()[1] < table["weight_change/hidden_3"].max()  # epoch 1 is clipped away
     assert fig.get_suptitle() == "depth-3"
     assert_labelled(fig)
 

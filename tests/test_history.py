@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import history
+from pipeline import columns, history
 from tests.synthetic_results import make_history
 
 
@@ -17,9 +17,9 @@ def test_layer_columns_parse_and_sort_numerically() -> None:
     frame = pd.DataFrame(columns=["grad/hidden_10", "grad/hidden_2", "grad/hidden_1", "grad_bias/hidden_1", "x"])
     assert history.layer_columns(frame, "grad") == ["grad/hidden_1", "grad/hidden_2", "grad/hidden_10"]
     assert history.layer_columns(frame, "grad_bias") == ["grad_bias/hidden_1"]
-    assert history.parse_layer_column("weight_change/hidden_3") == ("weight_change", 3)
-    assert history.parse_layer_column("accuracy") is None
-    assert history.layer_column("grad", 2) == "grad/hidden_2"
+    assert columns.parse_layer_column("weight_change/hidden_3") == ("weight_change", 3)
+    assert columns.parse_layer_column("accuracy") is None
+    assert columns.layer_column("grad", 2) == "grad/hidden_2"
     assert history.depth_of(make_history(3)) == 3
 
 
@@ -158,10 +158,10 @@ def test_summarize_adds_the_escape_epoch_and_keeps_its_keys() -> None:
 
 
 def test_probe_columns() -> None:
-    assert history.probe_column(history.SATURATION, 3) == "saturation/hidden_3"
-    assert history.probe_column(history.ACT_P02, None) == "act_p02/output"
-    assert history.parse_layer_column("act_p98/hidden_2") == ("act_p98", 2)
-    assert history.layer_columns(make_history(3), history.JAC_MEAN) == [f"jac_mean/hidden_{i}" for i in (1, 2, 3)]
+    assert columns.probe_column(columns.SATURATION, 3) == "saturation/hidden_3"
+    assert columns.probe_column(columns.ACT_P02, None) == "act_p02/output"
+    assert columns.parse_layer_column("act_p98/hidden_2") == ("act_p98", 2)
+    assert history.layer_columns(make_history(3), columns.JAC_MEAN) == [f"jac_mean/hidden_{i}" for i in (1, 2, 3)]
 
 
 def test_summarize_stage_uses_the_params_escape_margin(tmp_path) -> None:
