@@ -346,23 +346,20 @@ def redact(uri: str) -> str:
 def ensure_experiment(client: Any, name: str, root: Path) -> str:
     """Experiment id of ``name``, created with artifacts under ``<root>/mlartifacts`` for local stores."""
     existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        if existing.lifecycle_stage == "deleted":
-            raise TrackingError(
-                f"MLflow experiment '{name}' is deleted; restore it (mlflow experiments restore) "
-                "or choose another tracking.experiment in params.yaml."
-            )
-        return str(existing.experiment_id)
-    artifact_location = None
-    if client.tracking_uri.startswith("sqlite:"):
-        artifact_location = (root / ARTIFACT_DIR).as_uri()
-    try:
-        return str(client.create_experiment(name, artifact_location=artifact_location))
-    except Exception:
-        existing = client.get_experiment_by_name(name)
-        if existing is None:
-            raise
-        return str(existing.experiment_id)
+    if existing is None:
+        artifacts = (root / ARTIFACT_DIR).as_uri() if client.tracking_uri.startswith("sqlite:") else None
+        try:
+            return str(client.create_experiment(name, artifact_location=artifacts))
+        except Exception:
+            existing = client.get_experiment_by_name(name)  # another stage may have created it meanwhile
+            if existing is None:
+                raise
+    if existing.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment '{name}' is deleted; restore it (mlflow experiments restore) "
+            "or choose another tracking.experiment in params.yaml."
+        )
+    return str(existing.experiment_id)
 
 
 @dataclass
