@@ -355,7 +355,8 @@ def _message(err: Any, where: str) -> str:
         return f"{path}: expected {_EXPECTED[kind]}, got {value!r} ({type(value).__name__})"
     for key, op in _BOUNDS.items():
         if key in ctx:
-            return f"{path}: must be {op} {ctx[key]:g}; got {value!r}"  # :g writes 0, not 0.0
+            bound = f"{ctx[key]:g}" if isinstance(ctx[key], float) else ctx[key]  # 0, not 0.0
+            return f"{path}: must be {op} {bound}; got {value!r}"
     return f"{path}: {err['msg']}"
 
 
@@ -366,7 +367,7 @@ def _path(loc: tuple[int | str, ...], where: str) -> str:
     (``mirrors, 0, 'npz', 'sha256'``), which the path leaves out.
     """
     path = where
-    for before, part in zip((None, *loc), loc, strict=False):
+    for before, part in itertools.pairwise((None, *loc)):
         if part == "[key]":  # the error is about the mapping's key itself
             path += " (key)"
         elif isinstance(part, int):
