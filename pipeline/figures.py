@@ -91,10 +91,8 @@ def _depth_bound(ax: Axes, depth: int) -> None:
 
 # ----------------------------------------------------------------- classic figures
 def classic_figure(history_one_seed: pd.DataFrame, title: str, clip_quantile: float = 0.99) -> Figure:
-    """Nielsen's two panels: training accuracy, then weight change per hidden layer (y clipped at a quantile).
-
-    Given several seeds, the lowest seed is drawn.
-    """
+    """Nielsen's two panels for the lowest seed: training accuracy, then weight change per hidden layer
+    (y clipped at a quantile)."""
     history = one_seed(history_one_seed)
     fig, (acc_ax, change_ax) = _figure(2, sharex=True)
     acc_ax.plot(history["epoch"], history["accuracy"], color="C0", label=ACCURACY_LABEL)
@@ -130,11 +128,8 @@ def first_layer_change(histories: Mapping[str, pd.DataFrame]) -> Figure:
 
 
 def final_accuracy_vs_depth(summary: pd.DataFrame) -> Figure:
-    """Final training accuracy against depth: mean ± std error bars and each seed's value as a strip.
-
-    ``summary`` has one row per (variant, seed) with columns ``depth`` and ``accuracy``
-    (as :func:`pipeline.history.final_values` returns).
-    """
+    """Final training accuracy against depth: mean ± std error bars and each seed's value as a strip
+    (``summary``: one row per variant and seed, as :func:`pipeline.history.final_values` returns)."""
     fig, (ax,) = _figure(1, row_height=4.0)
     by_depth = summary.groupby("depth")["accuracy"]
     means, stds = by_depth.mean(), by_depth.std(ddof=0).fillna(0.0)
@@ -184,11 +179,8 @@ def bands_figure(history: pd.DataFrame, title: str, clip_quantile: float = 0.99)
 
 # --------------------------------------------------------------------- gradients
 def gradient_figure(history: pd.DataFrame, title: str) -> Figure:
-    """Per-layer gradients (log) and the layer-to-layer ratio against the σ' bound of 1/4.
-
-    Panels: mean |∂C/∂W| per layer, ‖∂C/∂b‖ per layer, and for two or more layers the ratio
-    of each layer's speed (‖∂C/∂b‖) to the next layer's, with the reference line at σ'(0).
-    """
+    """Panels: mean |∂C/∂W| and ‖∂C/∂b‖ per layer (log), and for two or more layers the ratio of each
+    layer's speed (‖∂C/∂b‖) to the next layer's against the σ' bound of 1/4."""
     ratios = layer_ratios(history)
     fig, axes = _figure(2 + bool(ratios), row_height=3.0, sharex=True)
     for ax, kind, what, ylabel in (
@@ -211,10 +203,8 @@ def gradient_figure(history: pd.DataFrame, title: str) -> Figure:
 
 # ---------------------------------------------------------------------- remedies
 def remedies_figure(histories: Mapping[str, pd.DataFrame]) -> Figure:
-    """At one depth: training accuracy per variant, and the first / last hidden layer's speed ratio (log).
-
-    The bound (1/4)^(depth-1) is drawn when every variant has the same depth of two or more.
-    """
+    """At one depth: training accuracy per variant, and the first / last hidden layer's speed ratio (log),
+    with the bound (1/4)^(depth-1) when every variant has the same depth of two or more."""
     fig, axes = _figure(1, 2, width=12.0, row_height=4.5)
     for i, (label, history) in enumerate(histories.items()):
         plot_stats(axes[0], seed_stats(history, "accuracy"), label, f"C{i}")

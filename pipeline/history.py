@@ -116,11 +116,8 @@ def final_values(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 def vanishing_index(first_speed: Sequence[float], last_speed: Sequence[float], window: int) -> tuple[float, int]:
     """Mean over the first ``window`` epochs of (first hidden layer's speed / last hidden layer's speed),
-    and how many of those epochs were skipped because the last layer's speed was zero.
-
-    1 means both ends learn equally fast; 0.01 means the first layer learns 100× slower.
-    NaN when every epoch of the window was skipped.
-    """
+    and how many of those epochs were skipped because the last layer's speed was zero (NaN if all were).
+    1 means both ends learn equally fast; 0.01 means the first layer learns 100× slower."""
     first = np.asarray(first_speed, np.float64)[:window]
     last = np.asarray(last_speed, np.float64)[:window]
     ok = last != 0
@@ -188,13 +185,9 @@ def escape_summary(escapes: pd.DataFrame) -> dict[str, float | None]:
 def summarize(
     history: pd.DataFrame, index_window: int, escape_margin: float = ESCAPE_MARGIN
 ) -> dict[str, float | int | None]:
-    """``metrics.json`` of one variant: final-epoch values, the vanishing index and the escape
-    epoch (:func:`escape_epoch`), mean and std over seeds.
-
-    Non-finite values are written as ``null`` (JSON has no NaN) rather than dropped, and a
-    seed's NaN is never averaged away. The escape epoch averages only the seeds that
-    escaped, and ``escaped_fraction`` says how many of them that is.
-    """
+    """``metrics.json`` of one variant: final-epoch values, the vanishing index and the escape epoch
+    (:func:`escape_summary`), mean and std over seeds. Non-finite values are written as ``null`` (JSON
+    has no NaN) rather than dropped, and a seed's NaN is never averaged away."""
     last = final_rows(history)
     out: dict[str, float | int | None] = {}
     for key in SCALARS:

@@ -131,11 +131,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_results(results: Path, study: Sequence[Variant] | None = None) -> list[VariantResult]:
-    """Every variant folder under ``results`` (hidden folders skipped), in study order.
-
-    With ``study``, only those variants are kept (folders left by variants since removed
-    from params are skipped), and each of them must have results.
-    """
+    """Every variant folder under ``results`` (hidden folders skipped), in study order. With ``study``, only
+    those variants (folders of variants since removed from params are skipped), and each must have results."""
     if not results.is_dir():
         raise ReportError(f"results folder {results} does not exist; run the train stage first (dvc repro)")
     folders = sorted(
@@ -563,43 +560,10 @@ def build_report(
     summary = summary_table(
         histories(results), {r.name: r.variant for r in results}, {r.name: r.metrics for r in results}
     )
-    q = figures.QUARTER
     runs, local = run_rows(results, uri)
     stalling, escapes = stalling_variant(results), escapes_of(results)
-    sections = [
-        {
-            "title": "2. The classic picture",
-            "text": "Nielsen's figures: for each depth, training accuracy and how much each hidden layer's weights "
-            "change per epoch; then all depths together.",
-            "plots": classic_plots(results, summary, rp, folder),
-        },
-        {
-            "title": "3. Across replicates",
-            "text": "The same quantities over every replicate seed: the spread shows what is signal and what is "
-            "seed noise.",
-            "plots": band_plots(results, rp, folder),
-        },
-        {
-            "title": f"4. Gradients against the {q} bound",
-            "text": "Per-layer gradients on a fixed probe batch at the end of each epoch, and the ratio of each "
-            f"layer's gradient to the next layer's; a sigmoid layer can pass back at most {q} of the error it "
-            "receives (times its weights).",
-            "plots": gradient_plots(results, rp, folder),
-        },
-        {
-            "title": f"5. Why depth {stalling.variant.depth} stalls" if stalling else "5. Why deep sigmoid nets stall",
-            "text": stall_text(stalling, escapes),
-            "plots": stall_plots(results, escapes, rp, folder),
-        },
-        {
-            "title": "6. Remedies",
-            "text": "Each remedy at its depth beside the classic network of the same depth: training accuracy and "
-            "the ratio of the first to the last hidden layer's gradient, then what each does to saturation.",
-            "plots": remedy_plots(results, summary, rp, folder) + remedy_saturation_plots(results, escapes, rp, folder),
-        },
-    ]
     context = {
-        "quarter": q,
+        "quarter": figures.QUARTER,
         "intro": intro_facts(results),
         "variants": variant_rows(results),
         "settings": [
@@ -608,7 +572,13 @@ def build_report(
             ("tracking.experiment", tp.experiment),
             ("tracking URI", tracking.redact(uri)),
         ],
-        "sections": sections,
+        "classic": classic_plots(results, summary, rp, folder),
+        "bands": band_plots(results, rp, folder),
+        "gradients": gradient_plots(results, rp, folder),
+        "stalling": stalling,
+        "stall_text": stall_text(stalling, escapes),
+        "stall": stall_plots(results, escapes, rp, folder),
+        "remedies": remedy_plots(results, summary, rp, folder) + remedy_saturation_plots(results, escapes, rp, folder),
         "held_out": held_out_plots(results, rp, folder),
         "results": result_rows(summary),
         "runs": runs,
@@ -632,9 +602,8 @@ def summary_table(
 ) -> pd.DataFrame:
     """One row per variant (keys of ``histories``): its settings and final values, mean and std over seeds.
 
-    Each value is taken from ``metrics`` (the summarize stage's ``metrics.json``) when present
-    there, else computed from each seed's last epoch (std with ddof=0); so the vanishing
-    index, which is no column of a history, comes from ``metrics`` only (NaN without it).
+    Each value comes from ``metrics`` (the summarize stage's ``metrics.json``) when there, else from each
+    seed's last epoch (std with ddof=0): the vanishing index, no column of a history, from ``metrics`` only.
     """
     rows = []
     for label, table in histories.items():
