@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pipeline import columns
-from pipeline.history import depth_of, first_to_last, layer_columns, layer_name, layer_ratios, one_seed, seed_stats
+from pipeline.history import depth_of, first_to_last, layer_columns, layer_name, layer_ratios, seed_stats
 from pipeline.measures import SATURATED
 
 BOUND_LABEL = "σ'(x) ≤ 1/4 per sigmoid layer"
@@ -59,9 +59,7 @@ def clip_top(ax: Axes, history: pd.DataFrame, layers: list[str], quantile: float
     """Set the y-axis to [0, q] with q the ``quantile`` of columns ``layers`` over epochs >= 2 (when there are any)."""
     later = history.loc[history["epoch"] >= 2, layers].to_numpy(dtype=np.float64).ravel()
     later = later[np.isfinite(later)]
-    if later.size == 0:
-        return
-    top = float(np.quantile(later, quantile))
+    top = float(np.quantile(later, quantile)) if later.size else 0.0
     if top > 0:
         ax.set_ylim(0, top * 1.05)
 
@@ -90,10 +88,10 @@ def _depth_bound(ax: Axes, depth: int) -> None:
 
 
 # ----------------------------------------------------------------- classic figures
-def classic_figure(history_one_seed: pd.DataFrame, title: str, clip_quantile: float = 0.99) -> Figure:
+def classic_figure(history: pd.DataFrame, title: str, clip_quantile: float = 0.99) -> Figure:
     """Nielsen's two panels for the lowest seed: training accuracy, then weight change per hidden layer
     (y clipped at a quantile)."""
-    history = one_seed(history_one_seed)
+    history = history[history["seed"] == history["seed"].min()].sort_values("epoch")
     fig, (acc_ax, change_ax) = _figure(2, sharex=True)
     acc_ax.plot(history["epoch"], history["accuracy"], color="C0", label=ACCURACY_LABEL)
     _label(acc_ax, "Training accuracy", "accuracy")

@@ -94,11 +94,6 @@ def first_to_last(history: pd.DataFrame) -> pd.DataFrame:
     return seed_stats(with_ratio(history, columns[0], columns[-1], "first/last"), "first/last")
 
 
-def one_seed(history: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the lowest seed, ordered by epoch."""
-    return history[history["seed"] == history["seed"].min()].sort_values("epoch")
-
-
 def final_rows(history: pd.DataFrame) -> pd.DataFrame:
     """Each seed's last-epoch row."""
     return history.sort_values("epoch").groupby("seed").tail(1)
@@ -195,15 +190,13 @@ def summarize(
         out[key] = _finite(last[key].mean(skipna=False))
         out[f"{key}_std"] = _finite(last[key].std(ddof=0, skipna=False))
     first, final = layer_column(SPEED, 1), layer_column(SPEED, depth_of(history))
-    indices, skipped = [], 0
-    for _, rows in history.sort_values("epoch").groupby("seed"):
-        index, skip = vanishing_index(rows[first], rows[final], index_window)
-        indices.append(index)
-        skipped += skip
+    seeds = history.sort_values("epoch").groupby("seed")
+    per_seed = [vanishing_index(rows[first], rows[final], index_window) for _, rows in seeds]
+    indices = [index for index, _ in per_seed]
     out["vanishing_index"] = _finite(np.mean(indices))
     out["vanishing_index_std"] = _finite(np.std(indices))
     # Epochs (summed over seeds) left out of the index because the last layer's speed was 0.
-    out["vanishing_index_skipped_epochs"] = skipped
+    out["vanishing_index_skipped_epochs"] = sum(skipped for _, skipped in per_seed)
     out.update(escape_summary(escape_epochs(history, escape_margin)))
     out["escape_margin"] = escape_margin  # the definition's one setting, so that the report uses the same
     out["epochs"] = int(history["epoch"].max())

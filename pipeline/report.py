@@ -2,17 +2,13 @@
 
 ``python -m pipeline.report --params params.yaml --results results --out reports``
 
-Reads every ``results/<name>/`` folder holding ``history.csv`` and ``run.json`` (the train
-stage) and ``metrics.json`` (the summarize stage), and writes ``<out>/index.html`` (the
-template ``templates/report.html.j2``, images embedded, no external resources), the figures
-of :mod:`pipeline.figures` as PNG files, ``<out>/summary.md`` and, for ``dvc plots``, the
-seed-mean curves in ``<out>/plots/``. All is built in a temporary folder beside ``--out``,
-logged to MLflow as the artifacts of one run named ``report``, and only then moved into
-place, so a failure leaves no half-written report.
-
-Params: ``report``, ``tracking`` (the MLflow experiment), and ``grid`` and ``remedies`` only
-to know which variants belong to the study (folders of variants since removed are skipped);
-how they were trained (seeds, epochs) is read from the results.
+Reads ``results/<name>/{history.csv,run.json}`` (train stage) and ``metrics.json`` (summarize
+stage); writes ``<out>/index.html`` (``templates/report.html.j2``, images embedded, no external
+resources), the figures of :mod:`pipeline.figures` as PNG files, ``summary.md`` and the seed-mean
+curves for ``dvc plots`` in ``plots/``. Built in a temporary folder beside ``--out``, logged to
+MLflow as the artifacts of a run named ``report``, and only then moved into place: a failure
+leaves no half-written report. Of params.yaml it reads ``report``, ``tracking``, and ``grid`` and
+``remedies`` only to know which variants belong to the study; how they were trained is in the results.
 """
 
 from __future__ import annotations
@@ -135,11 +131,8 @@ def load_results(results: Path, study: Sequence[Variant] | None = None) -> list[
     those variants (folders of variants since removed from params are skipped), and each must have results."""
     if not results.is_dir():
         raise ReportError(f"results folder {results} does not exist; run the train stage first (dvc repro)")
-    folders = sorted(
-        p
-        for p in results.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and all((p / name).is_file() for name in REQUIRED_FILES)
-    )
+    complete = [p for p in results.iterdir() if all((p / name).is_file() for name in REQUIRED_FILES)]
+    folders = sorted(p for p in complete if not p.name.startswith("."))
     if not folders:
         raise ReportError(
             f"no variant results in {results}: expected {results}/<variant>/{{{','.join(REQUIRED_FILES)}}}; "
@@ -159,21 +152,13 @@ def load_results(results: Path, study: Sequence[Variant] | None = None) -> list[
         missing = sorted(str(v) for v in set(study) - set(seen))
         if missing:
             raise ReportError(f"no results for {', '.join(missing)} in {results}; run their train stages (dvc repro)")
-    return sorted(loaded, key=study_order)
-
-
-def study_order(result: VariantResult) -> tuple[bool, int, str]:
-    """Classic variants by depth first, then remedies by depth and name."""
-    return (not result.classic, result.variant.depth, result.name)
+    return sorted(loaded, key=lambda r: (not r.classic, r.variant.depth, r.name))  # classic first; by depth, then name
 
 
 def remedy_groups(results: Sequence[VariantResult]) -> dict[int, list[VariantResult]]:
     """Per depth that has a remedy: the classic variant of that depth (if trained), then the remedies."""
-    groups: dict[int, list[VariantResult]] = {}
-    for depth in sorted({r.variant.depth for r in results if not r.classic}):
-        at_depth = [r for r in results if r.variant.depth == depth]
-        groups[depth] = [r for r in at_depth if r.classic] + [r for r in at_depth if not r.classic]
-    return groups
+    depths = sorted({r.variant.depth for r in results if not r.classic})
+    return {d: sorted((r for r in results if r.variant.depth == d), key=lambda r: not r.classic) for d in depths}
 
 
 def ui_base(uri: str) -> str:

@@ -161,13 +161,9 @@ def test_vs_train_figure_side_by_side():
 
 
 # ------------------------------------------------------- why deep sigmoid nets stall (issue 12)
-def _escapes(table):
-    return history.escape_epochs(table)
-
-
 def test_activation_figure_one_panel_with_mean_and_band_per_layer_and_the_output():
     table = make_history(2)
-    fig = figures.activation_figure(table, "d2", _escapes(table))
+    fig = figures.activation_figure(table, "d2", history.escape_epochs(table))
     assert [ax.get_title() for ax in fig.axes] == ["hidden_1", "hidden_2", "output"]
     for ax in fig.axes:
         assert line_labels(ax) == ["mean", figures.ESCAPE_LABEL]
@@ -194,13 +190,13 @@ def test_saturation_figure_per_layer_in_unit_range():
 
 def test_saturation_by_variant_one_panel_each():
     hs = histories()
-    fig = figures.saturation_by_variant(hs, {name: _escapes(h) for name, h in hs.items()})
+    fig = figures.saturation_by_variant(hs, {name: history.escape_epochs(h) for name, h in hs.items()})
     assert [ax.get_title() for ax in fig.axes] == list(hs)
     assert line_labels(fig.axes[0]) == ["hidden_1", "output", figures.ESCAPE_LABEL]
 
 
 def test_escape_figure_marks_censored_seeds_with_a_triangle_at_the_last_epoch():
-    escaped = _escapes(make_history(2))
+    escaped = history.escape_epochs(make_history(2))
     censored = history.escape_epochs(make_history(2), margin=0.9)  # no seed gains 0.9: both censored
     fig = figures.escape_figure({"a": escaped, "b": censored}, margin=0.05)
     (ax,) = fig.axes
