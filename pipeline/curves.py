@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.columns import LAYER_KINDS, SCALARS, parse_layer_column
+from pipeline.columns import LAYER_KINDS, SCALARS, layer_column
 from pipeline.history import depth_of, mean_curves
 
 CURVES_FILE = "curves.csv"
@@ -40,13 +40,9 @@ def layer_curves(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     frames = []
     for name, history in histories.items():
         means = mean_curves(history)
-        long = means.melt(id_vars="epoch", var_name="column")
-        parsed = long["column"].map(parse_layer_column)
-        long = long[parsed.notna()].assign(kind=[p[0] for p in parsed.dropna()], layer=[p[1] for p in parsed.dropna()])
-        wide = long[long["kind"].isin(LAYER_KINDS)].pivot_table(
-            index=["layer", "epoch"], columns="kind", values="value", sort=True
-        )
-        frames.append(wide.reset_index().assign(variant=name))
+        for layer in range(1, depth_of(history) + 1):
+            kinds = {layer_column(kind, layer): kind for kind in LAYER_KINDS if layer_column(kind, layer) in means}
+            frames.append(means[["epoch", *kinds]].rename(columns=kinds).assign(variant=name, layer=layer))
     return _concat(frames, ["variant", "layer", "epoch", *LAYER_KINDS])
 
 

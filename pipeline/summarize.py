@@ -2,10 +2,8 @@
 
 ``python -m pipeline.summarize --history results/<name>/history.csv --out results/<name>/metrics.json``
 
-Final-epoch values (mean and std over seeds), the vanishing index and the escape epoch
-(:func:`pipeline.history.summarize`). A stage of its own, downstream of training, so
-that changing a summary setting (``summary`` in params.yaml) recomputes this file in a
-second and retrains nothing. ``dvc metrics show`` and ``dvc exp show`` read it.
+Final-epoch values, the vanishing index and the escape epoch (:func:`pipeline.history.summarize`).
+A stage of its own, downstream of training: changing ``summary`` in params.yaml retrains nothing.
 """
 
 from __future__ import annotations
