@@ -1,11 +1,9 @@
 """The per-epoch history of one variant (the train stage's ``history.csv``) and the statistics drawn from it.
 
-One row per (seed, epoch), with the columns of :mod:`pipeline.columns`. Histories written
-before the probe columns existed lack those; everything here that reads them says so
-(empty or NaN). Apart from :func:`read_history`, pure pandas/NumPy.
-
-Spread over seeds is the population standard deviation (``ddof=0``): the seeds are the
-whole set of replicates trained, not a sample to generalise from, and one seed gives 0.
+One row per (seed, epoch), with the columns of :mod:`pipeline.columns`; histories written before the
+probe columns existed lack those, and what reads them says so (empty or NaN). Apart from
+:func:`read_history`, pure pandas/NumPy. Spread over seeds is the population standard deviation
+(``ddof=0``): the seeds are the whole set of replicates trained, not a sample, and one seed gives 0.
 """
 
 from __future__ import annotations
@@ -73,25 +71,22 @@ def mean_curves(history: pd.DataFrame) -> pd.DataFrame:
     return means
 
 
-def with_ratio(history: pd.DataFrame, numerator: str, denominator: str, name: str) -> pd.DataFrame:
-    """``history`` plus column ``name`` = numerator / denominator per row (per seed and epoch; 0 -> NaN)."""
-    denom = history[denominator].where(history[denominator] != 0)
-    return history.assign(**{name: history[numerator] / denom})
+def ratio_stats(history: pd.DataFrame, numerator: str, denominator: str) -> pd.DataFrame:
+    """Seed stats of numerator / denominator, taken per row (per seed and epoch; a zero denominator gives NaN)."""
+    ratio = history[numerator] / history[denominator].where(history[denominator] != 0)
+    return seed_stats(history.assign(ratio=ratio), "ratio")
 
 
 def layer_ratios(history: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Seed stats of each adjacent pair's speed ratio (earlier / next), keyed ``hidden_1 / hidden_2``."""
-    out = {}
-    for earlier, later in itertools.pairwise(layer_columns(history, SPEED)):
-        name = f"{layer_name(earlier)} / {layer_name(later)}"
-        out[name] = seed_stats(with_ratio(history, earlier, later, name), name)
-    return out
+    pairs = itertools.pairwise(layer_columns(history, SPEED))
+    return {f"{layer_name(a)} / {layer_name(b)}": ratio_stats(history, a, b) for a, b in pairs}
 
 
 def first_to_last(history: pd.DataFrame) -> pd.DataFrame:
     """Seed stats of the first / last hidden layer's speed ratio (all 1 for one layer)."""
     columns = layer_columns(history, SPEED)
-    return seed_stats(with_ratio(history, columns[0], columns[-1], "first/last"), "first/last")
+    return ratio_stats(history, columns[0], columns[-1])
 
 
 def final_rows(history: pd.DataFrame) -> pd.DataFrame:
@@ -123,11 +118,9 @@ def vanishing_index(first_speed: Sequence[float], last_speed: Sequence[float], w
 def escape_epoch(epochs: Sequence[int], accuracy: Sequence[float], margin: float = ESCAPE_MARGIN) -> int | None:
     """The first epoch whose training accuracy exceeds the first epoch's by more than ``margin``.
 
-    The first epoch's accuracy is the plateau level: a net that sits on a plateau stays at
-    it, one that learns leaves it at once (escape epoch 2, the earliest possible). None when
-    no epoch of the run gets there (censored: the seed may escape later, or never), and
-    when the first epoch's accuracy is not finite.
-    """
+    The first epoch's accuracy is the plateau level: a net that sits on a plateau stays at it, one
+    that learns leaves it at once (escape epoch 2, the earliest possible). None when no epoch gets
+    there (censored: the seed may escape later, or never) or epoch 1's accuracy is not finite."""
     order = np.argsort(np.asarray(epochs))
     epochs = np.asarray(epochs)[order]
     accuracy = np.asarray(accuracy, np.float64)[order]

@@ -145,9 +145,8 @@ def load_results(results: Path, study: Sequence[Variant] | None = None) -> list[
             raise ReportError(f"{seen[result.variant]} and {result.folder} both hold variant {result.variant}")
         seen[result.variant] = result.folder
     if study is not None:
-        for result in loaded:
-            if result.variant not in study:
-                log.info("skipping %s: it is not in the study's params (grid, remedies)", result.folder)
+        for result in [r for r in loaded if r.variant not in study]:
+            log.info("skipping %s: it is not in the study's params (grid, remedies)", result.folder)
         loaded = [result for result in loaded if result.variant in study]
         missing = sorted(str(v) for v in set(study) - set(seen))
         if missing:
@@ -276,11 +275,9 @@ def gradient_plots(results: Sequence[VariantResult], rp: ReportParams, folder: P
     for r in results:
         ratios = history.layer_ratios(r.history)
         listed = ", ".join(f"{name} {_num(float(stats['mean'].median()), '.3g')}" for name, stats in ratios.items())
-        text = (
-            f"Median layer-to-layer ratio over epochs: {listed}; the σ' bound is {figures.SIGMOID_BOUND:g}."
-            if ratios
-            else "One hidden layer: no layer-to-layer ratio."
-        )
+        text = f"Median layer-to-layer ratio over epochs: {listed}; the σ' bound is {figures.SIGMOID_BOUND:g}."
+        if not ratios:
+            text = "One hidden layer: no layer-to-layer ratio."
         fig = figures.gradient_figure(r.history, r.name)
         plots.append(render(fig, folder, f"gradients-{r.name}.png", rp.dpi, text))
     return plots

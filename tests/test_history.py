@@ -52,7 +52,7 @@ def test_layer_ratios_and_first_to_last() -> None:
 
 def test_ratio_of_a_zero_speed_is_nan_not_inf() -> None:
     table = pd.DataFrame({"seed": [0], "epoch": [1], "a": [1.0], "b": [0.0]})
-    assert math.isnan(history.with_ratio(table, "a", "b", "r")["r"].iloc[0])
+    assert math.isnan(history.ratio_stats(table, "a", "b")["mean"].iloc[0])
 
 
 def test_final_values_one_row_per_seed() -> None:
