@@ -7,7 +7,6 @@ Nothing here reads or writes files or touches pyplot's global state (every figur
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -70,7 +69,7 @@ def _figure(rows: int, cols: int = 1, width: float = 7.0, row_height: float = 3.
     return fig, list(axes.ravel())
 
 
-def _label(ax: Axes, title: str, ylabel: str, xlabel: str = "epoch", log: bool = False, **legend: Any) -> None:
+def _label(ax: Axes, title: str, ylabel: str, xlabel: str = "epoch", log: bool = False, **legend: object) -> None:
     """Title and axis labels; with ``log`` a log y-axis; with keyword arguments (``loc=``…) a legend."""
     if log:
         ax.set_yscale("log")
@@ -137,8 +136,7 @@ def final_accuracy_vs_depth(summary: pd.DataFrame) -> Figure:
     ax.scatter([], [], s=14, color="C7", label="each seed")
     ax.errorbar(means.index, means, yerr=stds, fmt="o-", color="C0", capsize=4, label="mean ± std", zorder=3)
     ax.set_xticks(list(means.index))
-    title, ylabel = "Final training accuracy against depth", "final training accuracy"
-    _label(ax, title, ylabel, xlabel="hidden layers", loc="best")
+    _label(ax, "Final training accuracy against depth", "final training accuracy", "hidden layers", loc="best")
     return fig
 
 
@@ -150,12 +148,8 @@ def sigmoid_figure() -> Figure:
     ax.plot(x, sigmoid_prime(x), color="C3", label="σ'(x) = σ(x)(1 − σ(x))")
     ax.axhline(SIGMOID_BOUND, color="0.4", linestyle=":", linewidth=1)
     ax.plot([0.0], [SIGMOID_BOUND], "o", color="C3")
-    ax.annotate(
-        f"σ'(0) = {QUARTER}: the largest slope",
-        xy=(0.0, SIGMOID_BOUND),
-        xytext=(1.2, SIGMOID_BOUND + 0.2),
-        arrowprops={"arrowstyle": "->"},
-    )
+    note = f"σ'(0) = {QUARTER}: the largest slope"
+    ax.annotate(note, xy=(0.0, SIGMOID_BOUND), xytext=(1.2, SIGMOID_BOUND + 0.2), arrowprops={"arrowstyle": "->"})
     _label(ax, "The sigmoid and its derivative", "value", xlabel="x", loc="upper left")
     return fig
 
@@ -296,7 +290,6 @@ def escape_figure(escapes: Mapping[str, pd.DataFrame], margin: float | None) -> 
     last epoch when it did not (censored), and a bar at the mean over the seeds that escaped."""
     fig, (ax,) = _figure(1, row_height=0.45 * len(escapes) + 2.2, width=8.0)
     dot, triangle = {"s": 22, "color": "C0"}, {"s": 40, "marker": ">", "facecolors": "none", "edgecolors": "C3"}
-    last = 1
     for row, table in enumerate(escapes.values()):
         escaped, censored = table[table["escaped"]], table[~table["escaped"]]
         jitter = np.linspace(-0.15, 0.15, len(table)) if len(table) > 1 else np.zeros(1)
@@ -305,13 +298,13 @@ def escape_figure(escapes: Mapping[str, pd.DataFrame], margin: float | None) -> 
         ax.scatter(censored["last_epoch"], y[censored.index], **triangle, zorder=3)
         if len(escaped):
             ax.plot([escaped["escape_epoch"].mean()] * 2, [row - 0.3, row + 0.3], color="k", linewidth=1.5)
-        last = max(last, int(table["last_epoch"].max()) if len(table) else 1)
     ax.scatter([], [], **dot, label="seed escaped")
     ax.scatter([], [], **triangle, label="censored: not by its last epoch")
     ax.plot([], [], color="k", linewidth=1.5, label="mean over the seeds that escaped")
     ax.set_yticks(range(len(escapes)), list(escapes))
     ax.set_ylim(len(escapes) - 0.5, -0.5)
     ax.set_xscale("log")
+    last = max([1, *(int(table["last_epoch"].max()) for table in escapes.values() if len(table))])
     ax.set_xlim(0.9, last * 1.4)
     plus = "its margin" if margin is None else format(margin, "g")
     title = f"Escape epoch of every seed\n(first epoch with training accuracy > epoch 1's + {plus})"

@@ -170,13 +170,11 @@ def ui_base(uri: str) -> str:
 
 
 def run_link(base: str, experiment_id: str, run_id: str) -> str:
-    """Link to one run in the MLflow UI."""
     return f"{base}#/experiments/{experiment_id}/runs/{run_id}"
 
 
 # ------------------------------------------------------------------- computed text
 def histories(results: Iterable[VariantResult]) -> dict[str, pd.DataFrame]:
-    """Name -> history."""
     return {r.name: r.history for r in results}
 
 
@@ -245,10 +243,9 @@ def classic_plots(
     accuracy = f"Training accuracy of the classic networks by depth. Final accuracy (mean ± std over seeds): {listed}."
     change = f"Weight change of the first hidden layer (log scale). Mean over epochs ≥ 2 and seeds: {relative}."
     final = "Final training accuracy against depth: mean ± std over seeds, and each seed's value."
-    bound = figures.SIGMOID_BOUND
     sigmoid = (
-        f"σ and σ'. σ' never exceeds σ'(0) = {figures.QUARTER} = {bound:g}, so back-propagating "
-        f"through each sigmoid layer scales the error by at most {bound:g} (times the weights)."
+        f"σ and σ'. σ' never exceeds σ'(0) = {figures.QUARTER} = {figures.SIGMOID_BOUND:g}, so back-propagating "
+        f"through each sigmoid layer scales the error by at most {figures.SIGMOID_BOUND:g} (times the weights)."
     )
     across = [
         (figures.accuracy_by_depth(hs), "accuracy_by_depth.png", accuracy),
@@ -369,8 +366,7 @@ def stall_plots(
 
 
 def activation_caption(result: VariantResult) -> str:
-    """The top hidden layer's activations (mean and 2–98 % band) and the output layer's, at the first and
-    the last epoch, from the data."""
+    """The top hidden layer's activations (mean, 2–98 % band) and the output layer's at the first and last epoch."""
     table, depth, last = result.history, result.variant.depth, result.epochs
     act, lo, hi = (columns.layer_column(kind, depth) for kind in (ACT_MEAN, ACT_P02, ACT_P98))
     out = columns.output_column(ACT_MEAN)
@@ -703,18 +699,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ParamsError, tracking.TrackingError, ReportError) as exc:
         log.error("report: %s", exc)  # bad input: the message says all, a traceback would bury it
         return 1
-    out: Path = args.out
     try:
-        with staged_dir(out) as tmp:
+        with staged_dir(args.out) as tmp:
             summary = build_report(results, rp, tp, uri, tmp)
             run_id = log_report(uri, tp.experiment, tmp, args.params, results, summary)
     except (tracking.TrackingError, ReportError, OSError) as exc:
-        log.error("report: %s; %s was not written", exc, out, exc_info=True)
+        log.error("report: %s; %s was not written", exc, args.out, exc_info=True)
         return 1
     except (KeyboardInterrupt, tracking.RunInterrupted) as exc:
-        log.error("report: interrupted: %s was not written", out)
+        log.error("report: interrupted: %s was not written", args.out)
         return exc.exit_status if isinstance(exc, tracking.RunInterrupted) else 130
-    log.info("report: %d variant(s) -> %s (MLflow run %s)", len(summary), out / "index.html", run_id)
+    log.info("report: %d variant(s) -> %s (MLflow run %s)", len(summary), args.out / "index.html", run_id)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,13 @@ def write_params(folder: Path) -> Path:
     path = folder / "params.yaml"
     path.write_text(PARAMS, encoding="utf-8")
     return path
+
+
+def run_main(root: Path, monkeypatch, results: str = "results", store: str = "mlflow.db") -> int:
+    """``report.main`` in ``root`` with the test params and a SQLite store at ``root/store``."""
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/{store}")
+    return report.main(["--params", str(write_params(root)), "--results", results, "--out", "reports"])
 
 
 # ------------------------------------------------------------------------- loading
@@ -82,10 +90,7 @@ def test_load_results_errors_name_the_problem(tmp_path):
 def test_load_results_rejects_duplicate_variants_and_missing_columns(tmp_path):
     results = tmp_path / "results"
     folder = write_variant(results, Variant(depth=1))
-    copy = results / "copy"
-    copy.mkdir()
-    for name in report.REQUIRED_FILES:
-        (copy / name).write_bytes((folder / name).read_bytes())
+    copy = shutil.copytree(folder, results / "copy")
     with pytest.raises(report.ReportError, match="both hold variant depth=1"):
         report.load_results(results)
     (copy / "history.csv").write_text("epoch,loss\n1,0.3\n")
@@ -104,8 +109,7 @@ def test_run_links():
     assert report.ui_base("https://mlflow.example.org/root") == "https://mlflow.example.org/root/"
     assert report.ui_base("https://alice:s3cret@mlflow.example.org/") == "https://mlflow.example.org/"
     assert report.ui_base("https://alice:***@mlflow.example.org") == "https://mlflow.example.org/"
-    link = report.run_link("http://127.0.0.1:5000/", "3", "abc")
-    assert link == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
+    assert report.run_link("http://127.0.0.1:5000/", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
 
 
 # ------------------------------------------------------------------ building pages
@@ -131,13 +135,9 @@ def e2e(tmp_path_factory):
     """One full run of ``main`` on a synthetic results folder with a SQLite MLflow store."""
     root = tmp_path_factory.mktemp("e2e")
     write_results(root / "results")
-    params = write_params(root)
-    uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        code = report.main(["--params", str(params), "--results", "results", "--out", "reports"])
-    return {"code": code, "root": root, "uri": uri, "out": root / "reports"}
+        code = run_main(root, mp)
+    return {"code": code, "root": root, "uri": f"sqlite:///{root}/mlflow.db", "out": root / "reports"}
 
 
 def test_main_writes_the_report(e2e):
@@ -192,11 +192,8 @@ def test_main_logs_a_finished_report_run(e2e):
 
 # ------------------------------------------------------------------ failure paths
 def test_empty_results_exit_1_and_write_nothing(tmp_path, monkeypatch, caplog):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     (tmp_path / "results").mkdir()
-    code = report.main(["--params", str(write_params(tmp_path)), "--results", "results", "--out", "reports"])
-    assert code == 1
+    assert run_main(tmp_path, monkeypatch) == 1
     assert not (tmp_path / "reports").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "results"]  # no store, no temp folder
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
@@ -204,21 +201,15 @@ def test_empty_results_exit_1_and_write_nothing(tmp_path, monkeypatch, caplog):
 
 
 def test_failure_leaves_an_existing_report_untouched(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "index.html").write_text("previous")
-    code = report.main(["--params", str(write_params(tmp_path)), "--results", "nowhere", "--out", "reports"])
-    assert code == 1
+    assert run_main(tmp_path, monkeypatch, results="nowhere") == 1
     assert (tmp_path / "reports" / "index.html").read_text() == "previous"
 
 
 def test_preflight_runs_before_reading_results(tmp_path, monkeypatch, caplog):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/no/such/folder/mlflow.db")
     write_results(tmp_path / "results")
-    code = report.main(["--params", str(write_params(tmp_path)), "--results", "results", "--out", "reports"])
-    assert code == 1
+    assert run_main(tmp_path, monkeypatch, store="no/such/folder/mlflow.db") == 1
     assert not (tmp_path / "reports").exists()
     assert "not writable" in caplog.text
 
