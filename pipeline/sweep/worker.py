@@ -84,11 +84,14 @@ def run_experiment(job: Mapping[str, Any]) -> dict[str, Any]:
     log_path = attempt / "log.txt"
     env = task_env(job, os.environ)
 
-    def supervised(argv: list[str], out: Any) -> int:
-        """Run ``argv`` under the supervisor (its source travels in the job), output to ``out``."""
+    def supervised(argv: list[str], out: Any, err: Any = None) -> int:
+        """Run ``argv`` under the supervisor (its source travels in the job); stdout to ``out``, stderr to
+        ``err`` (default: ``out``)."""
         command = [sys.executable, "-c", job["supervisor"], str(os.getpid()), str(attempt), *argv]
         cwd = clone if clone.exists() else attempt  # the clone step runs before there is one
-        return subprocess.run(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out).returncode
+        return subprocess.run(
+            command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err or out
+        ).returncode
 
     result: dict[str, Any] = {"name": job["name"], "ok": False, "host": socket.gethostname(), "pid": os.getpid()}
     try:
@@ -109,7 +112,8 @@ def run_experiment(job: Mapping[str, Any]) -> dict[str, Any]:
                 metrics_file = attempt / "metrics.json"
                 with metrics_file.open("w", encoding="utf-8") as out:
                     shown = [sys.executable, "-m", "dvc", "metrics", "show", "--json"]
-                    if supervised(shown, out) == 0:
+                    # Warnings go to the log: on stdout they would break the JSON.
+                    if supervised(shown, out, log) == 0:
                         result["metrics"] = json.loads(metrics_file.read_text(encoding="utf-8") or "{}")
                 result["ok"] = True
         text = log_path.read_text(encoding="utf-8", errors="replace")
