@@ -500,9 +500,19 @@ def result_rows(summary: pd.DataFrame) -> list[tuple[Any, ...]]:
             format_mean_std(row.accuracy_mean, row.accuracy_std),
             format_mean_std(row.test_accuracy_mean, row.test_accuracy_std),
             format_mean_std(row.vanishing_index_mean, row.vanishing_index_std, ".3g"),
+            escape_cell(row.escape_epoch_mean, row.escape_epoch_std, row.escaped_fraction),
         )
         for row in summary.itertuples(index=False)
     ]
+
+
+def escape_cell(mean: float, std: float, fraction: float) -> str:
+    """``142 ± 11``: the escape epoch over the seeds that escaped, with their share when not all did."""
+    if fraction == 0:
+        return "none escaped"
+    if not np.isfinite(fraction) or fraction == 1:
+        return format_mean_std(mean, std, ".0f")
+    return f"{format_mean_std(mean, std, '.0f')} ({fraction:.0%} of seeds)"
 
 
 def run_rows(results: Sequence[VariantResult], uri: str) -> tuple[list[dict[str, str]], bool]:
@@ -569,8 +579,16 @@ def build_report(
 
 
 # ------------------------------------------------------------------------ tables
-MEASURES = ("accuracy", "test_accuracy", "vanishing_index")  # mean and std of each in the summary table
-SUMMARY_COLUMNS = ["variant", *SETTINGS, "seeds", "epochs", *(f"{k}_{s}" for k in MEASURES for s in ("mean", "std"))]
+# Mean and std of each in the summary table; the escape epoch's are over the seeds that escaped.
+MEASURES = ("accuracy", "test_accuracy", "vanishing_index", "escape_epoch")
+SUMMARY_COLUMNS = [
+    "variant",
+    *SETTINGS,
+    "seeds",
+    "epochs",
+    *(f"{k}_{s}" for k in MEASURES for s in ("mean", "std")),
+    "escaped_fraction",
+]
 
 
 def summary_table(
@@ -588,7 +606,9 @@ def summary_table(
         given, last = (metrics or {}).get(label, {}), history.final_rows(table)
         settings = [getattr(variants[label], k) for k in SETTINGS]
         values = [value for key in MEASURES for value in _mean_std(given, last, key)]
+        escaped = given.get("escaped_fraction")
         rows.append([label, *settings, int(table["seed"].nunique()), int(table["epoch"].max()), *values])
+        rows[-1].append(np.nan if escaped is None else float(escaped))
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -613,10 +633,11 @@ def format_mean_std(mean: float, std: float, fmt: str = ".4f") -> str:
 def summary_markdown(summary: pd.DataFrame) -> str:
     """A short Markdown table of the final values."""
     head = (
-        "# Vanishing-gradient study: results\n\nFinal-epoch values, mean ± std over replicate seeds.\n\n"
-        "| variant | final accuracy | test accuracy | vanishing index |\n|---|---|---|---|\n"
+        "# Vanishing-gradient study: results\n\nFinal-epoch values, mean ± std over replicate seeds; the escape epoch "
+        "over the seeds that escaped.\n\n"
+        "| variant | final accuracy | test accuracy | vanishing index | escape epoch |\n|---|---|---|---|---|\n"
     )
-    return head + "".join(f"| {name} | {a} | {t} | {v} |\n" for name, _, _, a, t, v in result_rows(summary))
+    return head + "".join(f"| {name} | {a} | {t} | {v} | {e} |\n" for name, _, _, a, t, v, e in result_rows(summary))
 
 
 # ------------------------------------------------------------------------- output

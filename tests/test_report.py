@@ -172,8 +172,15 @@ def test_index_html_is_self_contained_and_shows_computed_numbers(e2e):
 
 def test_summary_markdown(e2e):
     text = (e2e["out"] / "summary.md").read_text(encoding="utf-8")
-    assert "| variant | final accuracy | test accuracy | vanishing index |" in text
-    assert f"| {D2} | 0.8400 ± 0.0500 | 0.8100 ± 0.0400 | 0.2 ± 0 |" in text
+    assert "| variant | final accuracy | test accuracy | vanishing index | escape epoch |" in text
+    assert f"| {D2} | 0.8400 ± 0.0500 | 0.8100 ± 0.0400 | 0.2 ± 0 | 2 ± 0 |" in text
+
+
+def test_escape_cell_says_how_many_seeds_escaped():
+    assert report.escape_cell(142.4, 11.2, 1.0) == "142 ± 11"
+    assert report.escape_cell(131.0, 4.0, 0.6) == "131 ± 4 (60% of seeds)"
+    assert report.escape_cell(np.nan, np.nan, 0.0) == "none escaped"
+    assert report.escape_cell(np.nan, np.nan, np.nan) == "n/a"  # results without an escape epoch
 
 
 def test_main_logs_a_finished_report_run(e2e):
