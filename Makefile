@@ -12,6 +12,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 HOST ?= 127.0.0.1
 PORT ?= 5000
 PYTEST_ARGS ?=
+# Test files run in parallel (pytest-xdist), a whole file per worker, so that a file's
+# module fixtures (a Ray cluster, a repro'd study) start once. TEST_JOBS=0: one process.
+TEST_JOBS ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
 
 .PHONY: help venv repro test test-fast lint format ui server bench jax lock clean
 BENCH_ARGS ?= --depth 4 --replicates 1 --epochs 4 --rounds 3
@@ -32,11 +36,11 @@ repro: $(STAMP) ## Run the whole pipeline (dvc repro), logged to the local MLflo
 	@$(BIN)/python -m pipeline.params params.yaml
 	$(BIN)/dvc repro
 
-test: $(STAMP) ## Run the whole test suite (unit, end-to-end, failure paths, PyPI download)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: $(STAMP) ## Run the whole test suite (unit, end-to-end, failure paths, PyPI download); TEST_JOBS=
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## Run only the fast unit tests
-	$(BIN)/python -m pytest -m "not slow and not network" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not network" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Check style with ruff
 	$(BIN)/ruff check pipeline tests benchmarks

@@ -142,10 +142,16 @@ def assert_pipeline_logged(project: Path, url: str) -> list[Any]:
     return list(runs.values())
 
 
+def one_variant(params: dict[str, Any]) -> None:
+    """The small profile cut to one variant: the server and its backend are what is tested here."""
+    params["grid"]["depth"] = [1]
+    params["remedies"] = {}
+
+
 def test_repro_logs_to_a_sqlite_backed_server(make_project) -> None:
     """``make server`` (SQLite and artifacts under mlserver/), then
-    ``MLFLOW_TRACKING_URI=<server> dvc repro`` of the small profile."""
-    project = make_project()
+    ``MLFLOW_TRACKING_URI=<server> dvc repro`` of the small profile, cut to one variant."""
+    project = make_project(one_variant)
     with mlflow_server(project) as url:
         result = run(["dvc", "repro"], project, env=clean_env(MLFLOW_TRACKING_URI=url))
         assert "Running stage 'report'" in result.stdout
@@ -258,11 +264,7 @@ def postgres_database() -> Iterator[str]:
 def test_repro_logs_to_a_postgres_backed_server(make_project, postgres_database: str, tmp_path: Path) -> None:
     import sqlalchemy
 
-    def smaller(params: dict[str, Any]) -> None:  # one variant: the backend is what is tested here
-        params["grid"]["depth"] = [1]
-        params["remedies"] = {}
-
-    project = make_project(smaller)
+    project = make_project(one_variant)
     args = ["--backend-store-uri", postgres_database, "--artifacts-destination", str(tmp_path / "artifacts")]
     with mlflow_server(project, args) as url:
         run(["dvc", "repro"], project, env=clean_env(MLFLOW_TRACKING_URI=url))
