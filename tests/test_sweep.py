@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from pipeline.sweep import spec, supervise, worker, workspace
-from pipeline.sweep.__main__ import Target, check_auth, parse_args, ray_target
+from pipeline.sweep.__main__ import Target, check_auth, experiment_names, parse_args, ray_target
 from pipeline.sweep.spec import Experiment, SweepError
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
@@ -386,3 +386,13 @@ def test_the_command_group_never_outlives_the_task(tmp_path: Path, victim: str) 
     finally:
         worker_proc.kill()
         worker_proc.wait()
+
+
+def test_experiment_names_default_to_the_pipelines_experiment(tmp_path: Path) -> None:
+    """The MLflow experiments a sweep pre-creates: tracking.experiment, its overrides, else the default name."""
+    lr = Experiment("a", ("params.yaml:train.learning_rate=0.1",))
+    named = Experiment("b", ("params.yaml:tracking.experiment=other",))
+    (tmp_path / "params.yaml").write_text("train: {epochs: 2}\n")
+    assert experiment_names(tmp_path, [lr, named]) == {"vanishing-gradient", "other"}
+    (tmp_path / "params.yaml").write_text("tracking: {experiment: mine}\n")
+    assert experiment_names(tmp_path, [lr]) == {"mine"}

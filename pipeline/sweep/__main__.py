@@ -118,9 +118,10 @@ def new_sweep_id() -> str:
 def experiment_names(root: Path, experiments: Sequence[Experiment]) -> set[str]:
     """The MLflow experiment names the sweep logs to (``tracking.experiment``, as overridden)."""
     try:
-        default = (params.read_params_file(root / "params.yaml").get("tracking") or {}).get("experiment")
-    except params.ParamsError:
-        default = None
+        section = params.read_params_file(root / "params.yaml").get("tracking") or {}
+        default = params.parse(params.TrackingParams, section, "tracking").experiment
+    except params.ParamsError:  # the experiments' own params check says what is wrong
+        default = params.TrackingParams().experiment
     return {str(n) for n in (exp.overrides.get("tracking.experiment", default) for exp in experiments) if n}
 
 
