@@ -599,16 +599,16 @@ def summary_table(
     """One row per variant (keys of ``histories``): its settings and final values, mean and std over seeds.
 
     Each value comes from ``metrics`` (the summarize stage's ``metrics.json``) when there, else from each
-    seed's last epoch (std with ddof=0): the vanishing index, no column of a history, from ``metrics`` only.
+    seed's last epoch (std with ddof=0); the vanishing index and the escape epoch, no columns of a history,
+    from ``metrics`` only.
     """
     rows = []
     for label, table in histories.items():
         given, last = (metrics or {}).get(label, {}), history.final_rows(table)
         settings = [getattr(variants[label], k) for k in SETTINGS]
         values = [value for key in MEASURES for value in _mean_std(given, last, key)]
-        escaped = given.get("escaped_fraction")
-        rows.append([label, *settings, int(table["seed"].nunique()), int(table["epoch"].max()), *values])
-        rows[-1].append(np.nan if escaped is None else float(escaped))
+        escaped = np.nan if given.get("escaped_fraction") is None else float(given["escaped_fraction"])
+        rows.append([label, *settings, int(table["seed"].nunique()), int(table["epoch"].max()), *values, escaped])
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
