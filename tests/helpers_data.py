@@ -210,7 +210,7 @@ def serve(routes: Mapping[str, Route]) -> Iterator[tuple[str, list[str]]]:
     stop = threading.Event()
     hits: list[str] = []
     handler = type("Handler", (_Handler,), {"routes": dict(routes), "hits": hits, "stop": stop})
-    with _running(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as port:
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as port:
         try:
             yield f"http://127.0.0.1:{port}", hits
         finally:
@@ -226,12 +226,12 @@ def serve_directory(root: Path) -> Iterator[str]:
             pass
 
     handler: Callable[..., Any] = functools.partial(Quiet, directory=str(root))
-    with _running(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as port:
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as port:
         yield f"http://127.0.0.1:{port}"
 
 
 @contextmanager
-def _running(server: http.server.ThreadingHTTPServer) -> Iterator[int]:
+def serving(server: http.server.ThreadingHTTPServer) -> Iterator[int]:
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

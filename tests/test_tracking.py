@@ -20,7 +20,7 @@ import pytest
 
 from pipeline import tracking
 from tests.conftest import ROOT
-from tests.helpers_data import _running, stalling_server, stopwatch
+from tests.helpers_data import serving, stalling_server, stopwatch
 
 SEARCH = "/api/2.0/mlflow/experiments/search"
 
@@ -50,7 +50,7 @@ def answering(status: int, body: bytes, content_type: str = "application/json") 
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    with _running(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
         yield f"http://127.0.0.1:{port}", hits
 
 
