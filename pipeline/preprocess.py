@@ -20,35 +20,29 @@ import numpy as np
 from pipeline import cli
 from pipeline.mnist import NUM_CLASSES, DataError, MnistArrays, npz_to_arrays, write_npz
 from pipeline.outputs import staged_dir
-from pipeline.params import ParamsError, PreprocessParams
+from pipeline.params import ParamsError
 
 log = logging.getLogger("pipeline.preprocess")
 
 
-def one_hot(labels: np.ndarray) -> np.ndarray:
-    """float32 one-hot rows for integer ``labels`` 0..9."""
-    return np.eye(NUM_CLASSES, dtype=np.float32)[labels]
-
-
-def scale(images: np.ndarray) -> np.ndarray:
-    """uint8 (n, 28, 28) -> float32 (n, 784) in [0, 1] (pixel / 255)."""
-    return images.reshape(len(images), -1).astype(np.float32) / np.float32(255)
-
-
 def preprocess(arrays: MnistArrays, limit: int | None) -> dict[str, np.ndarray]:
-    """Network-ready arrays; ``limit`` (None or > 0, as PreprocessParams checks) keeps the first N training images."""
-    n_train = len(arrays.x_train)
-    if limit is not None and limit > n_train:
+    """Network-ready arrays: images as float32 (n, 784) pixel / 255, labels as float32 one-hot rows.
+
+    ``limit`` (None or > 0, as PreprocessParams checks) keeps the first N training images.
+    """
+    if limit is not None and limit > len(arrays.x_train):
         raise ParamsError(
-            f"preprocess.limit: {limit} is more than the {n_train} training images; "
-            f"set it to null (all) or at most {n_train}"
+            f"preprocess.limit: {limit} is more than the {len(arrays.x_train)} training images; "
+            f"set it to null (all) or at most {len(arrays.x_train)}"
         )
-    return {
-        "x_train": scale(arrays.x_train[:limit]),
-        "y_train": one_hot(arrays.y_train[:limit]),
-        "x_test": scale(arrays.x_test),
-        "y_test": one_hot(arrays.y_test),
-    }
+    out = {}
+    for split, x, y in (
+        ("train", arrays.x_train[:limit], arrays.y_train[:limit]),
+        ("test", arrays.x_test, arrays.y_test),
+    ):
+        out[f"x_{split}"] = x.reshape(len(x), -1).astype(np.float32) / np.float32(255)
+        out[f"y_{split}"] = np.eye(NUM_CLASSES, dtype=np.float32)[y]
+    return out
 
 
 def run(in_path: Path, out: Path, limit: int | None) -> None:
@@ -71,14 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--in", dest="in_path", type=Path, default=Path("data/raw/mnist.npz"), help="fetched .npz")
     parser.add_argument("--out", type=Path, default=Path("data/processed"), help="output folder")
-
-    def body(args: argparse.Namespace, params: PreprocessParams) -> None:
-        try:
-            run(args.in_path, args.out, params.limit)
-        except OSError as exc:
-            raise DataError(f"I/O error (reading {args.in_path} or writing {args.out}): {exc}") from exc
-
-    return cli.run_stage(parser, "preprocess", body, (DataError,), argv)
+    # OSError: an unreadable input or a full disk is one error line, like bad data.
+    return cli.run_stage(parser, "preprocess", lambda a, p: run(a.in_path, a.out, p.limit), (DataError, OSError), argv)
 
 
 if __name__ == "__main__":
