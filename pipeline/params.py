@@ -324,57 +324,39 @@ def parse(cls: type[T], data: Any, where: str) -> T:
 
 
 # ------------------------------------------------------------------------ messages
-_EXPECTED = {
-    "int_type": "an integer",
-    "float_type": "a number",
-    "string_type": "a string",
-    "tuple_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
+# pydantic's error types in this file's words: ``{placeholders}`` are pydantic's ctx, the
+# offending value (``input``) and its type's name (``type``).
+_EXPECTED = {"int": "an integer", "float": "a number", "string": "a string", "tuple": "a list", "dict": "a mapping"}
+_MESSAGES = {
+    **{f"{name}_type": f"expected {what}, got {{input!r}} ({{type}})" for name, what in _EXPECTED.items()},
+    "model_type": "expected a mapping, got {input!r} ({type})",
+    "model_attributes_type": "expected a mapping, got {input!r} ({type})",
+    "value_error": "{error}",  # raised by the validators above, already phrased for the user
+    "missing": "missing required key {key!r}",
+    "literal_error": "got {input!r}; allowed: {expected}",
+    "union_tag_invalid": "got kind {tag!r}; allowed: {expected_tags}",
+    "union_tag_not_found": "missing required key 'kind' (one of {kinds})",
+    "greater_than": "must be > {gt:g}; got {input!r}",
+    "greater_than_equal": "must be >= {ge:g}; got {input!r}",
+    "less_than": "must be < {lt:g}; got {input!r}",
+    "less_than_equal": "must be <= {le:g}; got {input!r}",
 }
-_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # the keys of pydantic's bound errors' ctx
 
 
 def _message(err: Any, where: str) -> str:
-    """One pydantic error as ``<key path>: <what is wrong>``."""
-    kind, loc, value, ctx = err["type"], err["loc"], err["input"], err.get("ctx", {})
-    if kind == "missing":
-        return f"{_path(loc[:-1], where)}: missing required key '{loc[-1]}'"
-    path = _path(loc, where)
-    if kind == "value_error":  # raised by the validators above, already phrased for the user
-        return f"{path}: {ctx['error']}"
-    if kind == "literal_error":
-        allowed = ctx["expected"].replace("'", "").replace(" or ", ", ")  # pydantic writes "'a', 'b' or 'c'"
-        return f"{path}: got {value!r}; allowed: {allowed}"
-    if kind == "union_tag_not_found":  # the only union is Mirror's
-        return f"{path}: missing required key 'kind' (one of {', '.join(_KINDS)})"
-    if kind == "union_tag_invalid":
-        return f"{path}.kind: got {value['kind']!r}; allowed: {', '.join(_KINDS)}"
-    if kind in _EXPECTED:
-        return f"{path}: expected {_EXPECTED[kind]}, got {value!r} ({type(value).__name__})"
-    for key, op in _BOUNDS.items():
-        if key in ctx:
-            bound = f"{ctx[key]:g}" if isinstance(ctx[key], float) else ctx[key]  # 0, not 0.0
-            return f"{path}: must be {op} {bound}; got {value!r}"
-    return f"{path}: {err['msg']}"
-
-
-def _path(loc: tuple[int | str, ...], where: str) -> str:
-    """pydantic's ``loc`` as messages write it: ``fetch.mirrors[0].sha256``.
-
-    ``loc`` also holds the tag of a discriminated union after a mirror's index
-    (``mirrors, 0, 'npz', 'sha256'``), which the path leaves out.
-    """
+    """One pydantic error as ``<key path>: <what is wrong>``, the path as in ``fetch.mirrors[0].sha256``."""
+    loc, value = err["loc"], err["input"]
+    # Leave out the tag pydantic puts after a mirror's index: (mirrors, 0, 'npz', 'sha256').
+    keys = [k for i, k in enumerate(loc) if not (i and isinstance(loc[i - 1], int) and k in _KINDS)]
+    fields = {"input": value, "type": type(value).__name__, "msg": err["msg"], "kinds": ", ".join(_KINDS)}
+    for key, ctx_value in err.get("ctx", {}).items():  # pydantic lists allowed values as "'a', 'b' or 'c'"
+        fields[key] = str(ctx_value).replace("'", "").replace(" or ", ", ") if key.startswith("expected") else ctx_value
+    if err["type"] == "missing":  # the path names the mapping the key is missing from
+        keys, fields["key"] = keys[:-1], keys[-1]
     path = where
-    for before, part in itertools.pairwise((None, *loc)):
-        if part == "[key]":  # the error is about the mapping's key itself
-            path += " (key)"
-        elif isinstance(part, int):
-            path += f"[{part}]"
-        elif not (isinstance(before, int) and part in _KINDS):
-            path += f".{part}"
-    return path
+    for key in keys:
+        path += f"[{key}]" if isinstance(key, int) else " (key)" if key == "[key]" else f".{key}"
+    return f"{path}: " + _MESSAGES.get(err["type"], "{msg}").format(**fields)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,7 +209,7 @@ def test_mirrors_are_chosen_by_kind() -> None:
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [
-        (_fetch({"kind": "ftp", "url": "ftp://x"}), "fetch.mirrors[0].kind: got 'ftp'; allowed: npz, idx, pypi, file"),
+        (_fetch({"kind": "ftp", "url": "ftp://x"}), "fetch.mirrors[0]: got kind 'ftp'; allowed: npz, idx, pypi, file"),
         (_fetch({"url": "https://x"}), "fetch.mirrors[0]: missing required key 'kind' (one of npz, idx, pypi, file)"),
         (_fetch(GOOD_NPZ, "https://x"), "fetch.mirrors[1]: expected a mapping, got 'https://x' (str)"),
         # Errors inside a mirror name its position, not pydantic's union tag.
