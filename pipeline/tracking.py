@@ -19,18 +19,20 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import types
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -42,6 +44,8 @@ SWEEP_TAG = "pipeline.sweep"
 GROUP_TAG = "pipeline.group"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting: the UI shows the seeds under their variant
 NOTE_TAG = "mlflow.note.content"  # a run's Markdown description in the UI
+# Without it the UI opens runs and models in its GenAI mode ("Evaluations"): this is model training.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class TrackingError(RuntimeError):
@@ -343,13 +347,32 @@ def redact(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+# A get-or-create that lost a race with a concurrent twin (two experiments of a sweep logging one
+# dataset at once): MLflow's store reads, then inserts, and the second insert breaks a unique key.
+_DUPLICATE = ("unique constraint", "duplicate key", "duplicate entry", "already exists")
+
+
+def race_safe(call: Callable[..., T], *args: Any, attempts: int = 4) -> T:
+    """``call(*args)``, retried when it failed only because a concurrent writer created the same
+    row first; the retry then finds that row. Any other error is raised at once."""
+    for attempt in range(attempts):
+        try:
+            return call(*args)
+        except Exception as exc:
+            if attempt == attempts - 1 or not any(d in str(exc).lower() for d in _DUPLICATE):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def ensure_experiment(client: Any, name: str, root: Path) -> str:
-    """Experiment id of ``name``, created with artifacts under ``<root>/mlartifacts`` for local stores."""
+    """Experiment id of ``name``, tagged as model training, created with artifacts under
+    ``<root>/mlartifacts`` for local stores; safe when another stage creates it at the same time."""
     existing = client.get_experiment_by_name(name)
     if existing is None:
         artifacts = (root / ARTIFACT_DIR).as_uri() if client.tracking_uri.startswith("sqlite:") else None
         try:
-            return str(client.create_experiment(name, artifact_location=artifacts))
+            return str(client.create_experiment(name, artifact_location=artifacts, tags={KIND_TAG: KIND}))
         except Exception:
             existing = client.get_experiment_by_name(name)  # another stage may have created it meanwhile
             if existing is None:
@@ -359,6 +382,8 @@ def ensure_experiment(client: Any, name: str, root: Path) -> str:
             f"MLflow experiment '{name}' is deleted; restore it (mlflow experiments restore) "
             "or choose another tracking.experiment in params.yaml."
         )
+    if existing.tags.get(KIND_TAG) != KIND:  # a store made by an earlier version
+        race_safe(client.set_experiment_tag, existing.experiment_id, KIND_TAG, KIND)
     return str(existing.experiment_id)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import callbacks as cb
+from pipeline import trainlog
 from tests.conftest import ROOT
 
 EPOCH = re.compile(r"epoch (\d+)/(\d+)")
@@ -45,7 +45,7 @@ def test_progress_on_a_terminal_redraws_one_line() -> None:
     tty.setraw(slave)  # no newline translation: see exactly what Progress writes
     try:
         with os.fdopen(slave, "w", encoding="utf-8", closefd=True) as stream:
-            progress = cb.Progress("depth-2", epochs=30, every=10, stream=stream)
+            progress = trainlog.Progress("depth-2", epochs=30, every=10, stream=stream)
             assert progress.live
             progress.on_train_begin()
             out = b""
@@ -67,7 +67,7 @@ def test_progress_on_a_terminal_redraws_one_line() -> None:
 def test_progress_on_a_pipe_prints_few_lines() -> None:
     read, write = os.pipe()
     with os.fdopen(write, "w", encoding="utf-8") as stream:
-        progress = cb.Progress("depth-1", epochs=25, every=10, stream=stream)
+        progress = trainlog.Progress("depth-1", epochs=25, every=10, stream=stream)
         assert not progress.live
         progress.on_train_begin()
         for epoch in range(25):

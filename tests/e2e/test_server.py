@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from tests.e2e.conftest import BIN, clean_env, run, start_background
+from tests.test_trainlog import race_twins
 
 pytestmark = pytest.mark.slow
 
@@ -164,6 +165,8 @@ def test_repro_logs_to_a_sqlite_backed_server(make_project) -> None:
         client = MlflowClient(url)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         assert len(client.search_runs([experiment.experiment_id])) == len(runs)
+        # Experiments side by side log one dataset at once: none fails on its twin's write.
+        assert race_twins(url) == []
     # The server's own store and artifact folder, as `make server` sets them up.
     assert (project / "mlserver" / "mlflow.db").is_file()
     assert list((project / "mlserver" / "artifacts").rglob("history.csv"))
@@ -269,11 +272,17 @@ def test_repro_logs_to_a_postgres_backed_server(make_project, postgres_database:
     with mlflow_server(project, args) as url:
         run(["dvc", "repro"], project, env=clean_env(MLFLOW_TRACKING_URI=url))
         runs = assert_pipeline_logged(project, url)
+        race = race_twins(url)
+    assert race == []
     # The runs are rows in PostgreSQL, not in some SQLite file.
     engine = sqlalchemy.create_engine(postgres_database)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(sqlalchemy.text("SELECT run_uuid, status FROM runs")).fetchall()
+            pipeline_runs = (
+                "SELECT run_uuid, status FROM runs WHERE experiment_id IN "
+                "(SELECT experiment_id FROM experiments WHERE name = :name)"
+            )
+            rows = conn.execute(sqlalchemy.text(pipeline_runs), {"name": EXPERIMENT}).fetchall()
     finally:
         engine.dispose()
     assert sorted(rows) == sorted((r.info.run_id, "FINISHED") for r in runs)
