@@ -136,8 +136,9 @@ def test_new_depth_trains_only_the_new_variant(make_project) -> None:
 
 
 def test_figures_and_summaries_change_without_retraining(make_project) -> None:
-    """Editing a figure function, a summary setting or the progress interval reruns only what
-    depends on it: no train stage runs again, and no new training run appears in MLflow."""
+    """Editing a figure function, a summary setting, the MLflow logging, a run description or the
+    progress line reruns only what depends on it: no train stage runs again, and no new training
+    run appears in MLflow."""
     project = make_project(lambda p: p.update(remedies={}))
     run(["dvc", "repro"], project)
     runs_before = finished_runs(project / "mlflow.db")
@@ -145,6 +146,15 @@ def test_figures_and_summaries_change_without_retraining(make_project) -> None:
 
     figures = project / "pipeline" / "figures.py"
     figures.write_text(figures.read_text().replace("STD_BAND_ALPHA = 0.25", "STD_BAND_ALPHA = 0.3"))
+    for module, old, new in (
+        ("trainlog.py", "(one nested run each)", "(one nested run per seed)"),  # a run description
+        ("trainlog.py", "remaining ~", "left ~"),  # the progress line
+        ("trainlog.py", "flush_s: float = 5.0", "flush_s: float = 2.0"),  # the MLflow logging
+        ("tracking.py", "attempts: int = 4", "attempts: int = 5"),  # the store's get-or-create retries
+    ):
+        path = project / "pipeline" / module
+        assert old in path.read_text(), (module, old)
+        path.write_text(path.read_text().replace(old, new))
     params = (project / "params.yaml").read_text().replace("index_window: 2", "index_window: 1")
     (project / "params.yaml").write_text(params)
     status = run(["dvc", "status"], project).stdout
