@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
+import http.server
 import logging
 import os
 import pickle
 import re
+import ssl
+import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from tests.helpers_data import (
     md5,
     serve,
     serve_directory,
+    serving,
     sha256,
     stalling_server,
     stopwatch,
@@ -330,6 +335,42 @@ def test_redirect_from_https_to_https_is_followed() -> None:
     request = urllib.request.Request("https://example.com/mnist.npz")
     new = fetch._RedirectHandler().redirect_request(request, None, 302, "Found", {}, "https://cdn.example.com/m.npz")
     assert new.full_url == "https://cdn.example.com/m.npz"
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_https_certificates_are_verified(
+    tmp_path: Path, data: Dataset, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, trusted: bool
+) -> None:
+    """A loopback https server with a self-signed certificate: refused, unless the user trusts it."""
+    cert, key, www = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "www"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    www.mkdir()
+    (www / "mnist.npz").write_bytes(data.npz)
+    if trusted:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # OpenSSL's own way to trust a certificate
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(www)))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    with serving(server) as port:
+        url = f"https://127.0.0.1:{port}/mnist.npz"
+        rc, out = run_fetch(tmp_path, fetch_section(data, [npz_mirror(url, data.npz)]))
+    if trusted:
+        assert rc == 0
+        assert_output(out, data)
+    else:
+        assert rc == 1
+        assert f"{url}: TLS certificate not trusted (self-signed certificate)" in caplog.text
+        assert_nothing_written(out)
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def test_bad_params_exit_1(tmp_path: Path, data: Dataset, caplog: pytest.LogCaptureFixture) -> None:
