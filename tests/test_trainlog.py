@@ -120,3 +120,54 @@ def test_race_safe_retries_only_a_lost_get_or_create() -> None:
     with pytest.raises(RuntimeError, match="no such table"):
         tracking.race_safe(broken)
     assert calls == [0]  # not retried
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail", ["rename", "none"])
+def test_models_follow_the_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: str) -> None:
+    """A replicate's LoggedModel exists only once the variant's outputs are in place: when moving
+    them into place fails, the runs fail and the store holds no model, PENDING or otherwise."""
+    import argparse
+    from contextlib import contextmanager
+
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
+    from pipeline import outputs, train
+    from pipeline.params import TrackingParams, TrainParams, Variant
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 784), dtype=np.float32)
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 20)]
+    data = train.Arrays(x, y, x[:10], y[:10])
+    out = tmp_path / "results" / "v"
+
+    @contextmanager
+    def rename_fails(target: Path):
+        with outputs.staged_dir(target) as tmp:
+            yield tmp
+            raise OSError(28, "No space left on device", str(target))  # as a failed move into place
+
+    if fail == "rename":
+        monkeypatch.setattr(train, "staged_dir", rename_fails)
+    args = argparse.Namespace(out=out, data=tmp_path, params="params.yaml", log_every=10)
+    params = TrainParams(seeds=(0, 1), epochs=1, batch_size=10, probe_size=10)
+    if fail == "rename":
+        with pytest.raises(train.OutputError, match="No space left"):
+            train.train_and_track(Variant(depth=1), "v", params, TrackingParams(), uri, data, args)
+    else:
+        train.train_and_track(Variant(depth=1), "v", params, TrackingParams(), uri, data, args)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("vanishing-gradient").experiment_id
+    models = client.search_logged_models([experiment])
+    statuses = {r.info.run_name: r.info.status for r in client.search_runs([experiment])}
+    if fail == "rename":
+        assert not out.exists() and models == []
+        assert statuses == {"v": "FAILED", "v-seed-0": "FAILED", "v-seed-1": "FAILED"}
+    else:
+        assert sorted(m.name for m in models) == ["v-seed-0", "v-seed-1"]
+        assert [m.status for m in models] == [LoggedModelStatus.READY] * 2
+        assert set(statuses.values()) == {"FINISHED"} and (out / "history.csv").is_file()
