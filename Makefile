@@ -5,7 +5,11 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
+PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
+# Two dependency groups: runtime (requirements.lock: repro, sweep, ui) and development
+# (requirements-dev.lock: tests, lint, browser and PostgreSQL drivers, JAX), each with its stamp.
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 # Stages run `python -m pipeline...`: put the project's interpreter first.
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -17,7 +21,7 @@ PYTEST_ARGS ?=
 TEST_JOBS ?= auto
 PYTEST := $(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
 
-.PHONY: help venv repro test test-fast lint format ui server bench jax lock clean
+.PHONY: help venv venv-dev repro test test-fast lint format ui server bench jax lock clean
 BENCH_ARGS ?= --depth 4 --replicates 1 --epochs 4 --rounds 3
 
 help: ## List the targets
@@ -25,28 +29,35 @@ help: ## List the targets
 
 $(STAMP): requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PIP) install --upgrade pip
+	$(PIP) install -r requirements.lock
 	@touch $(STAMP)
 
-venv: $(STAMP) ## Create .venv from the pinned requirements.lock (once; no-op when up to date)
+# On top of the runtime group, whose pins it must keep (-c).
+$(DEV_STAMP): $(STAMP) requirements-dev.lock
+	$(PIP) install -c requirements.lock -r requirements-dev.lock
+	@touch $(DEV_STAMP)
+
+venv: $(STAMP) ## Create .venv with the runtime dependencies, requirements.lock (no-op when up to date)
+
+venv-dev: $(DEV_STAMP) ## Add the development dependencies, requirements-dev.lock (tests, lint, JAX's CPU build)
 
 repro: $(STAMP) ## Run the whole pipeline (dvc repro), logged to the local MLflow store
 	@test -d .dvc || $(BIN)/dvc init --quiet
 	@$(BIN)/python -m pipeline.params params.yaml
 	$(BIN)/dvc repro
 
-test: $(STAMP) ## Run the whole test suite (unit, end-to-end, failure paths, PyPI download); TEST_JOBS=
+test: $(DEV_STAMP) ## Run the whole test suite (unit, end-to-end, failure paths, PyPI download); TEST_JOBS=
 	$(PYTEST) $(PYTEST_ARGS)
 
-test-fast: $(STAMP) ## Run only the fast unit tests
+test-fast: $(DEV_STAMP) ## Run only the fast unit tests
 	$(PYTEST) -m "not slow and not network" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## Check style with ruff
+lint: $(DEV_STAMP) ## Check style with ruff
 	$(BIN)/ruff check pipeline tests benchmarks
 	$(BIN)/ruff format --check pipeline tests benchmarks
 
-format: $(STAMP) ## Reformat the code with ruff
+format: $(DEV_STAMP) ## Reformat the code with ruff
 	$(BIN)/ruff check --fix pipeline tests benchmarks
 	$(BIN)/ruff format pipeline tests benchmarks
 
@@ -60,8 +71,9 @@ bench: $(STAMP) ## Benchmark seed-style Keras fit against the project's trainer 
 	@test -f data/processed/train.npz || $(BIN)/dvc repro preprocess
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
-jax: $(STAMP) ## On an NVIDIA GPU machine: replace JAX's CPU build with the CUDA one (KERAS_BACKEND=jax)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-jax.txt
+jax: $(STAMP) ## JAX for KERAS_BACKEND=jax: its CPU build, with CUDA where nvidia-smi finds a GPU
+	$(PIP) install -c requirements.lock -c requirements-dev.lock -r requirements-jax.txt \
+		$(if $(shell command -v nvidia-smi),'jax[cuda12]')
 
 # Sweeps on Ray (pipeline/sweep/): one DVC experiment per combination of the -S values (comma lists
 # expand to the cartesian product, as with dvc exp run), each one Ray task in a fresh clone, pushed back
@@ -94,10 +106,12 @@ pull: $(STAMP) ## Fetch data, models and reports from the DVC remote instead of 
 	$(BIN)/dvc pull
 	$(BIN)/dvc status
 
-lock: ## Regenerate requirements.lock from requirements.txt in a scratch venv
+lock: ## Regenerate requirements.lock, then requirements-dev.lock (what dev adds; runtime pins kept), in a scratch venv
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet -r requirements.txt
 	.venv-lock/bin/pip freeze --exclude-editable > requirements.lock
+	.venv-lock/bin/pip install --quiet -c requirements.lock -r requirements-dev.txt
+	.venv-lock/bin/pip freeze --exclude-editable | grep -vxFf requirements.lock > requirements-dev.lock
 	rm -rf .venv-lock
 
 clean: ## Remove pipeline outputs, the MLflow store and caches (keeps .venv and the DVC cache)
