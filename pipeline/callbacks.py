@@ -185,17 +185,20 @@ JACOBIAN_EXAMPLES = 50
 
 
 class ActivationProbe(keras.callbacks.Callback):
-    """Why a layer learns slowly, on the fixed probe batch (an inference-mode forward pass that
-    only reads the weights): per hidden layer ``act_mean``, ``act_p02``, ``act_p98`` and
-    ``saturation``, and the singular values of its back-propagation Jacobian (``jac_mean``,
-    ``jac_max``, on the first ``jacobian_examples`` probe examples); the same activation
-    statistics for the output layer (``…/output``); and ``jac_product`` over hidden layers
-    1 … L-1. Definitions in :mod:`pipeline.measures`; column names in :mod:`pipeline.columns`.
+    """Why a layer learns slowly, on the fixed probe batch ``x`` with one-hot labels ``y`` (an
+    inference-mode forward pass that only reads the weights): per hidden layer ``act_mean``,
+    ``act_p02``, ``act_p98``, ``saturation``, ``signal`` and ``gain``, and the singular values of
+    its back-propagation Jacobian (``jac_mean``, ``jac_max``, on the first ``jacobian_examples``
+    probe examples); the same activation and signal statistics for the output layer
+    (``…/output``); ``jac_product`` over hidden layers 1 … L-1; and the output–label
+    ``coupling`` and ``coupling_share``. Definitions in :mod:`pipeline.measures`; column names
+    in :mod:`pipeline.columns`.
     """
 
-    def __init__(self, x: np.ndarray, jacobian_examples: int = JACOBIAN_EXAMPLES) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, jacobian_examples: int = JACOBIAN_EXAMPLES) -> None:
         super().__init__()
-        self.x, self.jacobian_examples = x, jacobian_examples
+        self.x, self.y, self.jacobian_examples = x, y, jacobian_examples
+        self._input_signal = measures.signal(x)  # what hidden_1's gain is relative to
         self._probe: keras.Model | None = None
 
     def _build(self) -> None:
@@ -226,7 +229,7 @@ class ActivationProbe(keras.callbacks.Callback):
         hidden = hidden_layers(self.model)
         kernels = [ops.convert_to_numpy(layer.kernel) for layer in [*hidden[1:], self.model.get_layer("output")]]
         replicates = values[0].shape[0]
-        products = []
+        products, received = [], self._input_signal
         for i, activation in enumerate(self._activations):
             u, a = values[2 * i], values[2 * i + 1]
             layer = i + 1 if i < len(hidden) else None  # the last Activation is the output layer's
@@ -235,6 +238,8 @@ class ActivationProbe(keras.callbacks.Callback):
             logs[column(columns.ACT_MEAN)], logs[column(columns.ACT_P02)] = mean, low
             logs[column(columns.ACT_P98)] = high
             logs[column(columns.SATURATION)] = measures.saturation(activation, u)
+            logs[column(columns.SIGNAL)] = spread = measures.signal(a)
+            logs[column(columns.GAIN)], received = measures.gain(spread, received), spread
             if layer is None:
                 continue
             slope = measures.activation_derivative(activation, u[:, : self.jacobian_examples])
@@ -246,3 +251,4 @@ class ActivationProbe(keras.callbacks.Callback):
             if layer < len(hidden):
                 products.append(jac_mean)
         logs[columns.JAC_PRODUCT] = measures.jacobian_product(products, replicates)
+        logs[columns.COUPLING], logs[columns.COUPLING_SHARE] = measures.coupling(values[-1], self.y)

@@ -18,8 +18,13 @@ SPEED = GRAD_BIAS
 # mean and 2nd / 98th percentiles, saturated fraction, and the layer Jacobian's singular values.
 ACT_MEAN, ACT_P02, ACT_P98, SATURATION = "act_mean", "act_p02", "act_p98", "saturation"
 JAC_MEAN, JAC_MAX = "jac_mean", "jac_max"
-PROBE_KINDS = (ACT_MEAN, ACT_P02, ACT_P98, SATURATION, JAC_MEAN, JAC_MAX)
-OUTPUT_KINDS = (ACT_MEAN, ACT_P02, ACT_P98, SATURATION)
+# Signal propagation on the probe batch: each layer's across-example spread and its ratio to the
+# spread it receives (per hidden layer and the output); the output–label cross-covariance's
+# largest singular value and its share (one column each, no layer).
+SIGNAL, GAIN = "signal", "gain"
+COUPLING, COUPLING_SHARE = "coupling", "coupling_share"
+PROBE_KINDS = (ACT_MEAN, ACT_P02, ACT_P98, SATURATION, SIGNAL, GAIN, JAC_MEAN, JAC_MAX)
+OUTPUT_KINDS = (ACT_MEAN, ACT_P02, ACT_P98, SATURATION, SIGNAL, GAIN)
 OUTPUT = "output"
 # Product of jac_mean over hidden layers 1 … L-1: the predicted first / last speed ratio.
 JAC_PRODUCT = "jac_product"

@@ -16,11 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.columns import SCALARS, SPEED, WEIGHT_CHANGE, layer_column, parse_layer_column
+from pipeline.columns import SCALARS, SIGNAL, SPEED, WEIGHT_CHANGE, layer_column, output_column, parse_layer_column
 
 REQUIRED_COLUMNS = ("seed", "epoch", *SCALARS)
-# The escape epoch: first epoch whose training accuracy exceeds epoch 1's by more than this.
+# The escape epoch: first epoch whose training accuracy exceeds the plateau by more than this.
 ESCAPE_MARGIN = 0.05
+# The escape forecast's window (the first N epochs of each seed), and the least share of the
+# variance of 1 / signal/output that its line must explain there for the law to forecast.
+FORECAST_EPOCHS, FORECAST_MIN_R2 = 40, 0.9
 
 
 class HistoryError(ValueError):
@@ -115,29 +118,67 @@ def vanishing_index(first_speed: Sequence[float], last_speed: Sequence[float], w
     return (float(np.mean(first[ok] / last[ok])) if ok.any() else math.nan), skipped
 
 
-def escape_epoch(epochs: Sequence[int], accuracy: Sequence[float], margin: float = ESCAPE_MARGIN) -> int | None:
-    """The first epoch whose training accuracy exceeds the first epoch's by more than ``margin``.
+def plateau_accuracy(labels: np.ndarray) -> float:
+    """The plateau's accuracy: that of the constant predictor, the most common label's frequency.
 
-    The first epoch's accuracy is the plateau level: a net that sits on a plateau stays at it, one
-    that learns leaves it at once (escape epoch 2, the earliest possible). None when no epoch gets
-    there (censored: the seed may escape later, or never) or epoch 1's accuracy is not finite."""
+    ``labels`` are one-hot rows (N, K) or class indices (N,); the training labels define the plateau."""
+    labels = np.asarray(labels)
+    classes = labels.argmax(axis=1) if labels.ndim == 2 else labels
+    if classes.size == 0:
+        raise ValueError("no labels: the plateau accuracy needs the training labels")
+    return float(np.bincount(classes).max() / classes.size)
+
+
+def escape_epoch(epochs: Sequence[int], accuracy: Sequence[float], plateau: float, margin: float) -> int | None:
+    """The first epoch whose training accuracy exceeds the plateau (:func:`plateau_accuracy`) by more than ``margin``.
+
+    The threshold is the same for every seed and variant: a net that learns within epoch 1 escapes at
+    epoch 1, and a seed that starts a little above the plateau is not held back by its own start.
+    None when no epoch gets there (censored: the seed may escape later, or never)."""
     order = np.argsort(np.asarray(epochs))
-    epochs = np.asarray(epochs)[order]
-    accuracy = np.asarray(accuracy, np.float64)[order]
-    if len(accuracy) == 0 or not np.isfinite(accuracy[0]):
-        return None
-    above = np.flatnonzero(accuracy > accuracy[0] + margin)  # NaN compares False: a diverged epoch never escapes
-    return int(epochs[above[0]]) if above.size else None
+    above = np.flatnonzero(np.asarray(accuracy, np.float64)[order] > plateau + margin)  # NaN never escapes
+    return int(np.asarray(epochs)[order][above[0]]) if above.size else None
 
 
-def escape_epochs(history: pd.DataFrame, margin: float = ESCAPE_MARGIN) -> pd.DataFrame:
-    """Per seed (sorted): ``seed``, ``escape_epoch`` (NaN when censored), ``escaped`` and ``last_epoch``."""
+def escape_epochs(history: pd.DataFrame, plateau: float, margin: float) -> pd.DataFrame:
+    """Per seed (sorted): ``seed``, ``escape_epoch`` (NaN when censored), ``censored`` and ``last_epoch``
+    (the epoch a censored seed is censored at)."""
     rows = []
     for seed, group in history.groupby("seed", sort=True):
-        epoch = escape_epoch(group["epoch"], group["accuracy"], margin)
-        last = int(group["epoch"].max())
-        rows.append((int(seed), np.nan if epoch is None else float(epoch), epoch is not None, last))
-    return pd.DataFrame(rows, columns=["seed", "escape_epoch", "escaped", "last_epoch"])
+        epoch = escape_epoch(group["epoch"], group["accuracy"], plateau, margin)
+        rows.append((int(seed), np.nan if epoch is None else float(epoch), epoch is None, int(group["epoch"].max())))
+    return pd.DataFrame(rows, columns=["seed", "escape_epoch", "censored", "last_epoch"])
+
+
+def escape_forecasts(history: pd.DataFrame, epochs: int, plateau: float, margin: float) -> pd.DataFrame:
+    """Per seed (sorted): ``seed`` and ``forecast``, the escape epoch predicted from its first ``epochs`` epochs.
+
+    The law (a finite-time blow-up): on the plateau the reciprocal of the output's across-example
+    spread, r(t) = 1 / ``signal/output``, falls linearly with the epoch t, and the escape comes where
+    it would reach 0. The forecast is the zero crossing of the least-squares line through r(t) over
+    the second half of the window, epochs ⌈epochs/2⌉ … ``epochs`` (the first half holds the start's
+    transient). NaN when there is no forecast: the seed left the plateau within the window (its
+    :func:`escape_epoch` for ``plateau`` and ``margin`` is ``epochs`` or earlier), the line does not
+    fall or does not describe r (it explains less than ``FORECAST_MIN_R2`` of r's variance), the seed
+    has fewer than ``epochs`` epochs, or the history has no ``signal/output`` column."""
+    column = output_column(SIGNAL)
+    escapes = escape_epochs(history, plateau, margin).set_index("seed")["escape_epoch"]
+    rows = []
+    for seed, group in history.groupby("seed", sort=True):
+        forecast = math.nan
+        window = group[(group["epoch"] >= math.ceil(epochs / 2)) & (group["epoch"] <= epochs)]
+        on_plateau = not escapes[seed] <= epochs  # NaN (censored) is on the plateau
+        if column in group and group["epoch"].max() >= epochs and len(window) >= 2 and on_plateau:
+            t = window["epoch"].to_numpy(np.float64)
+            with np.errstate(divide="ignore"):
+                r = 1.0 / window[column].to_numpy(np.float64)
+            t_c, r_c = t - t.mean(), r - r.mean()
+            if np.isfinite(r).all() and r_c @ r_c > 0:
+                slope = (t_c @ r_c) / (t_c @ t_c)
+                if slope < 0 and slope * (t_c @ r_c) / (r_c @ r_c) >= FORECAST_MIN_R2:
+                    forecast = t.mean() - r.mean() / slope
+        rows.append((int(seed), float(forecast)))
+    return pd.DataFrame(rows, columns=["seed", "forecast"])
 
 
 def around_escape(history: pd.DataFrame, column: str, escapes: pd.DataFrame, window: int) -> tuple[float, float, int]:
@@ -146,7 +187,7 @@ def around_escape(history: pd.DataFrame, column: str, escapes: pd.DataFrame, win
     that is. NaN, NaN, 0 when no seed escaped or the column is missing."""
     before, after = [], []
     if column in history.columns:
-        for row in escapes[escapes["escaped"]].itertuples(index=False):
+        for row in escapes[~escapes["censored"]].itertuples(index=False):
             rows = history[history["seed"] == row.seed]
             e = rows["epoch"]
             ahead = rows.loc[(e >= row.escape_epoch - window) & (e < row.escape_epoch), column]
@@ -159,23 +200,39 @@ def around_escape(history: pd.DataFrame, column: str, escapes: pd.DataFrame, win
     return float(np.mean(before)), float(np.mean(after)), len(before)
 
 
-def escape_summary(escapes: pd.DataFrame) -> dict[str, float | None]:
+def escape_summary(escapes: pd.DataFrame, forecasts: pd.DataFrame) -> dict[str, float | None]:
     """``escape_epoch`` (mean over the seeds that escaped; null when none did), ``escape_epoch_std``
-    (ddof=0 over those seeds) and ``escaped_fraction``. Censored seeds are never averaged in."""
-    escaped = escapes.loc[escapes["escaped"], "escape_epoch"].to_numpy(np.float64)
-    return {
-        "escape_epoch": _finite(escaped.mean()) if escaped.size else None,
-        "escape_epoch_std": _finite(escaped.std()) if escaped.size else None,
-        "escaped_fraction": float(escaped.size / len(escapes)) if len(escapes) else None,
-    }
+    (ddof=0 over those seeds) and ``escaped_fraction``; ``escape_forecast`` and ``escape_forecast_std``
+    over the seeds with a forecast and ``forecast_fraction``; over the seeds with both, the forecast's
+    mean error ``escape_forecast_error`` (forecast - actual, epochs) and its mean relative size
+    ``escape_forecast_rel_error`` (|forecast - actual| / actual). Censored seeds are never averaged in."""
+    escaped = escapes.loc[~escapes["censored"], "escape_epoch"].to_numpy(np.float64)
+    both = escapes.merge(forecasts, on="seed").dropna(subset=["escape_epoch", "forecast"])
+    error = (both["forecast"] - both["escape_epoch"]).to_numpy(np.float64)
+    out = {"escaped_fraction": float(escaped.size / len(escapes)) if len(escapes) else None}
+    for key, values in (
+        ("escape_epoch", escaped),
+        ("escape_forecast", forecasts["forecast"].dropna().to_numpy(np.float64)),
+    ):
+        out[key] = _finite(values.mean()) if values.size else None
+        out[f"{key}_std"] = _finite(values.std()) if values.size else None
+    out["forecast_fraction"] = float(forecasts["forecast"].notna().mean()) if len(forecasts) else None
+    out["escape_forecast_error"] = _finite(error.mean()) if error.size else None
+    out["escape_forecast_rel_error"] = _finite(np.mean(np.abs(error) / both["escape_epoch"])) if error.size else None
+    return out
 
 
 def summarize(
-    history: pd.DataFrame, index_window: int, escape_margin: float = ESCAPE_MARGIN
+    history: pd.DataFrame,
+    index_window: int,
+    plateau: float,
+    escape_margin: float = ESCAPE_MARGIN,
+    forecast_epochs: int = FORECAST_EPOCHS,
 ) -> dict[str, float | int | None]:
-    """``metrics.json`` of one variant: final-epoch values, the vanishing index and the escape epoch
-    (:func:`escape_summary`), mean and std over seeds. Non-finite values are written as ``null`` (JSON
-    has no NaN) rather than dropped, and a seed's NaN is never averaged away."""
+    """``metrics.json`` of one variant: final-epoch values, the vanishing index, the escape epoch above
+    the ``plateau`` accuracy and its forecast (:func:`escape_summary`), mean and std over seeds.
+    Non-finite values are written as ``null`` (JSON has no NaN) rather than dropped, and a seed's NaN
+    is never averaged away."""
     last = final_rows(history)
     out: dict[str, float | int | None] = {}
     for key in SCALARS:
@@ -190,8 +247,10 @@ def summarize(
     out["vanishing_index_std"] = _finite(np.std(indices))
     # Epochs (summed over seeds) left out of the index because the last layer's speed was 0.
     out["vanishing_index_skipped_epochs"] = sum(skipped for _, skipped in per_seed)
-    out.update(escape_summary(escape_epochs(history, escape_margin)))
-    out["escape_margin"] = escape_margin  # the definition's one setting, so that the report uses the same
+    escapes = escape_epochs(history, plateau, escape_margin)
+    out.update(escape_summary(escapes, escape_forecasts(history, forecast_epochs, plateau, escape_margin)))
+    # The definitions' settings, so that what reads the histories uses the same.
+    out.update(plateau=plateau, escape_margin=escape_margin, forecast_epochs=forecast_epochs)
     out["epochs"] = int(history["epoch"].max())
     out["replicates"] = int(history["seed"].nunique())
     return out

@@ -111,3 +111,31 @@ def jacobian_product(mean_singular_values: list[np.ndarray], replicates: int) ->
     for values in mean_singular_values:
         out = out * np.asarray(values, np.float64)
     return out
+
+
+# ----------------------------------------------------------------------- signal propagation
+def signal(a: np.ndarray) -> np.ndarray:
+    """Across-example spread of a layer: the mean over units of each unit's standard deviation
+    over the examples (axis -2). ``a`` (S, B, U) gives (S,); an input shared by every replicate,
+    (B, U), gives a scalar. Fixed differences between units do not count, only what varies with the image."""
+    return np.asarray(a, np.float64).std(axis=-2).mean(axis=-1)
+
+
+def gain(signal_out: np.ndarray, signal_in: np.ndarray | float) -> np.ndarray:
+    """signal_out / signal_in per replicate; NaN where nothing came in (signal_in 0)."""
+    out, into = np.broadcast_arrays(np.asarray(signal_out, np.float64), np.asarray(signal_in, np.float64))
+    return np.divide(out, into, out=np.full(out.shape, np.nan), where=into != 0)
+
+
+def coupling(outputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Output–label coupling per replicate: the largest singular value s₁ of the cross-covariance
+    C = mean over examples of (o - ō)(y - ȳ)ᵀ between the outputs ``outputs`` (S, B, C) and the
+    one-hot ``labels`` (B, K), and its share s₁² / Σ sᵢ² of C's squared Frobenius norm (1 when one
+    mode carries all of it; NaN when C is 0). Returns two (S,) arrays."""
+    o = np.asarray(outputs, np.float64)
+    y = np.asarray(labels, np.float64)
+    o = o - o.mean(axis=-2, keepdims=True)
+    cov = o.swapaxes(-1, -2) @ (y - y.mean(axis=0)) / y.shape[0]  # (S, C, K)
+    sv = np.linalg.svd(cov, compute_uv=False)
+    energy = (sv**2).sum(axis=-1)
+    return sv[:, 0], np.divide(sv[:, 0] ** 2, energy, out=np.full(energy.shape, np.nan), where=energy > 0)

@@ -8,6 +8,10 @@ and fan-out (a single ``Dense(15·S)`` would use fan_out = 15·S and silently ch
 the glorot scale), so replicate k follows exactly the trajectory it would follow
 alone as long as the loss is the *sum* of the replicates' own losses.
 
+``glorot_standard`` is Glorot & Bengio's (2010) "standard" initialisation
+U[-1/√fan_in, 1/√fan_in], which Keras does not name; ``init_scale`` multiplies every
+initial kernel (1 leaves the initialiser's draw untouched, bit for bit).
+
 Depth is data: layers are built in a loop from the :class:`Variant`.
 """
 
@@ -47,6 +51,7 @@ class StackedDense(keras.layers.Layer):
         layer_index: int,
         kernel_initializer: str = "glorot_uniform",
         shared_input: bool = False,
+        kernel_scale: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -55,6 +60,7 @@ class StackedDense(keras.layers.Layer):
         self.layer_index = int(layer_index)
         self.kernel_initializer = kernel_initializer
         self.shared_input = bool(shared_input)
+        self.kernel_scale = float(kernel_scale)
 
     @property
     def replicates(self) -> int:
@@ -62,17 +68,21 @@ class StackedDense(keras.layers.Layer):
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         in_dim = int(input_shape[-1])
-        init_name = self.kernel_initializer
+
+        def initializer(seed: int) -> keras.initializers.Initializer:
+            if self.kernel_initializer == "glorot_standard":
+                limit = 1.0 / np.sqrt(in_dim)
+                return keras.initializers.RandomUniform(-limit, limit, seed=seed)
+            return keras.initializers.get({"class_name": self.kernel_initializer, "config": {"seed": seed}})
 
         def stacked_init(shape: tuple[int, ...], dtype: Any = None) -> Any:
             # One initialiser per replicate, each on an (in, units) slice: correct fans.
             slices = [
-                keras.initializers.get({"class_name": init_name, "config": {"seed": layer_seed(s, self.layer_index)}})(
-                    (in_dim, self.units), dtype=dtype
-                )
-                for s in self.seeds
+                initializer(layer_seed(s, self.layer_index))((in_dim, self.units), dtype=dtype) for s in self.seeds
             ]
-            return ops.stack(slices, axis=0)
+            kernel = ops.stack(slices, axis=0)
+            # Not even a multiplication by 1: the default initial weights stay bit for bit.
+            return kernel if self.kernel_scale == 1.0 else kernel * self.kernel_scale
 
         self.kernel = self.add_weight(
             name="kernel", shape=(self.replicates, in_dim, self.units), initializer=stacked_init
@@ -103,6 +113,7 @@ class StackedDense(keras.layers.Layer):
             layer_index=self.layer_index,
             kernel_initializer=self.kernel_initializer,
             shared_input=self.shared_input,
+            kernel_scale=self.kernel_scale,
         )
         return config
 
@@ -141,8 +152,9 @@ def output_activation(variant: Variant) -> str:
     return "softmax" if variant.loss == "cross_entropy" else "sigmoid"
 
 
-def build_model(variant: Variant, seeds: Sequence[int], hidden_units: int = 15) -> keras.Model:
-    """784 → ``depth`` × [StackedDense(hidden_units) (→ BatchNorm) → activation] → StackedDense(10) → output."""
+def build_model(variant: Variant, seeds: Sequence[int], hidden_units: int = 15, init_scale: float = 1.0) -> keras.Model:
+    """784 → ``depth`` × [StackedDense(hidden_units) (→ BatchNorm) → activation] → StackedDense(10) → output;
+    every initial kernel is the variant's initialiser's draw times ``init_scale``."""
     inputs = keras.Input(shape=(INPUT_DIM,), name="pixels")
     x = inputs
     for i in range(1, variant.depth + 1):
@@ -152,13 +164,16 @@ def build_model(variant: Variant, seeds: Sequence[int], hidden_units: int = 15) 
             layer_index=i,
             kernel_initializer=variant.init,
             shared_input=(i == 1),
+            kernel_scale=init_scale,
             name=f"hidden_{i}",
         )(x)
         if variant.norm == "batch":
             # Statistics over the batch axis only, separately per replicate and unit.
             x = StackedBatchNormalization(name=f"batchnorm_{i}")(x)
         x = keras.layers.Activation(variant.activation, name=f"{variant.activation}_{i}")(x)
-    x = StackedDense(N_CLASSES, seeds, layer_index=0, kernel_initializer=variant.init, name="output")(x)
+    x = StackedDense(
+        N_CLASSES, seeds, layer_index=0, kernel_initializer=variant.init, kernel_scale=init_scale, name="output"
+    )(x)
     outputs = keras.layers.Activation(output_activation(variant), name="probabilities")(x)
     return keras.Model(inputs, outputs, name=f"stacked-{variant.label}")
 

@@ -20,7 +20,8 @@ T = TypeVar("T")
 
 Activation = Literal["sigmoid", "tanh", "relu"]
 Loss = Literal["mse", "cross_entropy"]
-Initializer = Literal["glorot_uniform", "he_normal"]
+# glorot_standard: Glorot & Bengio's "standard" U[-1/√fan_in, 1/√fan_in] (pipeline.model).
+Initializer = Literal["glorot_uniform", "glorot_standard", "he_normal"]
 Norm = Literal["none", "batch"]
 
 # The allowed values, for messages and for callers that list the choices.
@@ -232,6 +233,8 @@ class TrainParams(_Params):
     shuffle_seed: int = Field(0, ge=0)
     # Fixed training images on which per-layer gradients are measured every epoch.
     probe_size: int = Field(1000, ge=1)
+    # Multiplies every initial kernel (1: the initialiser's own scale).
+    init_scale: float = Field(1.0, gt=0)
 
 
 # ------------------------------------------------------------------------ tracking
@@ -247,9 +250,12 @@ class SummaryParams(_Params):
 
     # The vanishing index averages the first N epochs (learning speed matters most early).
     index_window: int = Field(10, ge=1)
-    # The escape epoch: the first epoch whose training accuracy exceeds the first epoch's by more
-    # than this (an accuracy difference, 0.05 = 5 points); seeds that never do are censored.
+    # The escape epoch: the first epoch whose training accuracy exceeds the plateau (the constant
+    # predictor's accuracy: the most common training label's frequency) by more than this (an
+    # accuracy difference, 0.05 = 5 points); seeds that never do are censored.
     escape_margin: float = Field(0.05, gt=0, lt=1)
+    # The escape forecast may use each seed's first N epochs (pipeline.history.escape_forecasts).
+    forecast_epochs: int = Field(40, ge=2)
 
 
 # -------------------------------------------------------------------------- report

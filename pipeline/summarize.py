@@ -1,9 +1,11 @@
-"""Stage ``summarize``: one variant's ``metrics.json`` from its ``history.csv``.
+"""Stage ``summarize``: one variant's ``metrics.json`` from its ``history.csv`` and the training labels.
 
-``python -m pipeline.summarize --history results/<name>/history.csv --out results/<name>/metrics.json``
+``python -m pipeline.summarize --history results/<name>/history.csv --train data/processed/train.npz
+--out results/<name>/metrics.json``
 
-Final-epoch values, the vanishing index and the escape epoch (:func:`pipeline.history.summarize`).
-A stage of its own, downstream of training: changing ``summary`` in params.yaml retrains nothing.
+Final-epoch values, the vanishing index, the escape epoch above the plateau (the constant predictor's
+accuracy on the training labels) and its forecast (:func:`pipeline.history.summarize`). A stage of its
+own, downstream of training: changing ``summary`` in params.yaml retrains nothing.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from pipeline import cli, history
 from pipeline.outputs import write_text_atomic
@@ -25,13 +30,27 @@ class SummaryError(RuntimeError):
     """The summary cannot be written; the message names the file and what to do."""
 
 
+def read_plateau(path: Path) -> float:
+    """:func:`pipeline.history.plateau_accuracy` of the labels ``y`` in the preprocess stage's ``train.npz``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return history.plateau_accuracy(data["y"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise SummaryError(
+            f"{path}: cannot read the training labels ({exc}); run the preprocess stage (dvc repro)"
+        ) from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.summarize", description=__doc__.splitlines()[0])
     parser.add_argument("--history", type=Path, required=True, help="the variant's history.csv")
+    parser.add_argument("--train", type=Path, required=True, help="the training split (its labels define the plateau)")
     parser.add_argument("--out", type=Path, required=True, help="metrics.json to write")
 
     def body(args: argparse.Namespace, params: SummaryParams) -> None:
-        metrics = history.summarize(history.read_history(args.history), params.index_window, params.escape_margin)
+        table = history.read_history(args.history)
+        plateau = read_plateau(args.train)
+        metrics = history.summarize(table, params.index_window, plateau, params.escape_margin, params.forecast_epochs)
         try:
             write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
         except OSError as exc:
@@ -39,11 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"cannot write {args.out}: {exc.strerror or exc}; free disk space or make its folder writable"
             ) from exc
         log.info(
-            "%s: vanishing index %s, escape epoch %s (fraction of seeds escaped %s) -> %s",
+            "%s: vanishing index %s, escape epoch %s (fraction of seeds escaped %s), forecast %s -> %s",
             args.history.parent.name,
             metrics["vanishing_index"],
             metrics["escape_epoch"],
             metrics["escaped_fraction"],
+            metrics["escape_forecast"],
             args.out,
         )
 

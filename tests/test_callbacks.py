@@ -220,19 +220,44 @@ def test_jacobian_product() -> None:
     np.testing.assert_allclose(measures.jacobian_product([], 3), [1.0, 1.0, 1.0])
 
 
+def test_signal_is_the_mean_over_units_of_each_units_spread_over_examples() -> None:
+    # Replicate 0: unit 0 takes 0 and 2 (std 1), unit 1 takes 5 and 5 (std 0, however large): signal 1/2.
+    # Replicate 1: units take ±3 and ±1 around their means (std 3 and 1): signal 2.
+    a = np.array([[[0.0, 5.0], [2.0, 5.0]], [[-3.0, 1.0], [3.0, -1.0]]])
+    np.testing.assert_allclose(measures.signal(a), [0.5, 2.0])
+    assert measures.signal(a[0]) == pytest.approx(0.5)  # a shared input (B, U): one value
+    np.testing.assert_allclose(measures.gain(measures.signal(a), 0.5), [1.0, 4.0])
+    np.testing.assert_allclose(measures.gain(np.array([1.0, 2.0]), np.array([0.0, 4.0])), [np.nan, 0.5])
+
+
+def test_coupling_of_a_rank_one_cross_covariance() -> None:
+    """Outputs (2·(y·v), 0) with v = (1, -1, 0) follow one label direction: C = mean (o - ō)(y - ȳ)ᵀ
+    has one non-zero row, 2·Cov(y·v, y) = 2·(3/8, -5/16, -1/16), so s₁ = √62 / 8 and its share is 1."""
+    labels = np.eye(3)[[0, 1, 2, 0]]
+    outputs = np.stack([np.stack([2 * labels @ [1.0, -1.0, 0.0], np.zeros(4)], axis=1), np.zeros((4, 2))])
+    s1, share = measures.coupling(outputs, labels)
+    np.testing.assert_allclose(s1, [np.sqrt(62) / 8, 0.0], atol=1e-12)
+    np.testing.assert_allclose(share, [1.0, np.nan])  # replicate 1's constant output: no mode at all
+    # Outputs equal to balanced one-hot labels of 3 classes: C = diag(1/3) - 1/9, singular values
+    # 1/3, 1/3, 0: two equal modes, share 1/2.
+    balanced = np.eye(3)[[0, 1, 2, 0, 1, 2]]
+    s1, share = measures.coupling(balanced[None], balanced)
+    np.testing.assert_allclose((s1, share), ([1 / 3], [0.5]))
+
+
 def _sigma(z: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-z))
 
 
 def test_activation_probe_hand_computed_on_a_depth_two_sigmoid_net() -> None:
     """Every key against a float64 NumPy forward pass, with one hidden unit driven into saturation."""
-    x, _ = _tiny(n=8)
+    x, y = _tiny(n=8)
     model = build_model(Variant(depth=2), [0, 1])
     first = hidden_layers(model)[0]
     bias = keras.ops.convert_to_numpy(first.bias).copy()
     bias[0, 3] = 20.0  # replicate 0, unit 3 of hidden_1: σ ≈ 1, σ' ≈ 2e-9 for every example
     first.bias.assign(bias)
-    probe = cb.ActivationProbe(x, jacobian_examples=5)
+    probe = cb.ActivationProbe(x, y, jacobian_examples=5)
     probe.set_model(model)
     probe.on_train_begin()
     logs: dict = {}
@@ -244,6 +269,10 @@ def test_activation_probe_hand_computed_on_a_depth_two_sigmoid_net() -> None:
         names = ["hidden_1", "hidden_2", "output"]
         means = []
         for layer, a, name in zip(range(3), acts[1:], names, strict=True):
+            signal = a.std(axis=0).mean()  # each unit's spread over the 8 examples, averaged over units
+            np.testing.assert_allclose(logs[f"signal/{name}"][k], signal, rtol=1e-4)
+            received = acts[layer].std(axis=0).mean()  # the input's, for hidden_1
+            np.testing.assert_allclose(logs[f"gain/{name}"][k], signal / received, rtol=1e-4)
             np.testing.assert_allclose(logs[f"act_mean/{name}"][k], a.mean(), rtol=1e-5)
             np.testing.assert_allclose(logs[f"act_p02/{name}"][k], np.percentile(a, 2), rtol=1e-5)
             np.testing.assert_allclose(logs[f"act_p98/{name}"][k], np.percentile(a, 98), rtol=1e-5)
@@ -256,11 +285,15 @@ def test_activation_probe_hand_computed_on_a_depth_two_sigmoid_net() -> None:
             np.testing.assert_allclose(logs[f"jac_max/{name}"][k], sv[:, 0].mean(), rtol=1e-4)
             means.append(sv.mean())
         np.testing.assert_allclose(logs["jac_product"][k], means[0], rtol=1e-4)  # hidden_1 only: L - 1 = 1
+        out = acts[-1]
+        sv = np.linalg.svd((out - out.mean(axis=0)).T @ (y - y.mean(axis=0)) / len(y), compute_uv=False)
+        np.testing.assert_allclose(logs["coupling"][k], sv[0], rtol=1e-4)
+        np.testing.assert_allclose(logs["coupling_share"][k], sv[0] ** 2 / (sv**2).sum(), rtol=1e-4)
     assert logs["saturation/hidden_1"][0] >= 1 / 15  # the saturated unit, for every example
     assert set(logs) == {
-        *(f"{kind}/{n}" for kind in ("act_mean", "act_p02", "act_p98", "saturation") for n in names),
+        *(f"{kind}/{n}" for kind in ("act_mean", "act_p02", "act_p98", "saturation", "signal", "gain") for n in names),
         *(f"{kind}/hidden_{i}" for kind in ("jac_mean", "jac_max") for i in (1, 2)),
-        "jac_product",
+        *("jac_product", "coupling", "coupling_share"),
     }
     assert all(np.shape(v) == (2,) for v in logs.values())
 
@@ -268,13 +301,13 @@ def test_activation_probe_hand_computed_on_a_depth_two_sigmoid_net() -> None:
 def test_activation_probe_counts_a_dead_relu_and_scales_by_batch_norm() -> None:
     """ReLU with batch norm: a unit whose normalised input is always negative is dead (saturated);
     the Jacobian is diag(ReLU'(u) · γ / √(var + ε)) W_next in inference mode."""
-    x, _ = _tiny(n=8)
+    x, y = _tiny(n=8)
     model = build_model(Variant(depth=1, activation="relu", norm="batch"), [0])
     norm = model.get_layer("batchnorm_1").norm
     beta = keras.ops.convert_to_numpy(norm.beta).copy()
     beta[0] = -100.0  # unit 0: u = z / √(1 + ε) - 100 < 0 for every example
     norm.beta.assign(beta)
-    probe = cb.ActivationProbe(x)
+    probe = cb.ActivationProbe(x, y)
     probe.set_model(model)
     logs: dict = {}
     probe.on_epoch_end(0, logs)
@@ -309,7 +342,7 @@ def test_new_measurements_do_not_change_training(monkeypatch) -> None:
     weights_with, with_probe = run()
 
     class Nothing(keras.callbacks.Callback):
-        def __init__(self, x: np.ndarray) -> None:
+        def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
             super().__init__()
 
     monkeypatch.setattr(cb, "ActivationProbe", Nothing)

@@ -87,17 +87,25 @@ ALL_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("variant", ALL_SETTINGS, ids=lambda v: f"{v.activation}-{v.loss}-{v.init}-{v.norm}")
-def test_same_steps_as_keras_fit(variant: Variant) -> None:
+# A larger and a smaller initial scale (train.init_scale) on top of every setting at scale 1.
+SCALED = [(Variant(depth=2), 4.0), (Variant(depth=2, activation="relu", init="glorot_standard"), 0.5)]
+
+
+@pytest.mark.parametrize(
+    ("variant", "init_scale"),
+    [*((v, 1.0) for v in ALL_SETTINGS), *SCALED],
+    ids=lambda p: f"{p.activation}-{p.loss}-{p.init}-{p.norm}" if isinstance(p, Variant) else f"x{p:g}",
+)
+def test_same_steps_as_keras_fit(variant: Variant, init_scale: float) -> None:
     """One replicate vs a plain Sequential trained by Keras' own ``fit`` on the same batches,
-    for every activation, loss, initialiser and normalisation the params allow.
+    for every activation, loss, initialiser and normalisation the params allow, and initial scales.
 
     Tolerance: weights (batch-norm statistics included) to rtol 1e-4 / atol 1e-6 after 3
     epochs of 3 steps; per-epoch accuracy to 1e-6. float32 sums in another order differ by
     about 1e-7 per step, far inside that.
     """
     x, y = tiny_data(n=250)  # 2 full batches and a short last batch of 50
-    model = build_model(variant, [0])
+    model = build_model(variant, [0], init_scale=init_scale)
     reference = unstack(model, variant, 0)  # same initial weights
     keras_loss = "categorical_crossentropy" if variant.loss == "cross_entropy" else "mse"
     reference.compile(optimizer=keras.optimizers.SGD(0.2), loss=keras_loss, metrics=["categorical_accuracy"])
@@ -195,15 +203,18 @@ def test_with_and_without_a_short_last_batch(loss: str, n: int) -> None:
     assert all(np.isfinite(log["loss"]).all() for log in rec.logs)
 
 
-# Every value of every axis, and every pair of values of two axes, in 6 settings (a pairwise
-# covering array): the same check on JAX at a quarter of the 24 settings' compile time.
+# Every value of every axis, and every pair of values of two axes, in 9 settings (a pairwise
+# covering array): the same check on JAX at a quarter of the 36 settings' compile time.
 PAIRWISE_ON_JAX = [
-    "sigmoid-mse-glorot_uniform-none",
-    "sigmoid-cross_entropy-he_normal-batch",
-    "tanh-mse-he_normal-batch",
-    "tanh-cross_entropy-glorot_uniform-none",
-    "relu-mse-glorot_uniform-batch",
-    "relu-cross_entropy-he_normal-none",
+    "sigmoid-mse-glorot_uniform-none-x1",
+    "sigmoid-cross_entropy-glorot_standard-batch-x1",
+    "sigmoid-mse-he_normal-batch-x1",
+    "tanh-cross_entropy-glorot_uniform-batch-x1",
+    "tanh-mse-glorot_standard-none-x1",
+    "tanh-cross_entropy-he_normal-none-x1",
+    "relu-mse-glorot_uniform-batch-x1",
+    "relu-cross_entropy-glorot_standard-none-x1",
+    "relu-cross_entropy-he_normal-batch-x1",
 ]
 
 

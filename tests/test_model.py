@@ -49,6 +49,23 @@ def test_he_normal_scale() -> None:
     assert abs(kernel.std() / np.sqrt(2 / 784) - 1) < 0.05
 
 
+def test_glorot_standard_is_uniform_within_one_over_root_fan_in() -> None:
+    model = build_model(Variant(depth=2, init="glorot_standard"), seeds=list(range(4)))
+    for layer, fan_in in zip([*hidden_layers(model), model.get_layer("output")], (784, 15, 15), strict=True):
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        assert np.abs(kernel).max() <= 1 / np.sqrt(fan_in)
+        assert np.abs(kernel).max() > 0.95 / np.sqrt(fan_in)
+        assert abs(kernel.std() * np.sqrt(3 * fan_in) - 1) < 0.1  # U[-a, a] has std a / √3
+
+
+def test_init_scale_multiplies_every_initial_kernel_and_nothing_else() -> None:
+    plain = build_model(Variant(depth=2), seeds=[0, 1])
+    scaled = build_model(Variant(depth=2), seeds=[0, 1], init_scale=4.0)
+    for a, b in zip(plain.weights, scaled.weights, strict=True):
+        factor = 4.0 if "kernel" in a.path else 1.0  # biases stay zero
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a) * factor, keras.ops.convert_to_numpy(b))
+
+
 def test_replicate_init_does_not_depend_on_companions() -> None:
     alone = build_model(Variant(depth=3), seeds=[7])
     stacked = build_model(Variant(depth=3), seeds=[1, 7, 9])

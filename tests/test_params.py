@@ -122,7 +122,7 @@ def test_bad_train_params(overrides: dict[str, object], fragment: str) -> None:
         ({"depth": 0}, "depth: must be >= 1"),
         ({"depth": 2, "activation": "swish"}, "activation: got 'swish'; allowed: sigmoid, tanh, relu"),
         ({"depth": 2, "loss": "hinge"}, "loss: got 'hinge'; allowed: mse, cross_entropy"),
-        ({"depth": 2, "init": "zeros"}, "init: got 'zeros'; allowed: glorot_uniform, he_normal"),
+        ({"depth": 2, "init": "zeros"}, "init: got 'zeros'; allowed: glorot_uniform, glorot_standard, he_normal"),
         ({"depth": 2, "norm": "layer"}, "norm: got 'layer'; allowed: none, batch"),
         ({"activation": "relu"}, "missing required key 'depth'"),
     ],
@@ -153,6 +153,8 @@ def test_every_error_is_reported_at_once() -> None:
         ("summary", {"index_window": "10"}, "summary.index_window: expected an integer, got '10'"),
         ("summary", {"escape_margin": 0}, "summary.escape_margin: must be > 0; got 0"),
         ("summary", {"escape_margin": 1.0}, "summary.escape_margin: must be < 1; got 1.0"),
+        ("summary", {"forecast_epochs": 1}, "summary.forecast_epochs: must be >= 2; got 1"),
+        ("train", {"init_scale": 0}, "train.init_scale: must be > 0; got 0"),
         ("report", {"change_clip_quantile": 0}, "report.change_clip_quantile: must be > 0; got 0"),
         ("report", {"change_clip_quantile": 1.5}, "report.change_clip_quantile: must be <= 1; got 1.5"),
         ("report", {"dpi": 29}, "report.dpi: must be >= 30; got 29"),
@@ -170,6 +172,13 @@ def test_summary_section() -> None:
     assert parse(SummaryParams, {"index_window": 3}, "summary").index_window == 3
     assert parse(SummaryParams, {}, "summary").escape_margin == 0.05
     assert parse(SummaryParams, {"escape_margin": 0.1}, "summary").escape_margin == 0.1
+    assert parse(SummaryParams, {}, "summary").forecast_epochs == 40
+
+
+def test_init_scale_and_the_standard_init() -> None:
+    assert parse(TrainParams, {}, "train").init_scale == 1.0
+    assert parse(TrainParams, {"init_scale": 2}, "train").init_scale == 2.0  # `dvc exp run -S train.init_scale=2`
+    assert Variant(depth=4, init="glorot_standard").label == "depth-4-glorotstandard"
 
 
 def test_variant_labels() -> None:
@@ -342,7 +351,9 @@ def test_check_file_tells_the_repo_params_from_a_typo(tmp_path: Path, capsys: py
     raw["summary"]["index_windw"] = 5
     path.write_text(yaml.safe_dump(raw))
     assert params_main([str(path)]) == 1
-    message = "params: error: summary: unknown key(s) index_windw; allowed keys: index_window, escape_margin"
+    message = (
+        "params: error: summary: unknown key(s) index_windw; allowed keys: index_window, escape_margin, forecast_epochs"
+    )
     assert message in capsys.readouterr().err
 
 
