@@ -5,8 +5,9 @@ seeds, and DVC's top-level ``plots`` cannot list one file per variant of a matri
 the report stage writes two study-wide files (:func:`write_plot_data`) that the
 templates in ``.dvc/plots/`` draw one line per variant (colour) and per hidden layer:
 
-``curves.csv``  one row per (variant, epoch): ``variant, depth, epoch, accuracy, loss,
-                test_accuracy, test_loss`` (whichever of those were measured).
+``curves.csv``  one row per (variant, epoch): ``variant, color, depth, epoch, accuracy, loss,
+                test_accuracy, test_loss`` (whichever were measured; ``color``: the variant's
+                colour in the report, which the ``variants`` template uses too).
 ``layers.csv``  one row per (variant, layer, epoch): ``variant, layer, epoch,
                 weight_change, grad, grad_bias`` (layer 1 is the first hidden layer).
 """
@@ -25,13 +26,14 @@ CURVES_FILE = "curves.csv"
 LAYERS_FILE = "layers.csv"
 
 
-def study_curves(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """One row per (variant, epoch), variants in the given order: the seed-mean of
+def study_curves(histories: Mapping[str, pd.DataFrame], colors: Mapping[str, str]) -> pd.DataFrame:
+    """One row per (variant, epoch), variants in the given order: its colour and the seed-mean of
     accuracy, loss, test accuracy and test loss."""
     frames = [
-        mean_curves(h)[["epoch", *SCALARS]].assign(variant=name, depth=depth_of(h)) for name, h in histories.items()
+        mean_curves(h)[["epoch", *SCALARS]].assign(variant=name, color=colors[name], depth=depth_of(h))
+        for name, h in histories.items()
     ]
-    return _concat(frames, ["variant", "depth", "epoch", *SCALARS])
+    return _concat(frames, ["variant", "color", "depth", "epoch", *SCALARS])
 
 
 def layer_curves(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -46,10 +48,10 @@ def layer_curves(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return _concat(frames, ["variant", "layer", "epoch", *LAYER_KINDS])
 
 
-def write_plot_data(histories: Mapping[str, pd.DataFrame], folder: Path) -> list[Path]:
+def write_plot_data(histories: Mapping[str, pd.DataFrame], colors: Mapping[str, str], folder: Path) -> list[Path]:
     """Write ``curves.csv`` and ``layers.csv`` into ``folder`` (created); returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, frame in ((CURVES_FILE, study_curves(histories)), (LAYERS_FILE, layer_curves(histories))):
+    for name, frame in ((CURVES_FILE, study_curves(histories, colors)), (LAYERS_FILE, layer_curves(histories))):
         frame.to_csv(folder / name, index=False, float_format="%.6g")
     return [folder / CURVES_FILE, folder / LAYERS_FILE]
 

@@ -265,7 +265,11 @@ class ReportParams(_Params):
     # Upper y-limit of the weight-change panel is this quantile of epochs >= 2,
     # so the large first-epoch change does not flatten the rest of the curve.
     change_clip_quantile: float = Field(0.99, gt=0, le=1)
+    # Resolution of the PNGs; the page shows every figure at the same size whatever the dpi.
     dpi: int = Field(110, ge=30)
+    # The MLflow UI over the local store (make ui's address), which the run table links into;
+    # None: no links. Runs logged to a tracking server link into that server.
+    ui_url: str | None = Field(None, pattern=r"^https?://")
 
 
 SECTIONS: dict[str, Any] = {

@@ -1,14 +1,13 @@
-"""Report stage: turn every variant's training results into one self-contained study page.
+"""Report stage: every variant's results in, one self-contained study page out. Needs no tracking store.
 
 ``python -m pipeline.report --params params.yaml --results results --out reports``
 
-Reads ``results/<name>/{history.csv,run.json}`` (train stage) and ``metrics.json`` (summarize
-stage); writes ``<out>/index.html`` (``templates/report.html.j2``, images embedded, no external
-resources), the figures of :mod:`pipeline.figures` as PNG files, ``summary.md`` and the seed-mean
-curves for ``dvc plots`` in ``plots/``. Built in a temporary folder beside ``--out``, logged to
-MLflow as the artifacts of a run named ``report``, and only then moved into place: a failure
-leaves no half-written report. Of params.yaml it reads ``report``, ``tracking``, and ``grid`` and
-``remedies`` only to know which variants belong to the study; how they were trained is in the results.
+Reads ``results/<name>/history.csv`` (train stage), ``metrics.json`` (summarize stage) and, where there,
+``run.json`` (the variant's MLflow runs, for the run table); writes ``<out>/index.html``
+(``templates/report.html.j2``, images embedded), the figures as PNG files, ``summary.md`` and the
+seed-mean curves for ``dvc plots`` (``plots/``): all of them, or on a failure none. Of params.yaml it
+reads ``report``, ``summary.index_window``, and ``grid`` and ``remedies`` to name the study's variants.
+:mod:`pipeline.publish` puts the page into MLflow.
 """
 
 from __future__ import annotations
@@ -19,42 +18,30 @@ import io
 import json
 import logging
 import math
-import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from PIL import Image
 
-from pipeline import cli, columns, curves, figures, history, serve, tracking
-from pipeline.columns import ACT_MEAN, ACT_P02, ACT_P98, JAC_MAX, JAC_MEAN, JAC_PRODUCT, SATURATION
+from pipeline import cli, columns, curves, figures, history
+from pipeline.columns import ACT_MEAN, ACT_P02, ACT_P98, JAC_MAX, JAC_MEAN, JAC_PRODUCT, SATURATION, WEIGHT_CHANGE
 from pipeline.measures import SATURATED
 from pipeline.outputs import staged_dir
-from pipeline.params import (
-    ParamsError,
-    ReportParams,
-    TrackingParams,
-    Variant,
-    check_file,
-    load_section,
-    parse,
-    study_variants,
-)
+from pipeline.params import GridParams, ReportParams, Variant, load_section, study_variants
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = ("history.csv", "metrics.json", "run.json")
-LOCAL_UI = "http://127.0.0.1:5000/"
-STAGE = "report"
-VARIANT_FIGURES = ("classic", "bands", "gradients")  # <kind>-<name>.png: one variant's own figures
-REPORT_LINE = "The study's report:"  # the line of a variant run's description that links the latest report
+REQUIRED_FILES = ("history.csv", "metrics.json")
 SETTINGS = ("depth", "activation", "loss", "init", "norm")  # a variant's fields, in the tables' order
-CLASSIC = ("sigmoid", "mse", "glorot_uniform", "none")  # activation, loss, init, norm
+VARIANT_FIGURES = ("bands", "gradients", "activations", "saturation", "jacobians")  # <kind>-<name>.png
 ESCAPE_WINDOW = 10  # epochs before, and from, each seed's escape that the captions average
+SATURATED_MEANS = f"f' below {SATURATED:g} of its maximum; for ReLU (f' = 0 where u ≤ 0) an inactive unit"
 
 
 class ReportError(RuntimeError):
@@ -64,59 +51,39 @@ class ReportError(RuntimeError):
 # --------------------------------------------------------------------------- loading
 @dataclass(frozen=True)
 class VariantResult:
-    """One trained variant: its folder, settings, per-epoch history, final metrics and run info."""
+    """One trained variant: its folder (named as its DVC stage item), settings, history, metrics and runs."""
 
     folder: Path
     variant: Variant
     history: pd.DataFrame
-    metrics: dict[str, float]
-    run: dict[str, Any]
+    metrics: dict[str, Any]
+    run: dict[str, Any]  # run.json; empty where the folder has none (results without their DVC outputs)
 
     @property
     def name(self) -> str:
-        """The variant's one name: its folder, its DVC stage item and its MLflow runs."""
-        return str(self.run.get("name") or self.folder.name)
+        return self.folder.name
 
     @property
     def classic(self) -> bool:
-        """Nielsen's setup: sigmoid, quadratic cost, Glorot initialisation, no normalisation."""
-        return (self.variant.activation, self.variant.loss, self.variant.init, self.variant.norm) == CLASSIC
+        return figures.is_classic(self.variant)
 
     @property
     def seeds(self) -> list[int]:
-        return [int(s) for s in self.run.get("seeds") or sorted(self.history["seed"].unique())]
+        return sorted(int(s) for s in self.history["seed"].unique())
 
     @property
     def epochs(self) -> int:
         return int(self.history["epoch"].max())
 
-    @property
-    def run_ids(self) -> dict[str, str]:
-        return {str(seed): str(run_id) for seed, run_id in (self.run.get("runs") or {}).items()}
 
-    def parent_in(self, uri: str) -> str | None:
-        """The variant's parent run, when its runs were logged to the store at ``uri`` (else None)."""
-        parent = self.run.get("parent_run")
-        return parent if parent and self.run.get("tracking_uri") == tracking.redact(uri) else None
+def study_names(grid: GridParams, remedies: Mapping[str, Variant]) -> dict[str, Variant]:
+    """The study's variants by the name DVC gives their stage items (dvc.yaml), which is their folder's:
+    ``4-sigmoid-mse-glorot_uniform-none`` for the grid, a remedy's key for a remedy."""
+    study_variants(grid, remedies)  # a remedy that repeats a grid variant is an error
+    return {"-".join(str(getattr(v, k)) for k in SETTINGS): v for v in grid.expand()} | dict(remedies)
 
 
-def load_variant(folder: Path) -> VariantResult:
-    """Read one results folder; ReportError names the file that is missing or malformed."""
-    try:
-        table = history.read_history(folder / "history.csv")
-    except history.HistoryError as exc:
-        raise ReportError(str(exc)) from exc
-    metrics, run = _read_json(folder / "metrics.json"), _read_json(folder / "run.json")
-    try:
-        variant = parse(Variant, run["variant"], f"{folder / 'run.json'} variant")
-    except (KeyError, TypeError, ParamsError) as exc:
-        raise ReportError(f"{folder / 'run.json'}: no valid 'variant' ({exc})") from exc
-    if history.depth_of(table) != variant.depth:
-        raise ReportError(f"{folder / 'history.csv'}: has {history.depth_of(table)} layers, run.json says {variant}")
-    return VariantResult(folder, variant, table, metrics, run)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -126,32 +93,30 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_results(results: Path, study: Sequence[Variant] | None = None) -> list[VariantResult]:
-    """Every variant folder under ``results`` (hidden folders skipped), in study order. With ``study``, only
-    those variants (folders of variants since removed from params are skipped), and each must have results."""
+def load_variant(folder: Path, variant: Variant) -> VariantResult:
+    """Read one results folder; ReportError names the file that is missing, malformed or of another variant."""
+    try:
+        table = history.read_history(folder / "history.csv")
+    except history.HistoryError as exc:
+        raise ReportError(str(exc)) from exc
+    run = read_json(folder / "run.json") if (folder / "run.json").is_file() else {}
+    if run.get("variant", variant.model_dump()) != variant.model_dump() or history.depth_of(table) != variant.depth:
+        raise ReportError(f"{folder}: trained as another variant than params.yaml's {variant}; rerun it (dvc repro)")
+    return VariantResult(folder, variant, table, read_json(folder / "metrics.json"), run)
+
+
+def load_results(results: Path, study: Mapping[str, Variant]) -> list[VariantResult]:
+    """The study's variants from ``results/<name>/``: the classic ones by depth, then the others by depth and name."""
     if not results.is_dir():
         raise ReportError(f"results folder {results} does not exist; run the train stage first (dvc repro)")
-    complete = [p for p in results.iterdir() if all((p / name).is_file() for name in REQUIRED_FILES)]
-    folders = sorted(p for p in complete if not p.name.startswith("."))
-    if not folders:
+    missing = [name for name in study if not all((results / name / f).is_file() for f in REQUIRED_FILES)]
+    if missing:
         raise ReportError(
-            f"no variant results in {results}: expected {results}/<variant>/{{{','.join(REQUIRED_FILES)}}}; "
-            "run the train stage first (dvc repro)"
+            f"no results for {', '.join(missing)} in {results} (expected <variant>/{{{','.join(REQUIRED_FILES)}}}); "
+            "run their stages (dvc repro)"
         )
-    loaded = [load_variant(folder) for folder in folders]
-    seen: dict[Variant, Path] = {}
-    for result in loaded:
-        if result.variant in seen:
-            raise ReportError(f"{seen[result.variant]} and {result.folder} both hold variant {result.variant}")
-        seen[result.variant] = result.folder
-    if study is not None:
-        for result in [r for r in loaded if r.variant not in study]:
-            log.info("skipping %s: it is not in the study's params (grid, remedies)", result.folder)
-        loaded = [result for result in loaded if result.variant in study]
-        missing = sorted(str(v) for v in set(study) - set(seen))
-        if missing:
-            raise ReportError(f"no results for {', '.join(missing)} in {results}; run their train stages (dvc repro)")
-    return sorted(loaded, key=lambda r: (not r.classic, r.variant.depth, r.name))  # classic first; by depth, then name
+    loaded = [load_variant(results / name, variant) for name, variant in study.items()]
+    return sorted(loaded, key=lambda r: (not r.classic, r.variant.depth, r.name))
 
 
 def remedy_groups(results: Sequence[VariantResult]) -> dict[int, list[VariantResult]]:
@@ -160,334 +125,54 @@ def remedy_groups(results: Sequence[VariantResult]) -> dict[int, list[VariantRes
     return {d: sorted((r for r in results if r.variant.depth == d), key=lambda r: not r.classic) for d in depths}
 
 
-def ui_base(uri: str) -> str:
-    """The MLflow UI for runs logged at ``uri``: the server itself (without any user name or password:
-    a link is for a browser, which asks for them), else the local ``make ui`` address."""
-    if not uri.startswith(("http://", "https://")):
-        return LOCAL_UI
-    parts = urllib.parse.urlsplit(uri)
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/") + "/"
-
-
-def run_link(base: str, experiment_id: str, run_id: str) -> str:
-    return f"{base}#/experiments/{experiment_id}/runs/{run_id}"
-
-
-# ------------------------------------------------------------------- computed text
 def histories(results: Iterable[VariantResult]) -> dict[str, pd.DataFrame]:
     return {r.name: r.history for r in results}
 
 
-def _num(value: float, fmt: str = ".4f") -> str:
-    return format(value, fmt) if np.isfinite(value) else "n/a"
-
-
-def _seed_mean(table: pd.DataFrame, column: str, epoch: int) -> float:
-    """Mean over seeds of ``column`` at ``epoch`` (NaN when the column or the epoch is missing)."""
-    return float(table.loc[table["epoch"] == epoch, column].mean()) if column in table.columns else math.nan
-
-
-def _at(table: pd.DataFrame, column: str, epoch: int, fmt: str = ".3f") -> str:
-    return _num(_seed_mean(table, column, epoch), fmt)
-
-
-def final_accuracy(summary: pd.DataFrame, label: str) -> str:
-    """Final training accuracy of variant ``label``: mean ± std over its seeds."""
-    row = summary.set_index("variant").loc[label]
-    return format_mean_std(row["accuracy_mean"], row["accuracy_std"])
-
-
-# --------------------------------------------------------------------------- figures
-@dataclass(frozen=True)
-class Plot:
-    """A saved figure: file name in the report folder, caption and PNG bytes."""
-
-    file: str
-    caption: str
-    png: bytes
-
-
-def render(fig: Figure, folder: Path, file: str, dpi: int, caption: str) -> Plot:
-    """Save ``fig`` as ``folder/file`` and release it; returns the bytes for embedding."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    fig.clear()  # Figures made without pyplot are not registered anywhere: clearing releases them.
-    png = buffer.getvalue()
-    (folder / file).write_bytes(png)
-    return Plot(file, caption, png)
-
-
-def classic_plots(
-    results: Sequence[VariantResult], summary: pd.DataFrame, rp: ReportParams, folder: Path
-) -> list[Plot]:
-    """Nielsen's figures for the classic variants: per depth, then across depths, then σ and σ'."""
-    classic = [r for r in results if r.classic]
-    finals = {r.name: final_accuracy(summary, r.name) for r in classic}
-    plots = []
-    for r in classic:
-        seed = int(r.history["seed"].min())
-        fig = figures.classic_figure(r.history, f"{r.name} (seed {seed})", rp.change_clip_quantile)
-        caption = (
-            f"{r.name}, seed {seed}: training accuracy and weight change per hidden layer. "
-            f"Final training accuracy over {r.history['seed'].nunique()} seed(s): {finals[r.name]}."
-        )
-        plots.append(render(fig, folder, f"classic-{r.name}.png", rp.dpi, caption))
-    if not classic:
-        return plots
-    hs = histories(classic)
-    # Mean over epochs >= 2 and seeds: the first epoch's large change left out.
-    changes = {r.name: float(r.history.loc[r.history["epoch"] >= 2, "weight_change/hidden_1"].mean()) for r in classic}
-    base_label, base = next(iter(changes.items()))
-    relative = ", ".join(f"{k} {_num(c, '.3g')} ({_num(c / base, '.3g')}× {base_label})" for k, c in changes.items())
-    listed = ", ".join(f"{name} {final}" for name, final in finals.items())
-    accuracy = f"Training accuracy of the classic networks by depth. Final accuracy (mean ± std over seeds): {listed}."
-    change = f"Weight change of the first hidden layer (log scale). Mean over epochs ≥ 2 and seeds: {relative}."
-    final = "Final training accuracy against depth: mean ± std over seeds, and each seed's value."
-    sigmoid = (
-        f"σ and σ'. σ' never exceeds σ'(0) = {figures.QUARTER} = {figures.SIGMOID_BOUND:g}, so back-propagating "
-        f"through each sigmoid layer scales the error by at most {figures.SIGMOID_BOUND:g} (times the weights)."
-    )
-    across = [
-        (figures.accuracy_by_depth(hs), "accuracy_by_depth.png", accuracy),
-        (figures.first_layer_change(hs), "first_layer_change.png", change),
-        (figures.final_accuracy_vs_depth(history.final_values(hs)), "final_accuracy_vs_depth.png", final),
-        (figures.sigmoid_figure(), "sigmoid.png", sigmoid),
-    ]
-    return plots + [render(fig, folder, file, rp.dpi, caption) for fig, file, caption in across]
-
-
-def band_plots(results: Sequence[VariantResult], rp: ReportParams, folder: Path) -> list[Plot]:
-    """Replicate spread of every variant."""
-    plots = []
-    for r in results:
-        caption = f"{r.name}: seeds {', '.join(map(str, sorted(r.history['seed'].unique())))}; {figures.BAND_NOTE}."
-        fig = figures.bands_figure(r.history, r.name, rp.change_clip_quantile)
-        plots.append(render(fig, folder, f"bands-{r.name}.png", rp.dpi, caption))
-    return plots
-
-
-def gradient_plots(results: Sequence[VariantResult], rp: ReportParams, folder: Path) -> list[Plot]:
-    """Per-layer gradients and layer ratios of every variant, with the median of each ratio over epochs."""
-    plots = []
-    for r in results:
-        ratios = history.layer_ratios(r.history)
-        listed = ", ".join(f"{name} {_num(float(stats['mean'].median()), '.3g')}" for name, stats in ratios.items())
-        text = f"Median layer-to-layer ratio over epochs: {listed}; the σ' bound is {figures.SIGMOID_BOUND:g}."
-        if not ratios:
-            text = "One hidden layer: no layer-to-layer ratio."
-        fig = figures.gradient_figure(r.history, r.name)
-        plots.append(render(fig, folder, f"gradients-{r.name}.png", rp.dpi, text))
-    return plots
-
-
-def remedy_plots(results: Sequence[VariantResult], summary: pd.DataFrame, rp: ReportParams, folder: Path) -> list[Plot]:
-    """One figure per depth that has remedies, with the classic variant of that depth alongside."""
-    index = summary.set_index("variant")["vanishing_index_mean"]
-    plots = []
-    for depth, group in remedy_groups(results).items():
-        facts = "; ".join(
-            f"{r.name}: final accuracy {final_accuracy(summary, r.name)}, vanishing index {_num(index[r.name], '.3g')}"
-            for r in group
-        )
-        fig = figures.remedies_figure(histories(group))
-        plots.append(render(fig, folder, f"remedies-depth-{depth}.png", rp.dpi, f"Depth {depth}. {facts}."))
-    return plots
-
-
-# ----------------------------------------------------- why the deepest classic net stalls (issue 12)
-def escape_margin(result: VariantResult) -> float:
-    """The margin the summarize stage computed the escape epoch with (in metrics.json), else the default."""
-    value = result.metrics.get("escape_margin")
-    return float(value) if isinstance(value, int | float) else history.ESCAPE_MARGIN
-
-
 def escapes_of(results: Iterable[VariantResult]) -> dict[str, pd.DataFrame]:
-    """Name -> each seed's escape epoch (:func:`pipeline.history.escape_epochs`)."""
-    return {r.name: history.escape_epochs(r.history, escape_margin(r)) for r in results}
+    """Name -> each seed's escape epoch, by the plateau and margin the summarize stage used (metrics.json)."""
+    out = {}
+    for r in results:
+        if "plateau" not in r.metrics:
+            raise ReportError(f"{r.folder / 'metrics.json'} has no plateau; rerun its summary stage (dvc repro)")
+        out[r.name] = history.escape_epochs(r.history, r.metrics["plateau"], r.metrics["escape_margin"])
+    return out
 
 
-def has_probe(result: VariantResult) -> bool:
-    """Whether the history holds the probe's activation, saturation and Jacobian columns."""
-    return bool(history.layer_columns(result.history, SATURATION))
+# ------------------------------------------------------------------------ tables
+MEASURES = ("accuracy", "test_accuracy", "vanishing_index", "escape_epoch")  # mean and std of each
 
 
-def stalling_variant(results: Sequence[VariantResult]) -> VariantResult | None:
-    """The deepest classic variant: the one whose plateau the section explains."""
-    return max((r for r in results if r.classic), key=lambda r: r.variant.depth, default=None)
-
-
-def escape_text(escapes: pd.DataFrame) -> str:
-    """``3 of 5 seeds escaped, at epoch 131 ± 4 (seed 0: 127, seed 1: censored at 200, …)``."""
-    escaped = escapes.loc[escapes["escaped"], "escape_epoch"]
-    head = f"{len(escaped)} of {len(escapes)} seed(s) escaped"
-    if len(escaped):
-        head += f", at epoch {format_mean_std(escaped.mean(), escaped.std(ddof=0), '.0f')}"
-    each = ", ".join(
-        f"seed {row.seed}: {row.escape_epoch:.0f}" if row.escaped else f"seed {row.seed}: censored at {row.last_epoch}"
-        for row in escapes.itertuples(index=False)
-    )
-    return f"{head} ({each})"
-
-
-def stall_text(result: VariantResult | None, escapes: Mapping[str, pd.DataFrame]) -> str:
-    """The section's opening sentences, from the deepest classic variant's data."""
-    if result is None:
-        return "No classic variant in these results."
-    return (
-        f"{result.name} starts at a training accuracy of {_at(result.history, 'accuracy', 1, '.4f')} (epoch 1, mean "
-        f"over seeds) and stays there until its escape epoch, the first epoch whose accuracy exceeds epoch 1's by more "
-        f"than {escape_margin(result):g}: {escape_text(escapes[result.name])}. Measured every epoch on the fixed probe "
-        "batch, as Glorot & Bengio (2010) did: each layer's activations, the fraction of its units in the flat "
-        f"part of the activation (saturated: f' below {SATURATED:g} of its maximum), and the singular values "
-        "of each layer's back-propagation Jacobian against the σ' bound."
-    )
-
-
-def stall_plots(
-    results: Sequence[VariantResult], escapes: Mapping[str, pd.DataFrame], rp: ReportParams, folder: Path
-) -> list[Plot]:
-    """Activations, saturation and Jacobians of the deepest classic variant; every seed's escape epoch."""
-    r = stalling_variant(results)
-    plots = []
-    if r is not None and has_probe(r):
-        mine = escapes[r.name]
-        for kind, fig, caption in (
-            ("activations", figures.activation_figure(r.history, r.name, mine), activation_caption(r)),
-            ("saturation", figures.saturation_figure(r.history, r.name, mine), saturation_caption(r, mine)),
-            ("jacobians", figures.jacobian_figure(r.history, r.name), jacobian_caption(r, mine)),
-        ):
-            plots.append(render(fig, folder, f"{kind}-{r.name}.png", rp.dpi, caption))
-    if results:
-        caption = "Escape epoch of every seed. " + "; ".join(f"{name}: {escape_text(e)}" for name, e in escapes.items())
-        margins = sorted({escape_margin(r) for r in results})
-        fig = figures.escape_figure(escapes, margins[0] if len(margins) == 1 else None)
-        plots.append(render(fig, folder, "escape_epochs.png", rp.dpi, caption + "."))
-    return plots
-
-
-def activation_caption(result: VariantResult) -> str:
-    """The top hidden layer's activations (mean, 2–98 % band) and the output layer's at the first and last epoch."""
-    table, depth, last = result.history, result.variant.depth, result.epochs
-    act, lo, hi = (columns.layer_column(kind, depth) for kind in (ACT_MEAN, ACT_P02, ACT_P98))
-    out = columns.output_column(ACT_MEAN)
-    return (
-        f"{result.name}: activations on the probe batch (Glorot & Bengio 2010, Fig. 2). The top hidden layer "
-        f"(hidden_{depth}) averages {_at(table, act, 1)} at epoch 1 (2–98 %: {_at(table, lo, 1)}–{_at(table, hi, 1)}) "
-        f"and {_at(table, act, last)} at epoch {last} ({_at(table, lo, last)}–{_at(table, hi, last)}); the output "
-        f"layer {_at(table, out, 1)} and {_at(table, out, last)}."
-    )
-
-
-def saturation_caption(result: VariantResult, escapes: pd.DataFrame) -> str:
-    """How the top hidden layer's saturation changes around each seed's escape, from the data."""
-    table, depth, last = result.history, result.variant.depth, result.epochs
-    column, top = columns.layer_column(SATURATION, depth), f"hidden_{depth}"
-    first = {c: _seed_mean(table, c, 1) for c in history.layer_columns(table, SATURATION)}
-    most = max(first, key=first.get) if first else column
-    text = f"{result.name}: fraction of probe (example, unit) pairs with f' below {SATURATED:g} of its maximum. "
-    if first.get(most, 0) > 0:
-        text += (
-            f"At epoch 1 the most saturated hidden layer is {history.layer_name(most)} ({_num(first[most], '.3f')}). "
-        )
-    else:
-        text += "At epoch 1 no hidden unit is saturated on any probe example. "
-    at_last = ", ".join(
-        f"{history.layer_name(c)} {_at(table, c, last)}" for c in figures.probe_layers(table, SATURATION)
-    )
-    text += f"At epoch {last}: {at_last}. "
-    before, after, seeds = history.around_escape(table, column, escapes, ESCAPE_WINDOW)
-    if seeds:
-        median = escapes.loc[escapes["escaped"], "escape_epoch"].median()
-        return text + (
-            f"{top}'s saturation averages {_num(before, '.3f')} over the {ESCAPE_WINDOW} epochs before each seed's "
-            f"escape and {_num(after, '.3f')} over the {ESCAPE_WINDOW} epochs from it ({_num(after - before, '+.3f')}; "
-            f"{seeds} of {len(escapes)} seed(s), median escape epoch {median:.0f})."
-        )
-    return text + (
-        f"No seed escaped within {last} epochs: {top}'s saturation goes from {_at(table, column, 1)} at epoch 1 to "
-        f"{_at(table, column, last)} at epoch {last}."
-    )
-
-
-def jacobian_caption(result: VariantResult, escapes: pd.DataFrame) -> str:
-    """Per-layer mean singular values, the predicted against the measured first / last ratio, and how
-    the top hidden layer's largest singular value changes around the escape, from the data."""
-    table, depth = result.history, result.variant.depth
-    layers = ", ".join(
-        f"{history.layer_name(c)} {_at(table, c, 1, '.3g')}" for c in history.layer_columns(table, JAC_MEAN)
-    )
-    text = (
-        f"{result.name}: mean singular value of each hidden layer's Jacobian at epoch 1 (mean over seeds): {layers}; "
-        f"the σ' bound is {figures.SIGMOID_BOUND:g} per sigmoid layer (times the weights)."
-    )
-    before, after, seeds = history.around_escape(table, columns.layer_column(JAC_MAX, depth), escapes, ESCAPE_WINDOW)
-    if seeds:
-        text += (
-            f" hidden_{depth}'s largest singular value averages {_num(before, '.3g')} over the {ESCAPE_WINDOW} epochs "
-            f"before each seed's escape and {_num(after, '.3g')} over the {ESCAPE_WINDOW} epochs from it."
-        )
-    if depth < 2:
-        return text
-    measured = history.first_to_last(table)["mean"]
-    predicted = history.seed_stats(table, JAC_PRODUCT)["mean"]
-    return text + (
-        f" Their product over hidden_1 … hidden_{depth - 1} predicts {_num(predicted.iloc[0], '.3g')} for the first / "
-        f"last ratio of ‖∂C/∂b‖ at epoch 1, measured {_num(measured.iloc[0], '.3g')}; "
-        f"({figures.QUARTER})^{depth - 1} = {figures.SIGMOID_BOUND ** (depth - 1):.3g}. Medians over epochs: predicted "
-        f"{_num(predicted.median(), '.3g')}, measured {_num(measured.median(), '.3g')}."
-    )
-
-
-def remedy_saturation_plots(
-    results: Sequence[VariantResult], escapes: Mapping[str, pd.DataFrame], rp: ReportParams, folder: Path
-) -> list[Plot]:
-    """Per depth with remedies: each variant's saturation per layer, the classic one first."""
-    plots = []
-    for depth, group in remedy_groups(results).items():
-        group = [r for r in group if has_probe(r)]
-        if not group:
-            continue
-        column = columns.layer_column(SATURATION, depth)
-        facts = "; ".join(
-            f"{r.name}: hidden_{depth} {_at(r.history, column, 1)} at epoch 1, "
-            f"{_at(r.history, column, r.epochs)} at epoch {r.epochs}"
-            for r in group
-        )
-        fig = figures.saturation_by_variant(histories(group), {r.name: escapes[r.name] for r in group})
-        caption = f"Depth {depth}: saturation per layer (mean over seeds) with each remedy. Top hidden layer: {facts}."
-        plots.append(render(fig, folder, f"remedies-saturation-depth-{depth}.png", rp.dpi, caption))
-    return plots
-
-
-def held_out_plots(results: Sequence[VariantResult], rp: ReportParams, folder: Path) -> list[Plot]:
-    """Test beside training accuracy, when any variant logged test accuracy."""
-    fig = figures.test_vs_train_figure(histories(results))
-    caption = "Held-out (test) accuracy beside training accuracy for every variant."
-    return [render(fig, folder, "test_vs_train.png", rp.dpi, caption)]
-
-
-# ------------------------------------------------------------------------------ html
-def page_html(context: Mapping[str, Any]) -> str:
-    """``index.html`` from the Jinja2 template (autoescaped: every value is text unless marked safe)."""
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("pipeline", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,  # a missing value is an error, not an empty cell
-        keep_trailing_newline=True,
-    )
-    env.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
-    return env.get_template("report.html.j2").render(context)
-
-
-def variant_rows(results: Sequence[VariantResult]) -> list[tuple[Any, ...]]:
-    """The setup table: what was trained, as recorded in the results."""
+def summary_table(results: Sequence[VariantResult]) -> pd.DataFrame:
+    """One row per variant: its settings and final values, mean and std over seeds, as the summarize stage
+    wrote them (metrics.json writes a non-finite value as null: NaN here, n/a on the page)."""
     rows = []
     for r in results:
+        values = [r.metrics.get(k) for k in MEASURES for k in (k, f"{k}_std")] + [r.metrics.get("escaped_fraction")]
         settings = [getattr(r.variant, k) for k in SETTINGS]
-        rows.append((r.name, *settings, ", ".join(map(str, r.seeds)), r.epochs, "classic" if r.classic else "remedy"))
-    return rows
+        rows.append([r.name, *settings, len(r.seeds), r.epochs, *(np.nan if v is None else float(v) for v in values)])
+    names = [f"{k}_{s}" for k in MEASURES for s in ("mean", "std")]
+    return pd.DataFrame(rows, columns=["variant", *SETTINGS, "seeds", "epochs", *names, "escaped_fraction"])
+
+
+def _num(value: float | None, fmt: str = ".4f") -> str:
+    return format(value, fmt) if value is not None and np.isfinite(value) else "n/a"
+
+
+def format_mean_std(mean: float, std: float, fmt: str = ".4f") -> str:
+    """``0.9123 ± 0.0012``; ``n/a`` for a missing mean; the std is left out when missing."""
+    if mean is None or not np.isfinite(mean):
+        return "n/a"
+    return format(mean, fmt) if std is None or not np.isfinite(std) else f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def escape_cell(mean: float, std: float, fraction: float) -> str:
+    """``142 ± 11``: the escape epoch over the seeds that escaped, with their share when not all did."""
+    if fraction == 0:
+        return "none escaped"
+    if not np.isfinite(fraction) or fraction == 1:
+        return format_mean_std(mean, std, ".0f")
+    return f"{format_mean_std(mean, std, '.0f')} ({fraction:.0%} of seeds)"
 
 
 def result_rows(summary: pd.DataFrame) -> list[tuple[Any, ...]]:
@@ -506,130 +191,6 @@ def result_rows(summary: pd.DataFrame) -> list[tuple[Any, ...]]:
     ]
 
 
-def escape_cell(mean: float, std: float, fraction: float) -> str:
-    """``142 ± 11``: the escape epoch over the seeds that escaped, with their share when not all did."""
-    if fraction == 0:
-        return "none escaped"
-    if not np.isfinite(fraction) or fraction == 1:
-        return format_mean_std(mean, std, ".0f")
-    return f"{format_mean_std(mean, std, '.0f')} ({fraction:.0%} of seeds)"
-
-
-def run_rows(results: Sequence[VariantResult], uri: str) -> tuple[list[dict[str, str]], bool]:
-    """Every training run with its MLflow UI link; and whether any link points at the local UI."""
-    rows, local = [], False
-    for r in results:
-        base = ui_base(str(r.run.get("tracking_uri") or uri))
-        local = local or base == LOCAL_UI
-        experiment = str(r.run.get("experiment_id", ""))
-        for seed, run_id in r.run_ids.items():
-            link = run_link(base, experiment, run_id)
-            rows.append({"variant": r.name, "seed": seed, "experiment": experiment, "run_id": run_id, "link": link})
-    return rows, local
-
-
-def intro_facts(results: Sequence[VariantResult]) -> dict[str, Any]:
-    """The opening paragraph's numbers, taken from the results."""
-    classic = [r for r in results if r.classic]
-    return {
-        "variants": len(results),
-        "classic": len(classic),
-        "classic_depths": ", ".join(str(r.variant.depth) for r in classic) or "no",
-        "remedies": len(results) - len(classic),
-        "epochs": " / ".join(map(str, sorted({r.epochs for r in results}))),
-        "seeds": " / ".join(map(str, sorted({len(r.seeds) for r in results}))),
-    }
-
-
-def build_report(
-    results: Sequence[VariantResult], rp: ReportParams, tp: TrackingParams, uri: str, folder: Path
-) -> pd.DataFrame:
-    """Write the PNGs, ``index.html`` and ``summary.md`` into ``folder``; returns the summary table."""
-    summary = summary_table(
-        histories(results), {r.name: r.variant for r in results}, {r.name: r.metrics for r in results}
-    )
-    runs, local = run_rows(results, uri)
-    stalling, escapes = stalling_variant(results), escapes_of(results)
-    context = {
-        "quarter": figures.QUARTER,
-        "intro": intro_facts(results),
-        "variants": variant_rows(results),
-        "settings": [
-            ("report.change_clip_quantile", rp.change_clip_quantile),
-            ("report.dpi", rp.dpi),
-            ("tracking.experiment", tp.experiment),
-            ("tracking URI", tracking.redact(uri)),
-        ],
-        "classic": classic_plots(results, summary, rp, folder),
-        "bands": band_plots(results, rp, folder),
-        "gradients": gradient_plots(results, rp, folder),
-        "stalling": stalling,
-        "stall_text": stall_text(stalling, escapes),
-        "stall": stall_plots(results, escapes, rp, folder),
-        "remedies": remedy_plots(results, summary, rp, folder) + remedy_saturation_plots(results, escapes, rp, folder),
-        "held_out": held_out_plots(results, rp, folder),
-        "results": result_rows(summary),
-        "runs": runs,
-        "local_ui": LOCAL_UI if local else None,
-    }
-    (folder / "index.html").write_text(page_html(context), encoding="utf-8")
-    (folder / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
-    curves.write_plot_data(histories(results), folder / "plots")  # seed means for `dvc plots show`
-    return summary
-
-
-# ------------------------------------------------------------------------ tables
-# Mean and std of each in the summary table; the escape epoch's are over the seeds that escaped.
-MEASURES = ("accuracy", "test_accuracy", "vanishing_index", "escape_epoch")
-SUMMARY_COLUMNS = [
-    "variant",
-    *SETTINGS,
-    "seeds",
-    "epochs",
-    *(f"{k}_{s}" for k in MEASURES for s in ("mean", "std")),
-    "escaped_fraction",
-]
-
-
-def summary_table(
-    histories: Mapping[str, pd.DataFrame],
-    variants: Mapping[str, Variant],
-    metrics: Mapping[str, Mapping[str, float]] | None = None,
-) -> pd.DataFrame:
-    """One row per variant (keys of ``histories``): its settings and final values, mean and std over seeds.
-
-    Each value comes from ``metrics`` (the summarize stage's ``metrics.json``) when there, else from each
-    seed's last epoch (std with ddof=0); the vanishing index and the escape epoch, no columns of a history,
-    from ``metrics`` only.
-    """
-    rows = []
-    for label, table in histories.items():
-        given, last = (metrics or {}).get(label, {}), history.final_rows(table)
-        settings = [getattr(variants[label], k) for k in SETTINGS]
-        values = [value for key in MEASURES for value in _mean_std(given, last, key)]
-        escaped = np.nan if given.get("escaped_fraction") is None else float(given["escaped_fraction"])
-        rows.append([label, *settings, int(table["seed"].nunique()), int(table["epoch"].max()), *values, escaped])
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-
-
-def _mean_std(given: Mapping[str, float], last: pd.DataFrame, key: str) -> tuple[float, float]:
-    """``key`` and ``key_std`` from ``given`` (metrics.json), else mean and std (ddof=0) of ``last[key]``."""
-    if key in given:  # metrics.json writes a non-finite value as null
-        return tuple(np.nan if v is None else float(v) for v in (given[key], given.get(f"{key}_std")))
-    if key not in last.columns:
-        return np.nan, np.nan
-    return float(last[key].mean()), float(last[key].std(ddof=0))
-
-
-def format_mean_std(mean: float, std: float, fmt: str = ".4f") -> str:
-    """``0.9123 ± 0.0012``; ``n/a`` for a missing mean; the std is left out when missing."""
-    if mean is None or not np.isfinite(mean):
-        return "n/a"
-    if std is None or not np.isfinite(std):
-        return format(mean, fmt)
-    return f"{format(mean, fmt)} ± {format(std, fmt)}"
-
-
 def summary_markdown(summary: pd.DataFrame) -> str:
     """A short Markdown table of the final values."""
     head = (
@@ -640,98 +201,371 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     return head + "".join(f"| {name} | {a} | {t} | {v} | {e} |\n" for name, _, _, a, t, v, e in result_rows(summary))
 
 
-# ------------------------------------------------------------------------- output
-def log_report(
-    uri: str, experiment: str, folder: Path, params_file: Path, results: Sequence[VariantResult], summary: pd.DataFrame
-) -> str:
-    """Log every file in ``folder`` as artifacts of one run named ``report``, described by the results
-    table; give each variant's parent run its figures, its summary metrics and a link to the report.
-    Returns the report run's id."""
-    root = tracking.project_root()
-    client = tracking.open_store(uri)
-    experiment_id = tracking.ensure_experiment(client, experiment, root)
-    tags = tracking.lineage_tags(root, STAGE, params_file)
-    try:
-        with tracking.run_set(client, experiment_id, [STAGE], tags) as runs:
-            report_id = runs.run_ids[0]
-            link = run_link(ui_base(uri), experiment_id, report_id) + "/artifacts"
-            note = f"The study's front page: **[index.html]({link})** in this run's artifacts.\n\n"
-            client.set_tag(report_id, tracking.NOTE_TAG, note + summary_markdown(summary).split("\n", 2)[2])
-            client.log_artifacts(report_id, str(folder))
-            for r in results:
-                _update_variant_run(client, r, uri, folder, link)
-            _save_study_view(client, experiment_id, report_id, results, uri)
-            runs.stop.check()  # a signal during the upload: the run ends KILLED, no report is written
-    except Exception as exc:  # the run is already marked FAILED; report one clear line
-        raise tracking.TrackingError(f"logging the report to MLflow at {uri} failed: {exc}") from exc
-    return report_id
+def run_rows(results: Sequence[VariantResult], ui_url: str | None) -> list[dict[str, str | None]]:
+    """Every training run with its link: into the tracking server its runs went to, else into ``ui_url``
+    (the MLflow UI over the local store, ``report.ui_url``); no link without either."""
+    rows = []
+    for r in results:
+        uri, experiment = str(r.run.get("tracking_uri", "")), str(r.run.get("experiment_id", ""))
+        if uri.startswith(("http://", "https://")):  # the server is its own UI; a browser asks for the password
+            parts = urllib.parse.urlsplit(uri)
+            base: str | None = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+        else:
+            base = ui_url
+        for seed, run_id in (r.run.get("runs") or {}).items():
+            link = f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}" if base else None
+            rows.append({"variant": r.name, "seed": str(seed), "run_id": str(run_id), "link": link})
+    return rows
 
 
-def _save_study_view(
-    client: Any, experiment_id: str, report_id: str, results: Sequence[VariantResult], uri: str
-) -> None:
-    """The MLflow UI's shared view of this study (``make ui`` prints its link; see :mod:`pipeline.serve`)."""
-    ids = [run_id for r in results if r.parent_in(uri) for run_id in (r.parent_in(uri), *r.run_ids.values())]
-    ids.append(report_id)
-    view = json.dumps(serve.study_view(ids, max((r.variant.depth for r in results), default=1)))
-    if len(view) > serve.MAX_VIEW_CHARS:
-        log.warning(
-            "the study has too many runs for one MLflow view (%d characters); make ui opens the plain table", len(view)
+# --------------------------------------------------------------------------- the page
+@dataclass(frozen=True)
+class Plot:
+    """A saved figure: file name in the report folder, caption, PNG bytes and its width on the page."""
+
+    file: str
+    caption: str
+    png: bytes
+    width: int  # CSS pixels: figures.PX_PER_INCH per inch of figure, whatever the PNG's dpi
+
+
+@dataclass(frozen=True)
+class Section:
+    """A section of the page: its conclusion in one sentence first, then what it shows."""
+
+    anchor: str
+    title: str
+    conclusion: str
+    text: str = ""
+    plots: Sequence[Plot] = ()
+
+
+@dataclass
+class Study:
+    """What every section draws on: the results in study order, their summary, colours and escapes."""
+
+    results: list[VariantResult]
+    rp: ReportParams
+    window: int  # summary.index_window: the epochs the vanishing index averages
+    folder: Path
+    summary: pd.DataFrame = field(init=False)
+    colors: dict[str, str] = field(init=False)
+    escapes: dict[str, pd.DataFrame] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.summary = summary_table(self.results).set_index("variant")
+        self.colors = figures.variant_colors({r.name: r.variant for r in self.results})
+        self.escapes = escapes_of(self.results)
+
+    @property
+    def classic(self) -> list[VariantResult]:
+        return [r for r in self.results if r.classic]
+
+    @property
+    def deep(self) -> list[VariantResult]:
+        """The classic variants with two hidden layers or more: those with a vanishing index."""
+        return [r for r in self.classic if r.variant.depth >= 2]
+
+    def render_all(self, *figs: tuple[Figure, str, str]) -> list[Plot]:
+        """Save each (figure, file, caption) as a palette PNG (a third of the bytes, the same look) and release it."""
+        plots = []
+        for fig, file, caption in figs:
+            buffer, out = io.BytesIO(), io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=self.rp.dpi)
+            width = round(fig.get_figwidth() * figures.PX_PER_INCH)
+            fig.clear()  # Figures made without pyplot are not registered anywhere: clearing releases them.
+            Image.open(buffer).convert("RGB").quantize(256).save(out, format="PNG", optimize=True)
+            (self.folder / file).write_bytes(out.getvalue())
+            plots.append(Plot(file, caption, out.getvalue(), width))
+        return plots
+
+    def value(self, name: str, key: str, fmt: str = ".4f") -> str:
+        return _num(self.summary.loc[name, f"{key}_mean"], fmt)
+
+    def by_depth(self, key: str, fmt: str = ".3g", deep: bool = False) -> str:
+        """``0.929 (depth 1), 0.352 (depth 4)``: a summary value of each classic (``deep``) variant."""
+        variants = self.deep if deep else self.classic
+        return ", ".join(f"{self.value(r.name, key, fmt)} (depth {r.variant.depth})" for r in variants)
+
+
+def _at(table: pd.DataFrame, column: str, epoch: int, fmt: str = ".3f") -> str:
+    """Mean over seeds of ``column`` at ``epoch``; n/a when the column is missing."""
+    return _num(table.loc[table["epoch"] == epoch, column].mean() if column in table else math.nan, fmt)
+
+
+def escape_phrase(escapes: pd.DataFrame) -> str:
+    """``at epoch 142 ± 11 (5 of 5 seeds)``, or ``none of 5 seeds within 200 epochs``."""
+    escaped, n = escapes["escape_epoch"].dropna(), len(escapes)
+    if escaped.empty:
+        return f"none of {n} seeds within {escapes['last_epoch'].max()} epochs"
+    return f"at epoch {format_mean_std(escaped.mean(), escaped.std(ddof=0), '.0f')} ({len(escaped)} of {n} seeds)"
+
+
+def setup_conclusion(s: Study) -> str:
+    seeds, epochs = ({str(len(r.seeds)) for r in s.results}, {str(r.epochs) for r in s.results})
+    depths = ", ".join(str(r.variant.depth) for r in s.classic) or "none"
+    others = len(s.results) - len(s.classic)
+    return (
+        f"{len(s.results)} variants (classic depths {depths}; {others} others), each {'/'.join(sorted(seeds))} "
+        f"seeds × {'/'.join(sorted(epochs))} epochs."
+    )
+
+
+def results_conclusion(s: Study) -> str:
+    test, gap = s.summary["test_accuracy_mean"], s.summary["accuracy_mean"] - s.summary["test_accuracy_mean"]
+    if test.isna().all():
+        return "No variant logged test accuracy."
+    return (
+        f"{test.idxmax()} reaches the highest test accuracy ({_num(test.max())}); the largest gap between "
+        f"training and test accuracy is {gap.idxmax()}'s ({_num(gap.max(), '+.4f')})."
+    )
+
+
+def page_summary(s: Study) -> list[str]:
+    """The page's opening three sentences, from the data."""
+    if not s.classic:
+        return [setup_conclusion(s), results_conclusion(s)]
+    deepest = s.classic[-1]
+    first = f"The classic sigmoid nets end at a training accuracy of {s.by_depth('accuracy', '.3f')}."
+    second = f"{deepest.name} escapes its plateau {escape_phrase(s.escapes[deepest.name])}."
+    if s.deep:
+        index = s.by_depth("vanishing_index", deep=True)
+        second = f"In the first {s.window} epochs the first hidden layer's gradient is {index} times the last one's; "
+        second += f"{deepest.name} escapes its plateau {escape_phrase(s.escapes[deepest.name])}."
+    remedies = [r for r in remedy_groups(s.results).get(deepest.variant.depth, []) if not r.classic]
+    if not remedies:
+        return [first, second, results_conclusion(s)]
+    best = max(remedies, key=lambda r: s.summary.loc[r.name, "accuracy_mean"])
+    third = f"At depth {deepest.variant.depth} the best remedy, {best.name}, ends at "
+    return [
+        first,
+        second,
+        third + f"{s.value(best.name, 'accuracy', '.3f')} against the classic net's "
+        f"{s.value(deepest.name, 'accuracy', '.3f')}.",
+    ]
+
+
+def classic_section(s: Study) -> Section:
+    """Nielsen's picture across depths: accuracy, the first layer's weight change, σ'."""
+    if not s.classic:
+        return Section("classic", "The classic picture", "No classic (sigmoid, quadratic cost, Glorot) variant.")
+    column = columns.layer_column(WEIGHT_CHANGE, 1)
+    change = [float(r.history.loc[r.history["epoch"] >= 2, column].mean()) for r in s.classic]
+    first, last = s.classic[0].variant.depth, s.classic[-1].variant.depth
+    conclusion = f"Final training accuracy by depth: {s.by_depth('accuracy', '.4f')}"
+    if last != first:
+        conclusion += (
+            f"; the first hidden layer's weights change {change[-1] / change[0]:.2g}× as much per epoch at depth "
+            f"{last} as at depth {first} (mean over epochs ≥ 2 and seeds)"
         )
-        return
-    client.set_experiment_tag(experiment_id, serve.SHARED_VIEW_TAG + serve.view_key(report_id), view)
+    hs = histories(s.classic)
+    listed = ", ".join(f"{_num(c, '.3g')} (depth {r.variant.depth})" for r, c in zip(s.classic, change, strict=True))
+    sigmoid = f"σ' ≤ σ'(0) = {figures.QUARTER}: each sigmoid layer scales the error it passes back by at most that."
+    plots = s.render_all(
+        (figures.accuracy_by_depth(hs, s.colors), "accuracy_by_depth.png", "Training accuracy by depth."),
+        (figures.first_layer_change(hs, s.colors), "first_layer_change.png", f"Mean over epochs ≥ 2: {listed}."),
+        (
+            figures.final_accuracy_vs_depth(history.final_values(hs), s.colors),
+            "final_accuracy_vs_depth.png",
+            "Each seed.",
+        ),
+        (figures.sigmoid_figure(), "sigmoid.png", sigmoid),
+    )
+    return Section("classic", "The classic picture", conclusion + ".", "Nielsen's figures, over every seed.", plots)
 
 
-def _update_variant_run(client: Any, result: VariantResult, uri: str, folder: Path, report_link: str) -> None:
-    """The variant's parent run gets its figures, ``summary/<key>`` metrics (metrics.json, NaN for null)
-    and the report's link in its description. Runs logged to another store are left alone."""
-    from mlflow.entities import Metric
+def replicates_section(s: Study) -> Section:
+    """Every variant's accuracy and per-layer weight change over its seeds."""
+    spread = s.summary["accuracy_std"].sort_values(ascending=False)
+    conclusion = (
+        f"The seeds' final training accuracies spread most for {spread.index[0]} (std {_num(spread.iloc[0])}); "
+        f"for every other variant the std is at most {_num(spread.iloc[1] if len(spread) > 1 else math.nan)}."
+    )
+    figs = [figures.bands_figure(r.history, r.name, s.colors[r.name], s.rp.change_clip_quantile) for r in s.results]
+    seeds = [f"{r.name}: seeds {', '.join(map(str, r.seeds))}." for r in s.results]
+    plots = s.render_all(*zip(figs, [f"bands-{r.name}.png" for r in s.results], seeds, strict=True))
+    return Section("replicates", "Across replicates", conclusion, "What is signal and what is seed noise.", plots)
 
-    parent = result.parent_in(uri)
-    if parent is None:
-        log.info("%s: its runs are not in %s; their figures and summary are not logged there", result.name, uri)
-        return
-    for png in (folder / f"{kind}-{result.name}.png" for kind in VARIANT_FIGURES):
-        if png.is_file():
-            client.log_artifact(parent, str(png), "figures")
-    now = int(time.time() * 1000)
-    values = {k: np.nan if v is None else float(v) for k, v in result.metrics.items()}
-    client.log_batch(parent, metrics=[Metric(f"summary/{k}", v, now, 0) for k, v in values.items()], synchronous=True)
-    note = client.get_run(parent).data.tags.get(tracking.NOTE_TAG, "").split(REPORT_LINE)[0].rstrip()
-    client.set_tag(parent, tracking.NOTE_TAG, f"{note}\n\n{REPORT_LINE} [index.html]({report_link}).")
+
+def gradients_section(s: Study) -> Section:
+    """Per-layer gradients, the layer-to-layer ratios, and why their medians differ from the vanishing index."""
+    conclusion, text = "No classic variant has two hidden layers or more: nothing to compare across layers.", ""
+    if s.deep:
+        bound = ", ".join(f"{figures.SIGMOID_BOUND ** (r.variant.depth - 1):.3g}" for r in s.deep)
+        index = s.by_depth("vanishing_index", deep=True)
+        conclusion = (
+            f"In the first {s.window} epochs the first hidden layer's ‖∂C/∂b‖ is {index} times the last one's "
+            f"(the vanishing index), against ({figures.QUARTER})^(L−1) = {bound} from σ' alone."
+        )
+        r, ratios = s.deep[-1], history.layer_ratios(s.deep[-1].history).values()
+        medians = {w: [stats.loc[:w, "mean"].median() for stats in ratios] for w in (s.window, s.deep[-1].epochs)}
+        early, whole = (", ".join(_num(v, ".3g") for v in m) for m in medians.values())
+        early_product, whole_product = (_num(np.prod(m), ".3g") for m in medians.values())
+        text = (
+            f"The captions give each adjacent ratio's median over all epochs, the index the first / last ratio "
+            f"(the product of the {r.variant.depth - 1} adjacent ratios) averaged over the first {s.window} epochs "
+            f"only, which is why they differ. For {r.name} the adjacent medians are {early} over the first "
+            f"{s.window} epochs (product {early_product}; index {s.value(r.name, 'vanishing_index', '.3g')}) "
+            f"and {whole} over all {r.epochs} (product {whole_product})."
+        )
+    plots = []
+    for r in s.results:
+        ratios = history.layer_ratios(r.history)
+        listed = ", ".join(f"{name} {_num(st['mean'].median(), '.3g')}" for name, st in ratios.items())
+        caption = f"{r.name}: median over all epochs, {listed}." if ratios else f"{r.name}: one hidden layer, no ratio."
+        plots += s.render_all((figures.gradient_figure(r.history, r.name), f"gradients-{r.name}.png", caption))
+    return Section("gradients", f"Gradients against the {figures.QUARTER} bound", conclusion, text, plots)
+
+
+# ----------------------------------------------------------- why the deepest classic net stalls
+def stall_section(s: Study) -> Section:
+    """Activations, saturation and Jacobians of the deepest classic variant; every seed's escape epoch."""
+    listed = "; ".join(f"{name} {escape_phrase(e)}" for name, e in s.escapes.items())
+    plots = s.render_all((figures.escape_figure(s.escapes, s.colors), "escape_epochs.png", f"Escape: {listed}."))
+    if not s.classic:
+        return Section("stall", "Why deep sigmoid nets stall", "No classic variant in these results.", plots=plots)
+    r = s.classic[-1]
+    table, depth, escapes, last = r.history, r.variant.depth, s.escapes[r.name], r.epochs
+    each = [f"censored at {e.last_epoch}" if e.censored else f"{e.escape_epoch:.0f}" for e in escapes.itertuples()]
+    each = ", ".join(f"seed {seed}: {e}" for seed, e in zip(escapes["seed"], each, strict=True))
+    conclusion = f"{r.name} starts at a training accuracy of {_at(table, 'accuracy', 1)}; escape "
+    conclusion += f"{escape_phrase(escapes)}: {each}"
+    before, after, seeds = history.around_escape(table, columns.layer_column(SATURATION, depth), escapes, ESCAPE_WINDOW)
+    if seeds:
+        conclusion += (
+            f"; its top hidden layer's saturated fraction averages {_num(before, '.3f')} over the {ESCAPE_WINDOW} "
+            f"epochs before each escape and {_num(after, '.3f')} over the {ESCAPE_WINDOW} from it"
+        )
+    if history.layer_columns(table, SATURATION):  # results trained before the probe have none of these
+        act, lo, hi = (columns.layer_column(kind, depth) for kind in (ACT_MEAN, ACT_P02, ACT_P98))
+        out = columns.output_column(ACT_MEAN)
+        activations = (
+            f"hidden_{depth} averages {_at(table, act, 1)} at epoch 1 (2–98 %: {_at(table, lo, 1)}–"
+            f"{_at(table, hi, 1)}) and {_at(table, act, last)} at epoch {last} ({_at(table, lo, last)}–"
+            f"{_at(table, hi, last)}); the output {_at(table, out, 1)} and {_at(table, out, last)}."
+        )
+        at_last = [f"{history.layer_name(c)} {_at(table, c, last)}" for c in figures.probe_layers(table, SATURATION)]
+        saturation = f"Saturated: {SATURATED_MEANS}. At epoch {last}: {', '.join(at_last)}."
+        plots[:0] = s.render_all(
+            (figures.activation_figure(table, r.name, escapes), f"activations-{r.name}.png", activations),
+            (figures.saturation_figure(table, r.name, escapes), f"saturation-{r.name}.png", saturation),
+            (figures.jacobian_figure(table, r.name), f"jacobians-{r.name}.png", jacobian_caption(r, escapes)),
+        )
+    text = "Measured every epoch on a fixed probe batch, as Glorot & Bengio (2010) did."
+    return Section("stall", f"Why depth {depth} stalls", conclusion + ".", text, plots)
+
+
+def jacobian_caption(r: VariantResult, escapes: pd.DataFrame) -> str:
+    """Per-layer mean singular values at epoch 1, the top hidden layer's largest around the escape, and the
+    predicted against the measured first / last ratio."""
+    table, depth = r.history, r.variant.depth
+    layers = [f"{history.layer_name(c)} {_at(table, c, 1, '.3g')}" for c in history.layer_columns(table, JAC_MEAN)]
+    text = f"Mean singular value at epoch 1: {', '.join(layers)}."
+    before, after, seeds = history.around_escape(table, columns.layer_column(JAC_MAX, depth), escapes, ESCAPE_WINDOW)
+    if seeds:
+        text += f" hidden_{depth}'s largest: {_num(before, '.3g')} before the escape, {_num(after, '.3g')} after."
+    if depth < 2:
+        return text
+    measured, predicted = history.first_to_last(table)["mean"], history.seed_stats(table, JAC_PRODUCT)["mean"]
+    return text + (
+        f" First / last ‖∂C/∂b‖ at epoch 1: predicted {_num(predicted.iloc[0], '.3g')}, measured "
+        f"{_num(measured.iloc[0], '.3g')}; medians over epochs {_num(predicted.median(), '.3g')} and "
+        f"{_num(measured.median(), '.3g')}."
+    )
+
+
+# ------------------------------------------------------------------------- remedies, results
+def remedies_section(s: Study) -> Section:
+    """Each remedy beside the classic net of its depth: accuracy, gradient flow, saturation."""
+    conclusions, plots = [], []
+    for depth, group in remedy_groups(s.results).items():
+        remedies = [r for r in group if not r.classic]
+        listed = ", ".join(f"{r.name} {s.value(r.name, 'accuracy', '.3f')}" for r in remedies)
+        index = ", ".join(s.value(r.name, "vanishing_index", ".3g") for r in remedies)
+        conclusions.append(f"At depth {depth}: final training accuracy {listed}; vanishing index {index}.")
+        if group[0].classic:
+            classic = s.summary.loc[group[0].name]
+            above = sum(s.summary.loc[r.name, "accuracy_mean"] > classic["accuracy_mean"] for r in remedies)
+            conclusions[-1] = (
+                f"At depth {depth}, {above} of {len(remedies)} remedies end above the classic net's final training "
+                f"accuracy of {_num(classic['accuracy_mean'], '.3f')} ({listed}), with a vanishing index of {index} "
+                f"against its {_num(classic['vanishing_index_mean'], '.3g')}."
+            )
+        caption = f"Depth {depth}: training accuracy, and the first / last ratio of ‖∂C/∂b‖."
+        figs = [(figures.remedies_figure(histories(group), s.colors), f"remedies-depth-{depth}.png", caption)]
+        if probed := [r for r in group if history.layer_columns(r.history, SATURATION)]:
+            top = columns.layer_column(SATURATION, depth)
+            facts = "; ".join(f"{r.name} {_at(r.history, top, 1)} → {_at(r.history, top, r.epochs)}" for r in probed)
+            caption = f"Saturated: {SATURATED_MEANS}. hidden_{depth}, first → last epoch: {facts}."
+            fig = figures.saturation_by_variant(histories(probed), s.escapes, s.colors)
+            figs.append((fig, f"remedies-saturation-depth-{depth}.png", caption))
+        plots += s.render_all(*figs)
+    conclusion = " ".join(conclusions) or "No remedy in these results."
+    return Section("remedies", "Remedies", conclusion, "Each remedy beside the classic net of its depth.", plots)
+
+
+def results_section(s: Study) -> Section:
+    """Held-out beside training accuracy; the results table follows in the template."""
+    fig = figures.test_vs_train_figure(histories(s.results), s.colors)
+    return Section("results", "Results", results_conclusion(s), plots=s.render_all((fig, "test_vs_train.png", "")))
+
+
+SECTIONS = (classic_section, replicates_section, gradients_section, stall_section, remedies_section, results_section)
+
+
+def page_html(context: Mapping[str, Any]) -> str:
+    """``index.html`` from the Jinja2 template (autoescaped: every value is text unless marked safe)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,  # a missing value is an error, not an empty cell
+        keep_trailing_newline=True,
+    )
+    env.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
+    return env.get_template("report.html.j2").render(context)
+
+
+def build_report(results: Sequence[VariantResult], rp: ReportParams, window: int, folder: Path) -> pd.DataFrame:
+    """Write the PNGs, ``index.html``, ``summary.md`` and ``plots/`` into ``folder``; returns the summary table."""
+    s = Study(list(results), rp, window, folder)
+    context = {
+        "summary": page_summary(s),
+        "setup": setup_conclusion(s),
+        "variants": [
+            (r.name, *(getattr(r.variant, k) for k in SETTINGS), ", ".join(map(str, r.seeds)), r.epochs)
+            for r in s.results
+        ],
+        "settings": [(f"report.{k}", v) for k, v in rp.model_dump().items()] + [("summary.index_window", window)],
+        "sections": [make(s) for make in SECTIONS],
+        "results": result_rows(s.summary.reset_index()),
+        "runs": (runs := run_rows(s.results, rp.ui_url)),
+        "runs_conclusion": f"{len(runs)} training runs, {sum(bool(r['link']) for r in runs)} of them with a link.",
+        "ui_url": rp.ui_url,
+        "window": window,
+    }
+    (folder / "index.html").write_text(page_html(context), encoding="utf-8")
+    (folder / "summary.md").write_text(summary_markdown(s.summary.reset_index()), encoding="utf-8")
+    curves.write_plot_data(histories(s.results), s.colors, folder / "plots")  # seed means for `dvc plots show`
+    return s.summary.reset_index()
+
+
+def _stage(args: argparse.Namespace, rp: ReportParams) -> None:
+    study = study_names(load_section("grid", args.params), load_section("remedies", args.params))
+    window = load_section("summary", args.params).index_window
+    results = load_results(args.results, study)
+    with staged_dir(args.out) as tmp:
+        build_report(results, rp, window, tmp)
+    log.info("report: %d variant(s) -> %s", len(results), args.out / "index.html")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the stage; 0 on success, 1 on a known failure (nothing written), with its traceback in the log."""
+    """Run the stage; 0 on success, 1 on a known failure (nothing written)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (report, tracking)")
     parser.add_argument("--results", type=Path, default=Path("results"), help="folder of variant results")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder (replaced)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=cli.LOG_FORMAT)
-    try:
-        check_file(args.params)
-        rp: ReportParams = load_section("report", args.params)
-        tp: TrackingParams = load_section("tracking", args.params)
-        uri = tracking.tracking_uri()
-        tracking.preflight(uri)
-        study = study_variants(load_section("grid", args.params), load_section("remedies", args.params))
-        results = load_results(args.results, study)
-    except (ParamsError, tracking.TrackingError, ReportError) as exc:
-        log.error("report: %s", exc)  # bad input: the message says all, a traceback would bury it
-        return 1
-    try:
-        with staged_dir(args.out) as tmp:
-            summary = build_report(results, rp, tp, uri, tmp)
-            run_id = log_report(uri, tp.experiment, tmp, args.params, results, summary)
-    except (tracking.TrackingError, ReportError, OSError) as exc:
-        log.error("report: %s; %s was not written", exc, args.out, exc_info=True)
-        return 1
-    except (KeyboardInterrupt, tracking.RunInterrupted) as exc:
-        log.error("report: interrupted: %s was not written", args.out)
-        return exc.exit_status if isinstance(exc, tracking.RunInterrupted) else 130
-    log.info("report: %d variant(s) -> %s (MLflow run %s)", len(summary), args.out / "index.html", run_id)
-    return 0
+    return cli.run_stage(parser, "report", _stage, (ReportError, OSError), argv)
 
 
 if __name__ == "__main__":

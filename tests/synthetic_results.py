@@ -2,8 +2,8 @@
 
 Values are chosen so that final-epoch means and stds are easy to compute by hand:
 seed k's training accuracy at the last epoch is ``FINAL_ACCURACY[k] - 0.01 * (depth - 1)``,
-so every seed escapes its plateau at epoch 2; hidden layer i's saturation falls linearly
-from 0.1·i to 0 and every layer Jacobian's mean singular value is 0.2.
+so that every seed passes ``PLATEAU`` + 0.05 (escapes) at epoch 3; hidden layer i's saturation
+falls linearly from 0.1·i to 0 and every layer Jacobian's mean singular value is 0.2.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ SEEDS = (0, 1)
 EPOCHS = 5
 FINAL_ACCURACY = {0: 0.80, 1: 0.90}
 FINAL_TEST_ACCURACY = {0: 0.78, 1: 0.86}
+PLATEAU = 0.4  # the plateau's accuracy the summarize stage would compute from the training labels
 
 
 def make_history(depth: int, seeds: tuple[int, ...] = SEEDS, epochs: int = EPOCHS) -> pd.DataFrame:
@@ -63,18 +64,21 @@ def name_of(variant: Variant) -> str:
     return f"{variant.depth}-{variant.activation}-{variant.loss}-{variant.init}-{variant.norm}"
 
 
-def write_variant(results: Path, variant: Variant, seeds: tuple[int, ...] = SEEDS) -> Path:
+def write_variant(results: Path, variant: Variant, name: str | None = None, seeds: tuple[int, ...] = SEEDS) -> Path:
     """Write one variant folder the way the train and summarize stages do; returns the folder."""
-    name = name_of(variant)
+    name = name or name_of(variant)
     folder = results / name
     folder.mkdir(parents=True)
     table = make_history(variant.depth, seeds=seeds)
     table.to_csv(folder / "history.csv", index=False, float_format="%.8g")
-    (folder / "metrics.json").write_text(json.dumps(summarize(table, index_window=3)), encoding="utf-8")
+    (folder / "metrics.json").write_text(
+        json.dumps(summarize(table, index_window=3, plateau=PLATEAU)), encoding="utf-8"
+    )
     run = {
         "name": name,
         "variant": variant.model_dump(),
         "seeds": list(seeds),
+        "parent_run": f"run{name.replace('-', '')}",
         "runs": {str(s): f"run{name.replace('-', '')}s{s}" for s in seeds},
         "experiment_id": "7",
         "tracking_uri": "sqlite:///nowhere/mlflow.db",
@@ -89,15 +93,31 @@ DEFAULT_VARIANTS = (
     Variant(depth=2),
     Variant(depth=2, activation="relu", loss="cross_entropy", init="he_normal"),
 )
+# The study by name, as the report stage names it from params.yaml: the grid's DVC names, a remedy's key.
+DEFAULT_STUDY = {name_of(DEFAULT_VARIANTS[0]): DEFAULT_VARIANTS[0], name_of(DEFAULT_VARIANTS[1]): DEFAULT_VARIANTS[1]}
+DEFAULT_STUDY["relu-ce-he"] = DEFAULT_VARIANTS[2]
+PARAMS = """\
+train: {epochs: 5}
+grid: {depth: [1, 2]}
+remedies:
+  relu-ce-he: {depth: 2, activation: relu, loss: cross_entropy, init: he_normal, norm: none}
+summary: {index_window: 3}
+tracking:
+  experiment: report-test
+report:
+  change_clip_quantile: 0.9
+  dpi: 40
+  ui_url: http://127.0.0.1:5077/
+"""
 
 
-def write_results(results: Path, variants: tuple[Variant, ...] = DEFAULT_VARIANTS) -> Path:
-    """A results folder with one subfolder per variant."""
-    for variant in variants:
-        write_variant(results, variant)
+def write_results(results: Path, study: dict[str, Variant] | None = None) -> Path:
+    """A results folder with one subfolder per variant of ``study`` (default: the one ``PARAMS`` names)."""
+    for name, variant in (study or DEFAULT_STUDY).items():
+        write_variant(results, variant, name)
     return results
 
 
-def histories(variants: tuple[Variant, ...] = DEFAULT_VARIANTS) -> dict[str, pd.DataFrame]:
-    """Name -> synthetic history, in memory."""
-    return {name_of(v): make_history(v.depth) for v in variants}
+def histories() -> dict[str, pd.DataFrame]:
+    """Name -> synthetic history of the default study, in memory."""
+    return {name: make_history(v.depth) for name, v in DEFAULT_STUDY.items()}

@@ -24,10 +24,23 @@ def history(depth: int, seeds=(0, 1), epochs: int = 3, offset: float = 0.0) -> p
     return pd.DataFrame(rows)
 
 
-def test_study_curves_long_form_in_study_order() -> None:
-    frame = curves.study_curves({"depth-2": history(2), "depth-1": history(1, offset=0.5)})
-    assert list(frame.columns) == ["variant", "depth", "epoch", "accuracy", "loss", "test_accuracy", "test_loss"]
+COLORS = {"depth-1": "#440154", "depth-2": "#21918c"}
+
+
+def test_study_curves_long_form_in_study_order_with_each_variants_colour() -> None:
+    frame = curves.study_curves({"depth-2": history(2), "depth-1": history(1, offset=0.5)}, COLORS)
+    assert list(frame.columns) == [
+        "variant",
+        "color",
+        "depth",
+        "epoch",
+        "accuracy",
+        "loss",
+        "test_accuracy",
+        "test_loss",
+    ]
     assert frame["variant"].tolist() == ["depth-2"] * 3 + ["depth-1"] * 3
+    assert frame["color"].tolist() == ["#21918c"] * 3 + ["#440154"] * 3
     assert frame["depth"].tolist() == [2] * 3 + [1] * 3
     assert frame["epoch"].tolist() == [1, 2, 3, 1, 2, 3]
     assert frame["accuracy"].tolist() == pytest.approx([0.105, 0.205, 0.305, 0.605, 0.705, 0.805])
@@ -52,7 +65,7 @@ def test_layer_curves_ignores_other_columns_and_sorts_layers_numerically() -> No
 
 
 def test_write_plot_data(tmp_path) -> None:
-    paths = curves.write_plot_data({"depth-1": history(1), "depth-2": history(2)}, tmp_path / "plots")
+    paths = curves.write_plot_data({"depth-1": history(1), "depth-2": history(2)}, COLORS, tmp_path / "plots")
     assert [p.name for p in paths] == ["curves.csv", "layers.csv"]
     study = pd.read_csv(paths[0])
     assert study["variant"].unique().tolist() == ["depth-1", "depth-2"]
@@ -61,5 +74,5 @@ def test_write_plot_data(tmp_path) -> None:
 
 
 def test_empty_study() -> None:
-    assert curves.study_curves({}).empty
+    assert curves.study_curves({}, {}).empty
     assert curves.layer_curves({}).empty
