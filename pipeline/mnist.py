@@ -46,22 +46,15 @@ def to_idx(array: np.ndarray) -> bytes:
 
 
 def from_idx(data: bytes) -> np.ndarray:
-    """Decode IDX bytes (type 0x08, unsigned byte: the only one MNIST uses); truncated or trailing data is an error."""
-    if len(data) < 4:
-        raise DataError(f"IDX data too short for a header ({len(data)} bytes)")
-    if data[:2] != b"\0\0":
-        raise DataError(f"not IDX data: magic starts with {data[:2].hex()}, expected 0000")
-    if data[2] != 0x08:
-        raise DataError(f"IDX type code 0x{data[2]:02x} is not supported (MNIST uses 0x08, unsigned byte)")
-    if (ndim := data[3]) == 0:
-        raise DataError("IDX header declares 0 dimensions")
-    if len(data) < (header := 4 + 4 * ndim):
+    """Decode IDX bytes of type 0x08 (unsigned byte, MNIST's only type); truncated or trailing data is an error."""
+    if len(data) < 4 or data[:3] != b"\0\0\x08" or data[3] == 0:
+        raise DataError(f"not uint8 IDX data: header {data[:4].hex()}, expected 000008 and a dimension count >= 1")
+    ndim, header = data[3], 4 + 4 * data[3]
+    if len(data) < header:
         raise DataError(f"IDX header truncated: {ndim} dimensions need {header} bytes, got {len(data)}")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    if (extra := len(data) - header - int(np.prod(shape, dtype=np.int64))) < 0:
-        raise DataError(f"IDX data truncated: shape {shape} needs {len(data) - extra} bytes, got {len(data)}")
-    if extra:
-        raise DataError(f"IDX data has {extra} trailing bytes after shape {shape}")
+    if len(data) != (expected := header + int(np.prod(shape, dtype=np.int64))):
+        raise DataError(f"IDX data of shape {shape} must be {expected} bytes (truncated or trailing); got {len(data)}")
     # Copy so the array is writable and does not pin the (possibly large) input buffer.
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
 
@@ -195,9 +188,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) not in self._ALLOWED:
             raise DataError(f"pickle references {module}.{name}, which is not allowed (only numpy arrays)")
         return self._ALLOWED[(module, name)]
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise DataError("pickle uses persistent ids, which are not allowed")
 
 
 def from_pickle_gz(data: bytes) -> MnistArrays:

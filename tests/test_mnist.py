@@ -40,13 +40,13 @@ def test_idx_round_trip() -> None:
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        (HEADER_1D + b"\x07\x00", "truncated"),
-        (HEADER_1D + b"\x07\x00\x09\x01", "trailing"),
-        (HEADER_3D[:10], "header truncated"),
-        (b"\x00\x00", "too short"),
-        (b"\x1f\x8b\x08\x01" + bytes(8), "not IDX"),
-        (bytes.fromhex("00000d01 00000001") + bytes(4), "type code"),
-        (bytes.fromhex("00000800"), "0 dimensions"),
+        (HEADER_1D + b"\x07\x00", r"shape \(3,\) must be 11 bytes \(truncated or trailing\); got 10"),
+        (HEADER_1D + b"\x07\x00\x09\x01", r"shape \(3,\) must be 11 bytes \(truncated or trailing\); got 12"),
+        (HEADER_3D[:10], "header truncated: 3 dimensions need 16 bytes, got 10"),
+        (b"\x00\x00", "not uint8 IDX data: header 0000,"),
+        (b"\x1f\x8b\x08\x01" + bytes(8), "not uint8 IDX data: header 1f8b0801,"),  # a gzip file
+        (bytes.fromhex("00000d01 00000001") + bytes(4), "not uint8 IDX data: header 00000d01,"),
+        (bytes.fromhex("00000800"), "not uint8 IDX data: header 00000800,"),
     ],
 )
 def test_from_idx_rejects_bad_data(data: bytes, match: str) -> None:
