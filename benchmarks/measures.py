@@ -1,4 +1,4 @@
-"""Cost of the activation, saturation and Jacobian measurements (``callbacks.ActivationProbe``).
+"""Cost of the probe pass (``callbacks.ActivationProbe``): activations, saturation, signal, gain, coupling, Jacobians.
 
 Times :func:`pipeline.train.fit_replicates` (the train stage's training and every per-epoch
 measurement, without MLflow) with and without the probe, in interleaved rounds so that the
@@ -51,7 +51,7 @@ def main() -> int:
             probe_s.append(time.perf_counter() - t0)
 
     class NoProbe(keras.callbacks.Callback):
-        def __init__(self, x: np.ndarray) -> None:
+        def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
             super().__init__()
 
     epoch_s: list[float] = []

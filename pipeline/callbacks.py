@@ -250,5 +250,6 @@ class ActivationProbe(keras.callbacks.Callback):
             logs[column(columns.JAC_MEAN)], logs[column(columns.JAC_MAX)] = jac_mean, jac_max
             if layer < len(hidden):
                 products.append(jac_mean)
-        logs[columns.JAC_PRODUCT] = measures.jacobian_product(products, replicates)
+        # Over hidden layers 1 … L-1: the L-1 factors between the last hidden layer's error and the first's.
+        logs[columns.JAC_PRODUCT] = np.prod(products, axis=0) if products else np.ones(replicates)
         logs[columns.COUPLING], logs[columns.COUPLING_SHARE] = measures.coupling(values[-1], self.y)

@@ -23,8 +23,6 @@ JAC_MEAN, JAC_MAX = "jac_mean", "jac_max"
 # largest singular value and its share (one column each, no layer).
 SIGNAL, GAIN = "signal", "gain"
 COUPLING, COUPLING_SHARE = "coupling", "coupling_share"
-PROBE_KINDS = (ACT_MEAN, ACT_P02, ACT_P98, SATURATION, SIGNAL, GAIN, JAC_MEAN, JAC_MAX)
-OUTPUT_KINDS = (ACT_MEAN, ACT_P02, ACT_P98, SATURATION, SIGNAL, GAIN)
 OUTPUT = "output"
 # Product of jac_mean over hidden layers 1 … L-1: the predicted first / last speed ratio.
 JAC_PRODUCT = "jac_product"

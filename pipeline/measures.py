@@ -101,18 +101,6 @@ def jacobian_summary(slope: np.ndarray, next_kernel: np.ndarray) -> tuple[np.nda
     return sv.mean(axis=(1, 2)), sv[..., 0].mean(axis=1)
 
 
-def jacobian_product(mean_singular_values: list[np.ndarray], replicates: int) -> np.ndarray:
-    """Product over layers of the mean singular values, per replicate (S,); 1 for no layer.
-
-    For hidden layers 1 … L-1 it predicts the first / last ratio of ‖∂C/∂b‖: the error
-    reaching layer 1 is the last hidden layer's error passed through L-1 Jacobians.
-    """
-    out = np.ones(replicates)
-    for values in mean_singular_values:
-        out = out * np.asarray(values, np.float64)
-    return out
-
-
 # ----------------------------------------------------------------------- signal propagation
 def signal(a: np.ndarray) -> np.ndarray:
     """Across-example spread of a layer: the mean over units of each unit's standard deviation

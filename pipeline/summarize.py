@@ -47,25 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train", type=Path, required=True, help="the training split (its labels define the plateau)")
     parser.add_argument("--out", type=Path, required=True, help="metrics.json to write")
 
-    def body(args: argparse.Namespace, params: SummaryParams) -> None:
-        table = history.read_history(args.history)
-        plateau = read_plateau(args.train)
-        metrics = history.summarize(table, params.index_window, plateau, params.escape_margin, params.forecast_epochs)
+    def body(args: argparse.Namespace, p: SummaryParams) -> None:
+        table, plateau = history.read_history(args.history), read_plateau(args.train)
+        metrics = history.summarize(table, p.index_window, plateau, p.escape_margin, p.forecast_epochs)
         try:
             write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
         except OSError as exc:
             raise SummaryError(
                 f"cannot write {args.out}: {exc.strerror or exc}; free disk space or make its folder writable"
             ) from exc
-        log.info(
-            "%s: vanishing index %s, escape epoch %s (fraction of seeds escaped %s), forecast %s -> %s",
-            args.history.parent.name,
-            metrics["vanishing_index"],
-            metrics["escape_epoch"],
-            metrics["escaped_fraction"],
-            metrics["escape_forecast"],
-            args.out,
-        )
+        keys = ("vanishing_index", "escape_epoch", "escaped_fraction", "escape_forecast")
+        log.info("%s: %s -> %s", args.history.parent.name, ", ".join(f"{k} {metrics[k]}" for k in keys), args.out)
 
     return cli.run_stage(parser, "summary", body, (SummaryError, history.HistoryError), argv)
 

@@ -215,11 +215,6 @@ def test_jacobian_singular_values_written_down() -> None:
     np.testing.assert_allclose(measures.jacobian_singular_values(np.array([[[0.2, 0.05]]]), rotation), [[[0.2, 0.05]]])
 
 
-def test_jacobian_product() -> None:
-    np.testing.assert_allclose(measures.jacobian_product([np.array([0.5, 2.0]), np.array([0.1, 0.5])], 2), [0.05, 1.0])
-    np.testing.assert_allclose(measures.jacobian_product([], 3), [1.0, 1.0, 1.0])
-
-
 def test_signal_is_the_mean_over_units_of_each_units_spread_over_examples() -> None:
     # Replicate 0: unit 0 takes 0 and 2 (std 1), unit 1 takes 5 and 5 (std 0, however large): signal 1/2.
     # Replicate 1: units take ±3 and ±1 around their means (std 3 and 1): signal 2.
