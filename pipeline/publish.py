@@ -96,12 +96,11 @@ def _stage(args: argparse.Namespace, tp: TrackingParams) -> None:
     tracking.preflight(uri)
     try:
         record = publish(uri, tp.experiment, Path(args.params), args.results, args.report)
-    except (tracking.TrackingError, report.ReportError) as exc:
-        raise tracking.TrackingError(f"{exc}; {args.report} is intact") from exc
-    except Exception as exc:  # the run is already marked FAILED; report one clear line (the traceback: debug)
+    except Exception as exc:  # any failure, the run already marked FAILED: one clear line (the traceback: debug)
         log.debug("publishing failed", exc_info=True)
         raise tracking.TrackingError(
-            f"publishing {args.report} to MLflow at {uri} failed: {exc}; it is intact"
+            f"publishing {args.report} to MLflow at {uri} failed: {exc}. The report in {args.report} is intact; "
+            "once the store works, rerun `dvc repro publish`"
         ) from exc
     write_text_atomic(args.out, json.dumps(record, indent=2) + "\n")
     log.info("publish: %s -> MLflow run %s (experiment %s)", args.report, record["report_run"], tp.experiment)
