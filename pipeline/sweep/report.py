@@ -122,13 +122,13 @@ def escape_figure(table: pd.DataFrame, swept: Sequence[str], variant: str) -> Fi
             ax.scatter(x[done], group.loc[done, "escape_epoch"], s=18, color=colour, label=label)
             ax.scatter(x[~done], group.loc[~done, "epochs"], s=30, marker="^", facecolors="none", edgecolors=colour)
             ax.scatter(x, group["forecast"], s=24, marker="x", color=colour, linewidths=1)
-        ax.set_xticks(range(len(levels)), [str(v) for v in levels])
+        ax.set(xticks=range(len(levels)), xticklabels=[str(v) for v in levels], xlim=(-0.5, len(levels) - 0.5))
         ax.set(xlabel=param, ylabel="epoch (log)", yscale="log")  # every epoch and forecast is >= 1
         if others:
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize="small", ncol=2, frameon=False)
     key = [Line2D([], [], ls="", marker=m, mfc="none" if m == "^" else None, color="0.3", label=t) for t, m in MARKERS]
-    fig.legend(handles=key, loc="outside upper right", ncol=3, fontsize="small", frameon=False)
-    fig.suptitle(f"{variant}: escape epoch of every seed", x=0.02, ha="left")
+    fig.legend(handles=key, loc="outside lower center", ncol=3, fontsize="small", frameon=False)
+    fig.suptitle(f"{variant}: escape epoch of every seed")
     return fig
 
 
