@@ -1,9 +1,14 @@
 """Start the MLflow UI over the project's store (``ui``) or a tracking server (``server``).
 
 Both bind 127.0.0.1 unless told otherwise, refuse a busy port, print the link to the experiment's
-training runs (MLflow 3 opens on a GenAI overview that hides them), and run MLflow in its own process
-group, so that Ctrl-C, SIGTERM, SIGHUP or the death of the parent ``make`` stops all of its workers.
-The server proxies artifacts, so clients need only its URL (``MLFLOW_TRACKING_URI=http://...``).
+training runs, and run MLflow in its own process group, so that Ctrl-C, SIGTERM, SIGHUP or the death
+of the parent ``make`` stops all of its workers. The server proxies artifacts, so clients need only
+its URL (``MLFLOW_TRACKING_URI=http://...``).
+
+MLflow 3.17's UI shows a page in "Model training" mode when its URL says ``workflowType=machine_learning``,
+else in the mode the browser last picked with the toggle at the top left (GenAI until then): the
+experiment tag ``mlflow.experimentKind`` only steers the experiment's bare page. The UI's own links
+(a run in the runs table, a model in the Models tab) carry no mode, so ``ui`` says how to pick it once.
 """
 
 from __future__ import annotations
@@ -30,20 +35,25 @@ from pipeline.params import ParamsError, TrackingParams, load_section
 log = logging.getLogger("pipeline.serve")
 
 SERVER_DIR = "mlserver"
-# MLflow's default is 4 uvicorn workers of some 250 MB each; 2 serve one user's pipeline.
-SERVER_WORKERS = 2
+# MLflow's default is 4 uvicorn workers of some 250 MB each; 2 serve one user's pipeline, and 1 one
+# person's browser (on 2 cores it answers in about 7 s where 4 take 13 s).
+SERVER_WORKERS, UI_WORKERS = 2, 1
+MODEL_TRAINING = {"workflowType": "machine_learning"}  # the UI's mode in a URL (see the module's doc)
 
 
 # MLflow 3.17's UI keeps a runs page's state (search, sorting, charts and their order) in a
 # "shared view": an experiment tag mlflow.sharedViewState.<key> holding the state as JSON, opened
 # by ?viewStateShareKey=<key>. Read from its bundle (server/js/build): the key constants, the reader
-# (which ignores the view when the URL also carries search parameters such as searchFilter) and the
-# chart-card fields. Its default chart order puts metrics without a "/" section ("Model metrics")
+# (which ignores the view when the URL also carries search parameters such as searchFilter, and
+# drops runsPinned, runsHidden and runsVisibilityMap: a view cannot hide one run) and the chart and
+# section fields. Its default chart order puts metrics without a "/" section ("Model metrics")
 # after every named section, so without a view the first charts would be act_mean/..., not accuracy.
+# A chart card's legend is 32 px tall (two lines, two or three runs); its full screen lists every run.
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 MODEL_METRICS = "Model metrics"  # the UI's section of metrics with no "/" in their key
 STORY = ("accuracy", "test_accuracy", "loss", "test_loss")
 LAYER_STORY = ("grad_bias", "grad", "weight_change")  # per-layer sections, in this order after the first
+LEGEND_HINT = "all runs: run list, full screen"  # in each section's name: where every run's colour is
 MAX_VIEW_CHARS = 19_000  # MLflow limits an experiment tag's value to 20,000 characters
 
 
@@ -53,15 +63,20 @@ def view_key(report_run_id: str) -> str:
 
 
 def study_view(run_ids: Sequence[str], depth: int) -> dict[str, object]:
-    """The runs page of one study: its runs only, seeds collapsed under their variant, in chart view,
-    training accuracy first (one line per variant), then test accuracy and the losses, then each
-    hidden layer's speed of learning (‖∂C/∂b‖), kernel gradient and weight change."""
+    """The runs page of one study: the variant runs ``run_ids`` (parents and seeds; not the report's
+    run, which has no metrics and would head every legend), seeds collapsed under their variant, in
+    chart view, two charts a row: training and test accuracy first (one line per variant), then the
+    losses, then each hidden layer's speed of learning (‖∂C/∂b‖), kernel gradient and weight change.
+    Every visible run is charted (the UI's default charts the first 10 rows only)."""
     groups = [(MODEL_METRICS, list(STORY))]
     groups += [(kind, [f"{kind}/hidden_{i}" for i in range(1, depth + 1)]) for kind in LAYER_STORY]
     sections, charts = [], []
     for n, (name, keys) in enumerate(groups):
         section = f"section-{n}"
-        sections.append({"uuid": section, "name": name, "display": True, "isReordered": True, "deleted": False})
+        sections.append(
+            {"uuid": section, "name": f"{name} · {LEGEND_HINT}", "display": True, "isReordered": True,
+             "deleted": False, "columns": 2}
+        )  # fmt: skip
         charts += [_line_chart(f"{section}-{i}", section, key) for i, key in enumerate(keys)]
     listed = ", ".join(f"'{run_id}'" for run_id in run_ids)
     return {
@@ -69,6 +84,7 @@ def study_view(run_ids: Sequence[str], depth: int) -> dict[str, object]:
         "orderByKey": "attributes.start_time",  # the UI nests seeds under their variant only in this order
         "orderByAsc": False,
         "runsExpanded": {},
+        "runsHiddenMode": "SHOW_ALL",
         "compareRunCharts": charts,
         "compareRunSections": sections,
         "isAccordionReordered": True,  # keep this order; sections of other metrics follow
@@ -100,23 +116,26 @@ def _line_chart(uuid: str, section: str, key: str) -> dict[str, object]:
     }
 
 
+def ui_path(experiment_id: str, page: str = "runs", **query: str) -> str:
+    """``#/experiments/<id>/<page>?workflowType=machine_learning``: a page of the UI in Model training
+    mode, as a link relative to the UI that shows it (use it as is in MLflow descriptions, whatever the
+    port); ``page`` is ``runs``, ``runs/<run id>``, ``runs/<run id>/artifacts/<path>``, ``models``..."""
+    return f"#/experiments/{experiment_id}/{page}?{urllib.parse.urlencode(MODEL_TRAINING | query)}"
+
+
 def runs_link(base_url: str, experiment_id: str | None, view: str | None = None) -> str:
-    """Direct link to an experiment's training runs (or the UI root), in the UI's "Model training"
-    mode rather than the GenAI overview MLflow 3 opens on; with ``view``, the study's shared view
-    in chart mode (see :func:`study_view`)."""
-    base = base_url.rstrip("/")
+    """Direct link to an experiment's training runs (or the UI root), in Model training mode; with
+    ``view``, the study's shared view in chart mode (see :func:`study_view`)."""
+    base = base_url.rstrip("/") + "/"
     if not experiment_id:
-        return f"{base}/"
-    query = {"workflowType": "machine_learning"}
-    if view:
-        query |= {"viewStateShareKey": view, "compareRunsMode": "CHART"}
-    return f"{base}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
+        return base
+    return base + ui_path(experiment_id, **({"viewStateShareKey": view, "compareRunsMode": "CHART"} if view else {}))
 
 
-def find_study(store_uri: str, name: str) -> tuple[str | None, str | None]:
-    """The id of experiment ``name`` and the shared view of its latest report run; None for either
+def find_study(store_uri: str, name: str) -> tuple[str | None, str | None, str | None]:
+    """The id of experiment ``name``, its latest report run and that run's shared view; None for each
     until the store has it (a viewer must start even on a new store, or one that cannot be searched)."""
-    exp_id = view = None
+    exp_id = report_id = view = None
     with contextlib.suppress(Exception):
         client = tracking.open_store(store_uri)
         experiment = client.get_experiment_by_name(name)
@@ -125,14 +144,17 @@ def find_study(store_uri: str, name: str) -> tuple[str | None, str | None]:
             (report,) = client.search_runs(
                 [exp_id], "attributes.run_name = 'report'", order_by=["attributes.start_time DESC"], max_results=1
             )
-            key = view_key(report.info.run_id)
+            report_id, key = report.info.run_id, view_key(report.info.run_id)
             view = key if SHARED_VIEW_TAG + key in experiment.tags else None
-    return exp_id, view
+    return exp_id, report_id, view
 
 
 def ui_command(store_uri: str, host: str, port: int) -> list[str]:
-    """``mlflow ui`` over an existing store."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri, "--host", host, "--port", str(port)]
+    """``mlflow ui`` over an existing store, with one worker."""
+    return [
+        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri,
+        "--host", host, "--port", str(port), "--workers", str(UI_WORKERS),
+    ]  # fmt: skip
 
 
 def server_command(
@@ -261,14 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("no MLflow store at %s yet: run `make repro` first", store)
             return 1
         command = ui_command(store, args.host, args.port)
-        exp_id, view = find_study(store, track.experiment)
     else:
         if args.backend_store_uri is None or args.artifacts_destination is None:
             (root / SERVER_DIR).mkdir(exist_ok=True)
         command = server_command(
             root, args.host, args.port, args.backend_store_uri, args.artifacts_destination, args.workers
         )
-        exp_id, view = None, None
     if not port_free(args.host, args.port):
         log.error(
             "%s:%s is already in use (another MLflow?): stop it or pick another port (PORT=5001)", host, args.port
@@ -285,13 +305,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     _die_with_parent()
     process = subprocess.Popen(command, env=child_env(), start_new_session=True)
     try:
+        study = find_study(store, track.experiment) if args.mode == "ui" else (None, None, None)  # while MLflow starts
         if not wait_until_up(base, process):
             log.error("MLflow did not start on %s; see its messages above", base)
             return 1
         if args.mode == "server":
-            exp_id = find_study(base, track.experiment)[0]
+            study = find_study(base, track.experiment)
             log.info("Tracking server: %s\nLog the pipeline to it with:  MLFLOW_TRACKING_URI=%s make repro", base, base)
-        log.info("Training runs: %s\n(Ctrl-C to stop)", runs_link(base, exp_id, view))
+        exp_id, report_id, view = study
+        log.info("Training runs: %s", runs_link(base, exp_id, view))
+        if report_id:
+            log.info("Report: %s/%s", base, ui_path(exp_id, f"runs/{report_id}/artifacts/index.html"))
+        log.info(
+            'Runs and models open in MLflow\'s GenAI mode until "Model training" is picked at the top left of'
+            " %s/#/experiments (once per browser).\n(Ctrl-C to stop)",
+            base,
+        )
         return process.wait()
     except KeyboardInterrupt:
         return 0

@@ -33,10 +33,11 @@ def test_server_command_for_a_team_database(tmp_path: Path) -> None:
     assert command[command.index("--workers") + 1] == "2"
 
 
-def test_ui_command_binds_what_it_is_given() -> None:
+def test_ui_command_binds_what_it_is_given_with_one_worker() -> None:
     command = serve.ui_command("sqlite:////x/mlflow.db", "127.0.0.1", 5000)
     assert command[command.index("--host") + 1] == "127.0.0.1"
     assert command[command.index("--backend-store-uri") + 1] == "sqlite:////x/mlflow.db"
+    assert command[command.index("--workers") + 1] == "1"  # one person's browser; starts twice as fast
 
 
 def test_both_modes_default_to_loopback() -> None:
@@ -62,21 +63,45 @@ def test_runs_link_to_a_study_opens_its_shared_view_in_chart_mode() -> None:
     assert "searchFilter" not in link and "orderBy" not in link
 
 
-def test_study_view_puts_training_accuracy_first_then_each_layer() -> None:
-    view = serve.study_view(["p1", "c1", "c2", "r"], depth=2)
-    assert view["searchFilter"] == "attributes.run_id IN ('p1', 'c1', 'c2', 'r')"
+def test_ui_path_is_relative_and_keeps_model_training_mode() -> None:
+    assert serve.ui_path("3", "runs/r1") == "#/experiments/3/runs/r1?workflowType=machine_learning"
+    assert serve.ui_path("3", "models", a="b c") == "#/experiments/3/models?workflowType=machine_learning&a=b+c"
+
+
+def test_study_view_charts_the_given_runs_accuracy_first_then_each_layer() -> None:
+    view = serve.study_view(["p1", "c1", "c2"], depth=2)
+    assert view["searchFilter"] == "attributes.run_id IN ('p1', 'c1', 'c2')"
     assert (view["orderByKey"], view["orderByAsc"], view["isAccordionReordered"]) == (
         "attributes.start_time",
         False,
         True,
     )
-    sections = {s["uuid"]: s["name"] for s in view["compareRunSections"]}
+    assert view["runsHiddenMode"] == "SHOW_ALL"  # the UI's default charts the first 10 rows only
+    sections = {s["uuid"]: s["name"].split(" · ")[0] for s in view["compareRunSections"]}
     assert list(sections.values()) == ["Model metrics", "grad_bias", "grad", "weight_change"]
+    # A card's legend shows two or three runs: each section's name says where all of them are.
+    assert all(s["name"].endswith(serve.LEGEND_HINT) for s in view["compareRunSections"])
+    assert {s["columns"] for s in view["compareRunSections"]} == {2}
     charts = [(sections[c["metricSectionId"]], c["metricKey"]) for c in view["compareRunCharts"]]
-    assert charts[0] == ("Model metrics", "accuracy")
+    assert charts[:2] == [("Model metrics", "accuracy"), ("Model metrics", "test_accuracy")]
     assert charts[4:6] == [("grad_bias", "grad_bias/hidden_1"), ("grad_bias", "grad_bias/hidden_2")]
     assert {c["type"] for c in view["compareRunCharts"]} == {"LINE"}
     assert len({c["uuid"] for c in view["compareRunCharts"]}) == len(charts)
+
+
+@pytest.mark.slow
+def test_find_study_names_the_experiment_its_latest_report_and_view(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert serve.find_study(uri, "vanishing-gradient") == (None, None, None)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("vanishing-gradient", artifact_location=(tmp_path / "a").as_uri())
+    client.create_run(exp, start_time=1_000, run_name="report")
+    assert serve.find_study(uri, "vanishing-gradient")[2] is None  # a report without a view: the plain table
+    report = client.create_run(exp, start_time=2_000, run_name="report").info.run_id
+    client.set_experiment_tag(exp, serve.SHARED_VIEW_TAG + serve.view_key(report), "{}")
+    assert serve.find_study(uri, "vanishing-gradient") == (exp, report, serve.view_key(report))
 
 
 def test_child_env_turns_the_genai_job_runner_off_unless_asked() -> None:
