@@ -127,23 +127,14 @@ def _per_layer(ax: Axes, history: pd.DataFrame, layers: list[str], log: bool = F
 
 
 # ----------------------------------------------------------------- across variants
-def accuracy_by_depth(histories: Mapping[str, pd.DataFrame], colors: Mapping[str, str]) -> Figure:
-    """Training accuracy of every variant on one axis (mean over seeds, std and min–max bands)."""
+def by_variant(
+    histories: Mapping[str, pd.DataFrame], colors: Mapping[str, str], column: str, title: str, log: bool = False
+) -> Figure:
+    """``column`` of every variant on one axis, in its colour: the mean over seeds, std and min–max bands."""
     fig, (ax,) = _figure(1, row_height=3.8)
     for label, history in histories.items():
-        plot_stats(ax, seed_stats(history, "accuracy"), label, colors[label])
-    _label(ax, f"Training accuracy by depth ({BAND_NOTE})", "training accuracy")
-    _legend_below(fig, ax)
-    return fig
-
-
-def first_layer_change(histories: Mapping[str, pd.DataFrame], colors: Mapping[str, str]) -> Figure:
-    """Weight change of the first hidden layer for every variant, log scale (mean and bands over seeds)."""
-    fig, (ax,) = _figure(1, row_height=3.8)
-    column = columns.layer_column(columns.WEIGHT_CHANGE, 1)
-    for label, history in histories.items():
-        plot_stats(ax, seed_stats(history, column), label, colors[label], log=True)
-    _label(ax, "First hidden layer's weight change by depth", "mean |ΔW| of hidden_1 per epoch", log=True)
+        plot_stats(ax, seed_stats(history, column), label, colors[label], log=log)
+    _label(ax, title, column, log=log)
     _legend_below(fig, ax)
     return fig
 

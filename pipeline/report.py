@@ -362,8 +362,16 @@ def classic_section(s: Study) -> Section:
     listed = ", ".join(f"{_num(c, '.3g')} (depth {r.variant.depth})" for r, c in zip(s.classic, change, strict=True))
     sigmoid = f"σ' ≤ σ'(0) = {figures.QUARTER}: each sigmoid layer scales the error it passes back by at most that."
     plots = s.render_all(
-        (figures.accuracy_by_depth(hs, s.colors), "accuracy_by_depth.png", "Training accuracy by depth."),
-        (figures.first_layer_change(hs, s.colors), "first_layer_change.png", f"Mean over epochs ≥ 2: {listed}."),
+        (
+            figures.by_variant(hs, s.colors, "accuracy", f"Training accuracy ({figures.BAND_NOTE})"),
+            "accuracy_by_depth.png",
+            "Training accuracy by depth.",
+        ),
+        (
+            figures.by_variant(hs, s.colors, column, "The first hidden layer's weight change per epoch", log=True),
+            "first_layer_change.png",
+            f"Mean over epochs ≥ 2: {listed}.",
+        ),
         (
             figures.final_accuracy_vs_depth(history.final_values(hs), s.colors),
             "final_accuracy_vs_depth.png",

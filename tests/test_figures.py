@@ -36,8 +36,8 @@ HS, TABLE = histories(), make_history(3)
 ES = {name: escapes(h) for name, h in HS.items()}
 # Every figure the report draws, on the synthetic study.
 FIGURES: dict[str, Callable[[], Figure]] = {
-    "accuracy_by_depth": lambda: figures.accuracy_by_depth(HS, COLORS),
-    "first_layer_change": lambda: figures.first_layer_change(HS, COLORS),
+    "accuracy_by_depth": lambda: figures.by_variant(HS, COLORS, "accuracy", "Training accuracy"),
+    "first_layer_change": lambda: figures.by_variant(HS, COLORS, "weight_change/hidden_1", "hidden_1", log=True),
     "final_accuracy_vs_depth": lambda: figures.final_accuracy_vs_depth(history.final_values(HS), COLORS),
     "sigmoid": figures.sigmoid_figure,
     "remedies": lambda: figures.remedies_figure({k: HS[k] for k in (D2, REMEDY)}, COLORS),
@@ -127,18 +127,19 @@ def test_sigmoid_bound_is_computed_quarter():
     assert any("1/4" in text.get_text() for text in ax.texts)
 
 
-def test_accuracy_by_depth_one_line_and_two_bands_per_variant():
-    (ax,) = figures.accuracy_by_depth(histories(), COLORS).axes
+def test_by_variant_one_line_and_two_bands_per_variant():
+    (ax,) = figures.by_variant(histories(), COLORS, "accuracy", "Training accuracy").axes
     assert line_labels(ax) == [D1, D2, REMEDY]
     assert len(ax.collections) == 2 * 3  # ±std and min–max per variant
     assert ax.get_lines()[1].get_ydata()[-1] == pytest.approx(0.84)
-    single = figures.accuracy_by_depth({D1: make_history(1, seeds=(0,))}, COLORS)
+    single = figures.by_variant({D1: make_history(1, seeds=(0,))}, COLORS, "accuracy", "t")
     assert len(single.axes[0].collections) == 0  # one seed: no bands
 
 
-def test_first_layer_change_log_scale():
-    (ax,) = figures.first_layer_change(histories(), COLORS).axes
+def test_by_variant_log_scale():
+    (ax,) = figures.by_variant(histories(), COLORS, "weight_change/hidden_1", "hidden_1", log=True).axes
     assert ax.get_yscale() == "log" and line_labels(ax) == [D1, D2, REMEDY]
+    assert ax.get_ylabel() == "weight_change/hidden_1"
 
 
 def test_final_accuracy_vs_depth_means_and_each_seed():
