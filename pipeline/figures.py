@@ -160,9 +160,9 @@ def sigmoid_figure() -> Figure:
     fig, (ax,) = _figure(1, row_height=2.8)
     x = np.linspace(-6.0, 6.0, 601)
     ax.plot(x, sigmoid(x), color="k", label="σ(x)")
-    ax.plot(x, sigmoid_prime(x), color=HUES[0], label="σ'(x) = σ(x)(1 − σ(x))")
+    ax.plot(x, sigmoid_prime(x), color="0.5", label="σ'(x) = σ(x)(1 − σ(x))")
     ax.axhline(SIGMOID_BOUND, color="0.4", linestyle=":", linewidth=1)
-    ax.plot([0.0], [SIGMOID_BOUND], "o", color=HUES[0])
+    ax.plot([0.0], [SIGMOID_BOUND], "o", color="0.5")
     note = f"σ'(0) = {QUARTER}: the largest slope"
     ax.annotate(note, xy=(0.0, SIGMOID_BOUND), xytext=(1.2, SIGMOID_BOUND + 0.2), arrowprops={"arrowstyle": "->"})
     _label(ax, "The sigmoid and its derivative", "value", xlabel="x")
@@ -333,14 +333,17 @@ def jacobian_figure(history: pd.DataFrame, title: str) -> Figure:
         largest = seed_stats(history, column.replace(columns.JAC_MEAN, columns.JAC_MAX))
         axes[0].plot(largest.index, largest["mean"], color=color, linestyle="--", label=f"{layer_name(column)} largest")
     axes[0].axhline(SIGMOID_BOUND, color="k", linestyle=":", linewidth=1, label=BOUND_LABEL)
-    _label(axes[0], "Singular values of each hidden layer's Jacobian diag(f'(z)) W_next", "singular value", log=True)
+    _label(
+        axes[0], "Singular values of each hidden layer's Jacobian diag(f'(z)) W_next", "singular value", "", log=True
+    )
     _legend(axes[0])
     if depth >= 2:
-        plot_stats(axes[1], seed_stats(history, columns.JAC_PRODUCT), "predicted: product of mean singular values",
-                   HUES[3], log=True)  # fmt: skip
-        plot_stats(axes[1], first_to_last(history), "measured: first / last ‖∂C/∂b‖", HUES[0], log=True)
+        predicted = seed_stats(history, columns.JAC_PRODUCT)
+        plot_stats(axes[1], predicted, "predicted: product of mean singular values", "0.55", log=True)
+        plot_stats(axes[1], first_to_last(history), "measured: first / last ‖∂C/∂b‖", "k", log=True)
         _depth_bound(axes[1], depth)
         _label(axes[1], f"Prediction against measurement, hidden_1 … hidden_{depth - 1}", "ratio", log=True)
         _legend(axes[1])
+    axes[-1].set_xlabel("epoch")
     fig.suptitle(title)
     return fig
