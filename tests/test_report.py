@@ -165,7 +165,7 @@ def test_page_is_self_contained_with_every_figure_at_its_natural_width(built):
 
 def test_page_opens_with_a_summary_and_a_table_of_contents(built):
     page = built["page"]
-    summary = re.search(r"<h1>.*?</h1>\s*<p class=conclusion>(.*?)</p>", page, re.S)[1]
+    summary = re.search(r"<h1>.*?</h1>\s*<p class=summary>(.*?)</p>", page, re.S)[1]
     assert len(re.findall(r"[.!?](\s|$)", summary)) == 3
     assert "end at a training accuracy of 0.850 (depth 1), 0.840 (depth 2)" in summary
     assert "the first hidden layer&#39;s gradient is 0.2 (depth 2) times the last one&#39;s" in summary
