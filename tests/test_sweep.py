@@ -3,11 +3,10 @@ the workspace snapshot (real git in a temporary folder) and the supervisor (real
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,10 +16,11 @@ import psutil
 import pytest
 
 from pipeline.sweep import spec, supervise, worker, workspace
-from pipeline.sweep.__main__ import Target, check_auth, experiment_names, parse_args, ray_target
+from pipeline.sweep.__main__ import Target, cluster_token, experiment_names, parse_args, ray_environment, ray_target
 from pipeline.sweep.spec import Experiment, SweepError
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 # -- -S expansion, as dvc exp run --queue does it ---------------------------------------------
@@ -115,28 +115,41 @@ def test_ray_addresses() -> None:
             ray_target(bad)
 
 
-def test_token_authentication_stays_on(tmp_path: Path) -> None:
-    env: dict[str, str] = {}
-    check_auth(Target(None), env)  # a local instance makes its own token
-    assert env["RAY_AUTH_MODE"] == "token"
+def test_token_authentication_stays_on_and_is_passed_explicitly() -> None:
+    environ = {"PATH": "/usr/bin"}
+    local = ray_environment(Target(None), environ)
+    assert environ == {"PATH": "/usr/bin"}  # nothing set behind the caller's back
+    assert local["RAY_AUTH_MODE"] == "token" and local["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert len(local["RAY_AUTH_TOKEN"]) == 64 != ray_environment(Target(None), {})["RAY_AUTH_TOKEN"]  # its own
+    assert "RAY_AUTH_TOKEN" not in ray_environment(Target(None), {"RAY_AUTH_TOKEN": "mine"})
+    assert ray_environment(ray_target("10.1.2.3:6379"), {}) == {"RAY_AUTH_MODE": "token"}  # a cluster's: the user's
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in ray_environment(ray_target("127.0.0.1:6379"), {})
     with pytest.raises(SweepError, match="only with Ray's token authentication"):
-        check_auth(Target(None), {"RAY_AUTH_MODE": "disabled"})
-    cluster = ray_target("10.1.2.3:6379")
-    missing = tmp_path / "none"
+        ray_environment(Target(None), {"RAY_AUTH_MODE": "disabled"})
+
+
+def test_a_clusters_token_comes_from_a_private_file(tmp_path: Path) -> None:
     with pytest.raises(SweepError, match=r"No Ray token.*ray get-auth-token"):
-        check_auth(cluster, {"RAY_AUTH_TOKEN_PATH": str(missing)})
+        cluster_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")})
     token = tmp_path / "token"
     token.write_text("secret\n")
-    check_auth(cluster, {"RAY_AUTH_TOKEN_PATH": str(token)})
-    check_auth(cluster, {"RAY_AUTH_TOKEN": "secret"})
+    token.chmod(0o644)  # as ray get-auth-token --generate leaves it
+    with pytest.raises(SweepError, match=f"mode 644.*chmod 600 {re.escape(str(token))}"):
+        cluster_token({"RAY_AUTH_TOKEN_PATH": str(token)})
+    token.chmod(0o600)
+    assert cluster_token({"RAY_AUTH_TOKEN_PATH": str(token)}) == ("secret", str(token))
+    assert cluster_token({"RAY_AUTH_TOKEN": "env", "RAY_AUTH_TOKEN_PATH": str(token)}) == ("env", "RAY_AUTH_TOKEN")
 
 
 def test_make_passes_empty_jobs_and_gpus() -> None:
     args = parse_args(["-S", "train.epochs=1,2", "--jobs", "", "--gpus", ""])
     assert (args.jobs, args.gpus, args.set_param) == (None, None, ["train.epochs=1,2"])
     assert parse_args(["--jobs", "3", "--gpus", "0.5", "--metrics", "loss"]).jobs == 3
-    with pytest.raises(SystemExit):
-        parse_args(["--retries", "-1"])
+    for bad in (["--retries", "-1"], ["--step-timeout", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    defaults = parse_args([])
+    assert (defaults.step_timeout, defaults.run_timeout) == (600, 86_400)
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -194,6 +207,8 @@ JOB = {
     "dvc_url": "/remote",
     "cache_dir": "/ws/.dvc/cache",
     "set_params": ["params.yaml:train.learning_rate=0.1"],
+    "step_timeout": 60.0,
+    "run_timeout": 600.0,
     "env": {"PIPELINE_SWEEP": "s", "MLFLOW_TRACKING_URI": "sqlite:////ws/mlflow.db"},
 }
 
@@ -208,14 +223,16 @@ def test_steps_end_with_the_experiments_push() -> None:
         "dvc remote",
         "dvc cache",
         "dvc exp run",
+        "metrics",
         "dvc push",
-        "dvc exp push",
+        "git push",
     ]
     steps = dict(worker.steps(JOB, "/tmp/c"))
     assert steps["changes"] == ["git", "read-tree", "-u", "--reset", "c" * 40]
     run_args = ["exp", "run", "--pull", "--name", "s-1", "-S", "params.yaml:train.learning_rate=0.1"]
     assert steps["dvc exp run"][3:] == run_args
-    assert steps["dvc exp push"][3:] == ["exp", "push", "--no-cache", "--force", "/ws", "s-1"]
+    ref = f"refs/exps/bb/{'b' * 38}/s-1"  # where DVC keeps it: under the baseline
+    assert worker.exp_ref(JOB) == ref and steps["git push"] == ["git", "push", "--quiet", "/ws", f"{ref}:{ref}"]
     cluster = {**JOB, "cache_dir": None, "commit": JOB["base"]}
     labels = [label for label, _ in worker.steps(cluster, "/tmp/c")]
     assert "changes" not in labels and "dvc cache" not in labels
@@ -227,42 +244,26 @@ def test_task_env_drops_other_stores_and_adds_the_sweeps() -> None:
     assert env["PIPELINE_SWEEP"] == "s" and env["PATH"].startswith(str(Path(sys.executable).parent))
 
 
-def test_the_task_runs_where_the_project_cannot_be_imported(tmp_path: Path) -> None:
-    """Workers have the project's requirements, not its code: shipped by value, the task and the probe
-    (and what they use of the supervisor) run in a Python that cannot import ``pipeline``."""
-    from ray import cloudpickle
+def _job(tmp_path: Path, remote: Path, **changes: object) -> dict:
+    return {**JOB, "git_url": str(remote), "work_root": str(tmp_path), **changes}
 
-    from pipeline.sweep.__main__ import SHIPPED_BY_VALUE
 
-    for module in SHIPPED_BY_VALUE:
-        cloudpickle.register_pickle_by_value(module)
-    try:
-        shipped = cloudpickle.dumps((worker.run_experiment, worker.probe))
-    finally:
-        for module in SHIPPED_BY_VALUE:
-            cloudpickle.unregister_pickle_by_value(module)
-    repo = _repo(tmp_path / "ws")
-    subprocess.run(["git", "update-ref", "refs/sweeps/s", "HEAD"], cwd=repo, check=True)
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{free.getsockname()[1]}"
-    job = {**JOB, "git_url": str(tmp_path / "missing"), "work_root": str(tmp_path), "supervisor": SUPERVISE.read_text()}
-    code = (
-        "import importlib.util, json, pickle, sys\n"
-        "assert importlib.util.find_spec('pipeline') is None\n"
-        "run_experiment, probe = pickle.loads(sys.stdin.buffer.read())\n"
-        "job, repo, closed = json.loads(sys.argv[1])\n"
-        "print(json.dumps([run_experiment(job), probe(repo, 'refs/sweeps/s', closed)]))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-I", "-c", code, json.dumps([job, str(repo), closed])],
-        input=shipped, cwd=tmp_path, capture_output=True, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr.decode()
-    result, probed = json.loads(done.stdout)
-    assert (result["ok"], result["step"], result["status"]) == (False, "clone", 128), result
-    assert "does not exist" in result["tail"] and not (tmp_path / "sweep-s").exists()  # the attempt's folder
-    assert probed["error"].startswith(f"workers cannot reach the tracking server {closed}"), probed
+def test_an_attempt_whose_experiment_landed_runs_nothing(tmp_path: Path) -> None:
+    """A retry after a worker died past its push: the ref is on the remote, so the attempt returns it as
+    landed without cloning, training or logging anything (a clone would fail here: the ref is not a branch)."""
+    remote = _repo(tmp_path / "ws")
+    subprocess.run(["git", "update-ref", worker.exp_ref(JOB), "HEAD"], cwd=remote, check=True)
+    result = worker.run_experiment(_job(tmp_path, remote))
+    assert (result["ok"], result["earlier"]) == (True, True), result
+    assert result["log"].splitlines()[0] == f"$ git ls-remote {remote} {worker.exp_ref(JOB)}"
+    assert "an earlier attempt landed it" in result["log"] and "git clone" not in result["log"]
+    assert not (tmp_path / "sweep-s").exists()  # the attempt's folder
+
+
+def test_a_failed_step_is_reported_with_its_log(tmp_path: Path) -> None:
+    result = worker.run_experiment(_job(tmp_path, tmp_path / "missing"))  # the remote's check fails
+    assert (result["ok"], result["step"], result["status"], result["timed_out"]) == (False, "check", 128, None)
+    assert "does not appear to be a git repository" in result["log"] or "does not exist" in result["log"], result
 
 
 # -- the workspace snapshot, on real git ----------------------------------------------------------
@@ -339,8 +340,23 @@ SUPERVISE = Path(supervise.__file__)
 
 
 def test_supervisor_passes_the_exit_status(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(SUPERVISE), str(os.getpid()), str(tmp_path), "sh", "-c", "exit 3"])
+    done = subprocess.run([sys.executable, str(SUPERVISE), str(os.getpid()), str(tmp_path), "60", "sh", "-c", "exit 3"])
     assert done.returncode == 3 and tmp_path.exists()
+
+
+def test_a_step_past_its_time_limit_is_stopped_whole(tmp_path: Path) -> None:
+    """The command's whole group goes (grandchildren too), the guard says so and exits 124; the attempt's
+    folder stays for the worker, which is still there, to report and clean up."""
+    pids = tmp_path / "pids"
+    script = f"sleep 60 & echo $! > {pids}; sleep 61 & echo $! >> {pids}; wait"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(SUPERVISE), str(os.getpid()), str(tmp_path), "1", "sh", "-c", script],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == supervise.TIMED_OUT and time.monotonic() - started < 10
+    assert "timed out after 1 s" in done.stderr and tmp_path.exists()
+    assert not [pid for pid in map(int, pids.read_text().split()) if supervise.alive(pid)]
 
 
 def _wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -360,7 +376,7 @@ def test_the_command_group_never_outlives_the_task(tmp_path: Path, victim: str) 
     attempt.mkdir(parents=True)
     worker_code = (
         "import os, subprocess, sys, time\n"
-        f"subprocess.Popen([sys.executable, {str(SUPERVISE)!r}, str(os.getpid()), {str(attempt)!r},"
+        f"subprocess.Popen([sys.executable, {str(SUPERVISE)!r}, str(os.getpid()), {str(attempt)!r}, '600',"
         " 'sh', '-c', 'sleep 60 & sleep 61; wait'])\n"
         "time.sleep(60)\n"
     )
@@ -396,3 +412,38 @@ def test_experiment_names_default_to_the_pipelines_experiment(tmp_path: Path) ->
     assert experiment_names(tmp_path, [lr, named]) == {"vanishing-gradient", "other"}
     (tmp_path / "params.yaml").write_text("tracking: {experiment: mine}\n")
     assert experiment_names(tmp_path, [lr]) == {"mine"}
+
+
+@pytest.mark.slow
+def test_bring_back_fetches_outputs_from_the_relative_default_remote(tmp_path: Path) -> None:
+    """A cluster sweep's experiment, pushed from a clone elsewhere, comes back usable although the committed
+    DVC remote is a relative path (which DVC would resolve against the wrong folder); missing outputs are
+    named, never passed over."""
+    dvc = [sys.executable, "-m", "dvc"]
+    ws = _repo(tmp_path / "ws")
+    shutil.rmtree(ws / ".dvc")
+    (ws / "make.py").write_text("import os, sys\nos.makedirs('out', exist_ok=True)\nopen('out/a', 'w').write('5')\n")
+    (ws / "dvc.yaml").write_text("stages:\n  make:\n    cmd: python make.py\n    deps: [make.py]\n    outs: [out]\n")
+    subprocess.run([*dvc, "init", "-q"], cwd=ws, check=True)
+    subprocess.run([*dvc, "remote", "add", "-d", "storage", "../storage"], cwd=ws / ".dvc", check=True)
+    assert "url = ../storage" in (ws / ".dvc" / "config").read_text()  # relative to .dvc/: tmp_path/ws/storage
+    subprocess.run(["git", "add", "-A"], cwd=ws, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "dvc"], cwd=ws, check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(ws), str(tmp_path / "origin.git")], check=True)
+    subprocess.run(["git", "remote", "add", "origin", str(tmp_path / "origin.git")], cwd=ws, check=True)
+
+    clone = tmp_path / "elsewhere" / "clone"  # a worker's clone: the remote given by its absolute location
+    subprocess.run(["git", "clone", "-q", str(tmp_path / "origin.git"), str(clone)], check=True)
+    subprocess.run([*dvc, "remote", "modify", "--local", "storage", "url", str(ws / "storage")], cwd=clone, check=True)
+    subprocess.run([*dvc, "exp", "run", "-q", "--name", "s-1"], cwd=clone, check=True, env={**os.environ, **IDENTITY})
+    subprocess.run([*dvc, "push", "-q"], cwd=clone, check=True)
+    ref = workspace.exp_refs(clone, ".", ["s-1"])["s-1"]
+    subprocess.run(["git", "push", "-q", "origin", f"{ref}:{ref}"], cwd=clone, check=True)
+
+    assert workspace.bring_back(ws, ["s-1", "s-2"], "origin") == {"s-1": {"missing": [], "metrics": {}}}
+    subprocess.run([*dvc, "exp", "apply", "s-1"], cwd=ws, check=True)
+    assert (ws / "out" / "a").read_text() == "5"
+
+    shutil.rmtree(ws / ".dvc" / "cache")
+    shutil.rmtree(ws / "storage" / "files")
+    assert workspace.bring_back(ws, ["s-1"]) == {"s-1": {"missing": ["out"], "metrics": {}}}

@@ -2,10 +2,11 @@
 
 Without ``RAY_ADDRESS``: a local Ray instance on 127.0.0.1, sized to the cores (``--jobs`` caps
 it); the workers fetch the code from the workspace and push their experiments straight back.
-With ``RAY_ADDRESS=host:port``: that cluster; the workers fetch from and push to ``origin``,
-and the driver then pulls the experiments (``dvc exp pull``). Everything that can be checked
-is checked before anything is submitted (exit 2, nothing left behind; see the README's
-Faults). Exit 1 when an experiment failed, 130 on Ctrl-C.
+With ``RAY_ADDRESS=host:port``: that cluster; the workers fetch from and push to ``origin``.
+Then the driver brings what landed into the workspace, outputs included; an experiment counts
+as landed only when ``dvc exp apply`` can restore it. Everything that can be checked is checked
+before anything is submitted (exit 2, nothing left behind; see docs/sweeps.md). Exit 1 when
+an experiment did not land, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,22 +24,22 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import params, tracking
-from pipeline.sweep import spec, supervise, worker, workspace
+from pipeline.sweep import spec, worker, workspace
 from pipeline.sweep.spec import Experiment, SweepError
 
 log = logging.getLogger("pipeline.sweep")
 say = functools.partial(print, flush=True)  # the user-facing lines (progress, table); diagnostics go to logging
 
 PROBE_TIMEOUT_S = 120.0
+CANCEL_WAIT_S = 30.0
 TAIL_SHOWN = 25
-# Pickled by value, not by name: the workers have the project's requirements but not its code (they clone it).
-SHIPPED_BY_VALUE = (worker, supervise)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -87,27 +88,64 @@ def check_reachable(target: Target, timeout_s: float = 3.0) -> None:
     except OSError as exc:
         raise SweepError(
             f"RAY_ADDRESS={target.address}: nothing answers at {target.host}:{target.port} ({exc.strerror or exc}). "
-            "Start the cluster (ray start --head ...; see the README), or fix RAY_ADDRESS; unset it to run locally."
+            "Start the cluster (ray start --head ...; see docs/sweeps.md), or fix RAY_ADDRESS; unset it to run locally."
         ) from None
 
 
-def check_auth(target: Target, environ: dict[str, str]) -> None:
-    """Token authentication stays on; a cluster's driver must have the cluster's token."""
-    mode = environ.setdefault("RAY_AUTH_MODE", "token")
+def ray_environment(target: Target, environ: Mapping[str, str]) -> dict[str, str]:
+    """What Ray takes from the environment only, for the sweep's Ray session: token authentication
+    (``RAY_AUTH_MODE``; Ray refuses it in ``_system_config``), a local instance's own token (in no
+    file), and on loopback Ray's one-machine switch, read when ``ray`` is imported (else Ray swaps
+    127.0.0.1 for the machine's outward address and listens on every interface)."""
+    mode = environ.get("RAY_AUTH_MODE", "token")
     if mode != "token":
         raise SweepError(
             f"RAY_AUTH_MODE={mode}: sweeps run only with Ray's token authentication (RAY_AUTH_MODE=token), "
             "since anyone who reaches an unauthenticated cluster can run code on it."
         )
-    if target.local or environ.get("RAY_AUTH_TOKEN"):
-        return  # a local instance makes its own token (~/.ray/auth_token) when there is none
-    token_file = Path(environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
-    if not token_file.is_file() or not token_file.read_text(encoding="utf-8").strip():
+    needed = {"RAY_AUTH_MODE": "token"}
+    if target.loopback:
+        needed["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if target.local and not environ.get("RAY_AUTH_TOKEN"):
+        needed["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    return needed
+
+
+def cluster_token(environ: Mapping[str, str]) -> tuple[str, str]:
+    """The token a cluster's driver sends and where it is from, in Ray's order: ``RAY_AUTH_TOKEN``, the
+    file at ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``. A file other users can read is refused."""
+    if environ.get("RAY_AUTH_TOKEN", "").strip():
+        return environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = Path(environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
+    if not path.is_file() or not path.read_text(encoding="utf-8").strip():
         raise SweepError(
-            f"No Ray token for the cluster at {target.address}: {token_file} is missing or empty. On the head node, "
-            "`ray get-auth-token` prints it; store it in ~/.ray/auth_token (chmod 600) or point "
-            "RAY_AUTH_TOKEN_PATH at a file holding it."
+            f"No Ray token for the cluster: {path} is missing or empty. On the head node, `ray get-auth-token` "
+            "prints it; store it in ~/.ray/auth_token (chmod 600) or point RAY_AUTH_TOKEN_PATH at a file holding it."
         )
+    if path.stat().st_mode & 0o077:
+        raise SweepError(
+            f"{path} is open to other users (mode {path.stat().st_mode & 0o777:o}), and with the token anyone can "
+            f"run code on the cluster: chmod 600 {path}"
+        )
+    return path.read_text(encoding="utf-8").strip(), str(path)
+
+
+def check_token(target: Target, token: str, source: str, timeout_s: float = 5.0) -> None:
+    """One gRPC call to the cluster's GCS with ``token``, as Ray's client sends it: a wrong token fails
+    here at once, with one message, instead of after Ray's 20 s of retries and warnings."""
+    import grpc
+
+    host = f"[{target.host}]" if ":" in str(target.host) else target.host
+    with grpc.insecure_channel(f"{host}:{target.port}") as channel:
+        get_cluster_id = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")  # bytes in and out
+        try:
+            get_cluster_id(b"", timeout=timeout_s, metadata=[("authorization", f"Bearer {token}")])
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise SweepError(
+                    f"The Ray cluster at {target.address} refuses the token from {source}: use the cluster's "
+                    "(`ray get-auth-token` on the head node prints it)."
+                ) from None
 
 
 def new_sweep_id() -> str:
@@ -125,50 +163,99 @@ def experiment_names(root: Path, experiments: Sequence[Experiment]) -> set[str]:
     return {str(n) for n in (exp.overrides.get("tracking.experiment", default) for exp in experiments) if n}
 
 
-def report(result: dict[str, Any], count: str, metric: str) -> None:
-    """A finished experiment's line (``count`` is ``[k/n]``): its headline metric, or where it failed and its log."""
-    took = spec.format_seconds(result.get("seconds", 0.0))
-    if result.get("ok"):
+def progress(result: dict[str, Any], count: str, metric: str) -> None:
+    """A finished task's line (``count`` is ``[k/n]``): its headline metric, or where it failed and its log's end."""
+    took, name = spec.format_seconds(result.get("seconds", 0.0)), result["name"]
+    if result.get("earlier"):
+        say(f"{count} {name}  landed by an earlier attempt (whose worker died after pushing it)")
+    elif result.get("ok"):
         summary = spec.headline(spec.variant_metrics(result.get("metrics") or {}), metric)
-        say(f"{count} {result['name']}  done in {took}  {summary}")
-        return
-    step = result.get("step")
-    where = "in Ray (its worker died more often than --retries allows)" if step == "ray" else f"at {step}"
-    if result.get("status") is not None:
-        where += f" (exit {result['status']})"
-    say(f"{count} {result['name']}  FAILED {where} after {took}")
-    for text in (result.get("tail") or "").splitlines()[-TAIL_SHOWN:]:
-        say(f"    | {text}")
+        then = f"  (then: {result['error']})" if result.get("error") else ""
+        say(f"{count} {name}  done in {took}  {summary}{then}")
+    else:
+        if result.get("step") == "ray":
+            where = "in Ray (its worker died more often than --retries allows)"
+        elif result.get("step"):
+            how = (
+                f"timed out after {result['timed_out']:g} s" if result.get("timed_out") else f"exit {result['status']}"
+            )
+            where = f"at {result['step']} ({how})"
+        else:
+            where = f"with {result.get('error')}"
+        say(f"{count} {name}  FAILED {where} after {took}")
+        for text in (result.get("log") or result.get("error") or "").splitlines()[-TAIL_SHOWN:]:
+            say(f"    | {text}")
+
+
+class Stops:
+    """SIGINT, SIGTERM and SIGHUP while a sweep runs (also where a non-interactive shell started it
+    with SIGINT ignored): the first raises KeyboardInterrupt while ``raising``; any other one only
+    counts and says that the sweep is finishing (bringing back what landed, saving the logs:
+    steps with time limits), so that no second Ctrl-C cuts those short."""
+
+    def __init__(self) -> None:
+        self.count, self.raising = 0, True
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.count += 1
+        if self.raising:
+            self.raising = False
+            raise KeyboardInterrupt
+        say("Finishing first: bringing back what landed and saving the logs (each step has a time limit)...")
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Stops]:
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        self.install()
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP stop the driver the way Ctrl-C does (SIGINT too where the shell
-    started it with SIGINT ignored, as a non-interactive shell does for background jobs)."""
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in signals}  # raises KeyboardInterrupt
+def ray_session(target: Target, jobs: int | None, environ: Mapping[str, str], stops: Stops) -> Iterator[Any]:
+    """Ray for the sweep, ``environ`` (:func:`ray_environment`) set while it runs and restored after, and
+    the ``pipeline`` package shipped to the workers the one documented way (``runtime_env`` ``py_modules``)."""
+    saved = {k: os.environ.get(k) for k in environ}
+    os.environ.update(environ)
+    ray = None
     try:
-        yield
+        import ray
+
+        local = (
+            {"num_cpus": spec.check_jobs(jobs, os.cpu_count() or 1), "include_dashboard": False} if target.local else {}
+        )
+        package = {"py_modules": [str(Path(__file__).resolve().parents[1])], "excludes": ["__pycache__"]}
+        try:
+            ray.init(
+                target.address or "local",
+                runtime_env=package,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                **local,
+            )
+        except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if target.local:
+                raise SweepError(f"Could not start a local Ray instance: {why}") from None
+            raise SweepError(f"Could not connect to the Ray cluster at {target.address}: {why}.") from None
+        stops.install()  # again: ray.init may install handlers of its own
+        yield ray
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def _ray_init(target: Target, jobs: int | None) -> Any:
-    import ray
-
-    local = {"num_cpus": spec.check_jobs(jobs, os.cpu_count() or 1), "include_dashboard": False} if target.local else {}
-    try:
-        ray.init(address=target.address or "local", log_to_driver=False, logging_level=logging.WARNING, **local)
-    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if target.local:
-            raise SweepError(f"Could not start a local Ray instance: {why}") from None
-        raise SweepError(
-            f"Could not connect to the Ray cluster at {target.address}: {why}. "
-            "Check RAY_ADDRESS and that your token is the cluster's (RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."
-        ) from None
-    return ray
+        stops.raising = False
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _probe(ray: Any, job: dict[str, Any], gpus: float) -> None:
@@ -198,14 +285,20 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
     tracking.preflight(uri)
     dvc_name, dvc_url, cache_dir = workspace.dvc_config(root)
     check_reachable(target)
-    check_auth(target, os.environ)
+    ray_environment(target, os.environ)  # refuses RAY_AUTH_MODE=disabled
+    if not target.local:
+        token, source = cluster_token(os.environ)
+        if target.host and not str(target.address).startswith("ray://"):
+            check_token(target, token, source)
     git_url = str(root) if target.local else workspace.remote_url(root, args.git_remote)
     remote = None if target.local else args.git_remote
     if remote:
         workspace.check_on_remote(root, remote, workspace.git(["rev-parse", "HEAD^{commit}"], root))
     names = [e.name for e in experiments]
-    taken = sorted(experiments_in(root, ".", names) | (experiments_in(root, remote, names) if remote else set()))
-    if taken:  # a task's push would replace them
+    taken = sorted(
+        {*workspace.exp_refs(root, ".", names), *(workspace.exp_refs(root, remote, names) if remote else ())}
+    )
+    if taken:  # a task's push would meet them
         raise SweepError(
             f"Experiments named {', '.join(taken)} exist already: choose another --name, or remove them first "
             "(dvc exp remove" + (f" --git-remote {remote}" if remote else "") + " <names>)."
@@ -230,7 +323,8 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
         "dvc_remote": dvc_name,
         "dvc_url": dvc_url,
         "cache_dir": cache_dir if target.local else None,
-        "supervisor": Path(supervise.__file__).read_text(encoding="utf-8"),
+        "step_timeout": args.step_timeout,
+        "run_timeout": args.run_timeout,
         "env": {
             tracking.SWEEP_ENV: sweep_id,
             "MLFLOW_TRACKING_URI": uri,
@@ -242,121 +336,154 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
 
 
 def submit_and_wait(
-    ray: Any, job: dict, experiments: Sequence[Experiment], gpus: float, retries: int, metric: str
-) -> dict[str, dict[str, Any]]:
-    """One task per experiment; a line per finished one. Ctrl-C cancels the rest (KeyboardInterrupt re-raised)."""
-    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=retries, retry_exceptions=False)(worker.run_experiment)
+    ray: Any,
+    job: dict,
+    experiments: Sequence[Experiment],
+    gpus: float,
+    args: argparse.Namespace,
+    stops: Stops,
+    results: dict[str, dict[str, Any]],
+) -> None:
+    """One task per experiment, a line per finished one, its result into ``results``. On Ctrl-C: cancels the
+    rest and waits up to CANCEL_WAIT_S for them to stop (a second Ctrl-C: no longer); KeyboardInterrupt re-raised."""
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=args.retries, retry_exceptions=False)(
+        worker.run_experiment
+    )
     pending = {}
     for exp in experiments:
         job_of = {**job, "name": exp.name, "set_params": list(exp.set_params)}
         pending[task.options(name=f"sweep:{exp.name}").remote(job_of)] = exp.name
-    results: dict[str, dict[str, Any]] = {}
+
+    def collect(ref: Any) -> dict[str, Any]:
+        name = pending.pop(ref)
+        try:
+            results[name] = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - a task that died more often than its retries allow, or cancelled
+            results[name] = {"name": name, "ok": False, "step": "ray", "error": str(exc), "seconds": 0.0}
+        return results[name]
+
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                name = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - a task that died more often than its retries allow
-                    result = {"name": name, "ok": False, "step": "ray", "tail": str(exc), "seconds": 0.0}
-                results[name] = result
-                report(result, f"[{len(results)}/{len(experiments)}]", metric)
+            for ref in ray.wait(list(pending), num_returns=1, timeout=1.0)[0]:
+                progress(collect(ref), f"[{len(results)}/{len(experiments)}]", args.metrics[0])
     except KeyboardInterrupt:
+        say(f"Interrupted: cancelling {len(pending)} outstanding experiment(s)... (Ctrl-C again: stop waiting)")
         for ref in pending:
             ray.cancel(ref, force=True)
-        say(f"Interrupted: cancelling {len(pending)} outstanding experiment(s)...")
-        ray.wait(list(pending), num_returns=len(pending), timeout=30)
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while pending and stops.count < 2 and time.monotonic() < deadline:
+            for ref in ray.wait(list(pending), num_returns=len(pending), timeout=0.5)[0]:
+                collect(ref)
         raise
-    return results
 
 
-def experiments_in(root: Path, repo: str, names: Sequence[str]) -> set[str]:
-    """Which of ``names`` are experiments in ``repo``: a git remote, or ``"."`` for the workspace."""
-    listing = workspace.git(["ls-remote", repo, "refs/exps/*"], root, timeout=120)
-    present = {line.rsplit("/", 1)[-1] for line in listing.splitlines()}
-    return {n for n in names if n in present}
-
-
-def bring_back(root: Path, git_url: str | None, names: Sequence[str]) -> set[str]:
-    """Which of ``names`` are in the workspace now. A cluster sweep (``git_url``: ``origin``) first fetches
-    the experiments (refs and outputs) into it; only those that are there (after Ctrl-C, some never were)."""
-    there = sorted(experiments_in(root, git_url, names)) if git_url else []
-    if there:
-        pull = [sys.executable, "-m", "dvc", "exp", "pull", git_url, *there]
-        done = subprocess.run(pull, cwd=root, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            log.error("dvc exp pull %s failed:\n%s", git_url, (done.stdout + done.stderr).strip())
-    return experiments_in(root, ".", names)
+def bring_back(root: Path, names: Sequence[str], git_remote: str | None, timeout: float) -> dict[str, dict[str, Any]]:
+    """:func:`workspace.bring_back` in a process of its own (its own session: a Ctrl-C does not cut it short), timed."""
+    command = [sys.executable, "-m", "pipeline.sweep.workspace", "--json", *names]
+    command += ["--git-remote", git_remote] if git_remote else []
+    done = subprocess.run(
+        command, cwd=root, capture_output=True, text=True, timeout=timeout, start_new_session=True, check=False
+    )
+    if done.returncode not in (0, 1) or not done.stdout.strip():
+        raise SweepError((done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1])
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def save_logs(root: Path, sweep_id: str, results: dict[str, dict[str, Any]]) -> Path:
-    """Each experiment's log tail under ``.dvc/tmp/sweeps/<id>/`` (ignored by git)."""
+    """Each experiment's whole log, and the results less the logs, under ``.dvc/tmp/sweeps/<id>/`` (ignored by git)."""
     folder = root / ".dvc" / "tmp" / "sweeps" / sweep_id
     folder.mkdir(parents=True, exist_ok=True)
     for name, result in results.items():
-        (folder / f"{name}.log").write_text(result.get("tail") or "", encoding="utf-8")
-    (folder / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+        (folder / f"{name}.log").write_text(result.get("log") or result.get("error") or "", encoding="utf-8")
+    rest = {name: {k: v for k, v in result.items() if k != "log"} for name, result in results.items()}
+    (folder / "results.json").write_text(json.dumps(rest, indent=1, default=str), encoding="utf-8")
     return folder
+
+
+def finish(
+    args: argparse.Namespace,
+    root: Path,
+    job: dict,
+    experiments: Sequence[Experiment],
+    results: dict,
+    git_remote: str | None,
+    stopped: bool,
+) -> int:
+    """Bring back what landed, say what is usable, save the logs, the table, the sweep report; the exit status."""
+    names = [e.name for e in experiments]
+    again = "python -m pipeline.sweep.workspace" + (f" --git-remote {git_remote}" if git_remote else "")
+    try:
+        back = bring_back(root, names, git_remote, args.step_timeout)
+    except (SweepError, subprocess.SubprocessError, ValueError) as exc:
+        log.error("Could not bring the experiments back: %s. Once that is fixed: %s <names>", exc, again)
+        back = {}
+    landed = [n for n in names if n in back and not back[n]["missing"]]
+    for name in names:
+        if back.get(name, {}).get("missing"):
+            log.error(
+                "%s landed, but its outputs %s are not in the DVC remote %s as seen from here, so dvc exp apply "
+                "cannot restore them: give the workers and this machine one DVC remote (S3, or a folder all of "
+                "them mount at one path), then %s %s",
+                name, ", ".join(back[name]["missing"]), job["dvc_url"], again, name,
+            )  # fmt: skip
+        elif name in landed and not results.get(name, {}).get("ok"):
+            say(f"{name} landed, although its task then failed: {results.get(name, {}).get('error', 'no result')}")
+    logs = save_logs(root, job["sweep"], results).relative_to(root)
+    if stopped:
+        say(f"Stopped. {len(landed)} of {len(names)} experiment(s) landed: {', '.join(landed) or 'none'}. Logs: {logs}")
+        return 130
+    metrics = {name: back[name]["metrics"] for name in landed}
+    say(f"\n{spec.comparison_table(experiments, metrics, [n for n in names if n not in landed], args.metrics)}\n")
+    say(
+        f"{len(landed)} of {len(names)} experiment(s) landed: dvc exp show; dvc exp apply <name>; "
+        f"MLflow: tags.\"{tracking.SWEEP_TAG}\" = '{job['sweep']}'. Logs: {logs}"
+    )
+    if landed:
+        try:
+            from pipeline.sweep.report import build_sweep_report
+
+            say(f"Sweep report: {build_sweep_report(job['sweep'], root, landed)}")
+        except Exception as exc:  # noqa: BLE001 - the experiments landed whatever the report does
+            log.error("sweep report failed: %s; rerun with `python -m pipeline.sweep.report %s`", exc, job["sweep"])
+    return 0 if len(landed) == len(names) else 1
 
 
 def run(args: argparse.Namespace) -> int:
     root = workspace.workspace_root(Path.cwd())
     target = ray_target(args.address)
-    if target.loopback:
-        # Ray maps 127.0.0.1 to the machine's outward address unless told this is a one-machine
-        # instance; this keeps a local instance (and a loopback test cluster) on loopback.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     sweep_id = spec.check_name(args.name) if args.name else new_sweep_id()
     if args.dry_run:
         for exp in spec.plan(sweep_id, args.set_param, args.max_experiments):
             say(exp.name, " ".join(f"-S {p}" for p in exp.set_params) or "(no change)")
         return 0
-    experiments, job = prepare(args, root, target, sweep_id)
+    try:
+        experiments, job = prepare(args, root, target, sweep_id)
+    except KeyboardInterrupt:
+        say("Stopped before anything was submitted; nothing was left behind.")
+        return 130
     if args.jobs and not target.local:
         log.info("JOBS=%s applies to a local Ray instance; the cluster runs as many at once as it has CPUs.", args.jobs)
-    names = [e.name for e in experiments]
     where = "a local Ray instance" if target.local else f"the Ray cluster at {target.address}"
-    pulled_from = None if target.local else job["git_url"]  # a local sweep's workers push into the workspace
-    ray = None
-    try:
-        with sigterm_as_interrupt():
-            ray = _ray_init(target, args.jobs)
-        with sigterm_as_interrupt():  # again: ray.init may have installed handlers of its own
-            for module in SHIPPED_BY_VALUE:
-                ray.cloudpickle.register_pickle_by_value(module)
-            gpus = spec.gpus_per_task(args.gpus, ray.cluster_resources().get("GPU", 0))
-            if not target.local:
-                _probe(ray, job, gpus)
-            cpus = int(ray.cluster_resources().get("CPU", 0))
-            say(
-                f"Sweep {sweep_id}: {len(experiments)} experiment(s) on {where} ({cpus} CPU(s), "
-                f"{gpus:g} GPU(s) per experiment), baseline {job['base'][:7]}"
-                + (" + uncommitted changes" if job["commit"] != job["base"] else "")
-            )
-            try:
-                results = submit_and_wait(ray, job, experiments, gpus, args.retries, args.metrics[0])
-            except KeyboardInterrupt:
-                kept = bring_back(root, pulled_from, names)
-                say(f"Stopped. {len(kept)} experiment(s) had finished and are in dvc exp show.")
-                return 130
-    except KeyboardInterrupt:
-        say("Stopped before any experiment was submitted.")
-        return 130
-    finally:
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
-        workspace.delete_ref(root, job["ref"], None if target.local else args.git_remote)
-    kept = bring_back(root, pulled_from, [name for name, r in results.items() if r.get("ok")])
-    failed = [n for n in names if n not in kept]
-    logs = save_logs(root, sweep_id, results)
-    metrics = {name: spec.variant_metrics(r.get("metrics") or {}) for name, r in results.items() if r.get("ok")}
-    say(f"\n{spec.comparison_table(experiments, metrics, failed, args.metrics)}\n")
-    say(
-        f"{len(kept)} of {len(experiments)} experiment(s) landed: dvc exp show; dvc exp apply <name>; "
-        f"MLflow: tags.\"{tracking.SWEEP_TAG}\" = '{sweep_id}'. Logs: {logs.relative_to(root)}"
-    )
-    return 0 if not failed else 1
+    results: dict[str, dict[str, Any]] = {}
+    stopped, git_remote = False, None if target.local else args.git_remote
+    with Stops().installed() as stops:
+        try:
+            with ray_session(target, args.jobs, ray_environment(target, os.environ), stops) as ray:
+                gpus = spec.gpus_per_task(args.gpus, ray.cluster_resources().get("GPU", 0))
+                if not target.local:
+                    _probe(ray, job, gpus)
+                say(
+                    f"Sweep {sweep_id}: {len(experiments)} experiment(s) on {where} "
+                    f"({int(ray.cluster_resources().get('CPU', 0))} CPU(s), {gpus:g} GPU(s) per experiment), "
+                    f"baseline {job['base'][:7]}" + (" + uncommitted changes" if job["commit"] != job["base"] else "")
+                )
+                submit_and_wait(ray, job, experiments, gpus, args, stops, results)
+        except KeyboardInterrupt:
+            stopped = True
+        finally:
+            stops.raising = False
+            workspace.delete_ref(root, job["ref"], git_remote)
+        return finish(args, root, job, experiments, results, git_remote, stopped)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -373,6 +500,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--retries", type=int, default=2, help="Ray retries of an experiment whose worker died (default 2)"
     )
+    parser.add_argument(
+        "--step-timeout", type=float, default=600.0, metavar="S",
+        help="time limit of each step of an experiment but its dvc exp run (clone, fetch, metrics, pushes), "
+        "and of bringing the results back (default 600 s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--run-timeout", type=float, default=86_400.0, metavar="S",
+        help="time limit of an experiment's dvc exp run: pulling its inputs and training (default 86400 s, a day)",
+    )  # fmt: skip
     parser.add_argument("--name", help="sweep id (default: sw<date>-<time>-<random>); experiments are <id>-<k>")
     parser.add_argument(
         "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: RAY_ADDRESS; unset: local)"
@@ -389,6 +525,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--retries must be 0 or more")
     if not args.metrics:
         parser.error("--metrics needs at least one name")
+    if min(args.step_timeout, args.run_timeout) <= 0:
+        parser.error("--step-timeout and --run-timeout must be positive (seconds)")
     return args
 
 

@@ -1,7 +1,6 @@
-"""Run one command of a sweep's task so that it never outlives the task.
+"""Run one command of a sweep's task so that it never outlives the task, nor its time limit.
 
-Usage: ``python supervise.py WORKER_PID CLEANUP_DIR COMMAND...``. Standard library only: a
-worker runs this file's source (it travels in the job) with ``python -c``.
+Usage: ``python supervise.py WORKER_PID CLEANUP_DIR TIMEOUT_S COMMAND...`` (standard library only).
 
 When a Ray worker dies (force-cancelled, out-of-memory killer, lost node), Ray SIGKILLs its
 direct children but not theirs: ``dvc exp run`` and training would go on, orphaned. So this
@@ -10,8 +9,9 @@ Ray does not reach, and relays its exit status. The guard runs the command in an
 session and SIGTERMs that group when the launcher dies (``PR_SET_PDEATHSIG``), the worker is
 gone (polled), or on SIGTERM/SIGINT/SIGHUP; training then ends its MLflow runs KILLED at the
 end of the epoch. The guard waits for the group to go (SIGKILL after a grace period), removes
-``CLEANUP_DIR`` (the attempt's clone) and exits 128 + the signal's number; else it exits
-with the command's status.
+``CLEANUP_DIR`` (the attempt's clone) and exits 128 + the signal's number. Past ``TIMEOUT_S``
+it stops the group the same way, says so on stderr and exits 124 (the worker, still there,
+cleans up); else it exits with the command's status.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 PR_SET_PDEATHSIG = 1
 POLL_S = 0.5
 GRACE_S = 120.0
+TIMED_OUT = 124  # as coreutils' timeout
 
 
 def alive(pid: int) -> bool:
@@ -51,8 +52,8 @@ def remove_attempt(folder: str | Path) -> None:
         Path(folder).parent.rmdir()
 
 
-def guard(worker: int, launcher: int, cleanup: str, command: list[str]) -> int:
-    """Run ``command`` in a new session; stop its group when the launcher or the worker is gone."""
+def guard(worker: int, launcher: int, cleanup: str, timeout_s: float, command: list[str]) -> int:
+    """Run ``command`` in a new session; stop its group when the launcher or worker is gone, or past ``timeout_s``."""
     with contextlib.suppress(OSError, AttributeError):  # not Linux: polling only
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     stopped: list[int] = []
@@ -70,9 +71,13 @@ def guard(worker: int, launcher: int, cleanup: str, command: list[str]) -> int:
     if os.getppid() != launcher or not alive(worker):  # gone before the guard was in place
         return 128 + signal.SIGTERM
     child = subprocess.Popen(command, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
     while child.poll() is None:
         if not stopped and not alive(worker):
             stop(signal.SIGTERM)
+        elif not stopped and time.monotonic() > deadline:
+            print(f"timed out after {timeout_s:g} s: stopping {' '.join(command)}", file=sys.stderr, flush=True)
+            stop(0)  # 0: the time limit, not a signal
         time.sleep(POLL_S)
     if not stopped:
         return child.returncode if child.returncode >= 0 else 128 - child.returncode
@@ -86,19 +91,21 @@ def guard(worker: int, launcher: int, cleanup: str, command: list[str]) -> int:
     else:  # the grace period is over
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
+    if stopped[0] == 0:
+        return TIMED_OUT
     remove_attempt(cleanup)
     return 128 + stopped[0]
 
 
 def main(argv: list[str]) -> int:
-    worker, cleanup, command = int(argv[0]), argv[1], argv[2:]
+    worker, cleanup, timeout_s, command = int(argv[0]), argv[1], float(argv[2]), argv[3:]
     launcher = os.getpid()
     pid = os.fork()
     if pid == 0:  # the guard
         os.setsid()
         code = 1
         try:
-            code = guard(worker, launcher, cleanup, command)
+            code = guard(worker, launcher, cleanup, timeout_s, command)
         finally:
             os._exit(code)
     # The launcher installs no signal handlers, so waitpid is retried on EINTR (PEP 475).

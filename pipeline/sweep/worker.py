@@ -1,16 +1,18 @@
-"""What one Ray task does: one DVC experiment in a fresh clone, pushed back all or nothing.
+"""What one Ray task does: one DVC experiment in a fresh clone, pushed back all or nothing, once.
 
-The driver ships this module and :mod:`.supervise` to the workers by value (cloudpickle's
-``register_pickle_by_value``): a worker needs Ray and the project's requirements, not the
-project's code, which it clones. So both import only the standard library, and this one
-imports from :mod:`.supervise` (a worker cannot import it by name, but it travels along).
+The driver ships the ``pipeline`` package to the workers with Ray's ``runtime_env``
+(``py_modules``); a worker needs Ray and the project's requirements, and clones the code
+that the experiment runs. Every command runs under :mod:`.supervise`, with a time limit.
 
-The last step, ``dvc exp push --no-cache --force``, updates the experiment's ref in one git
-push: an attempt stopped before it leaves no experiment, and a retry starts from a fresh clone.
+An attempt first asks the git remote it pushes to whether the experiment's ref is there (an
+earlier attempt pushed it, then its worker died): if so it returns that and runs nothing.
+Else its last step, ``git push`` of that one ref, lands the experiment in one ref update,
+after its outputs are in the DVC remote: an attempt stopped before it leaves no experiment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,18 +24,21 @@ import time
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from pipeline.sweep.supervise import alive, remove_attempt
+from pipeline.sweep import supervise
 
-LOG_TAIL_LINES = 60
-PUSH_ATTEMPTS = 3
 Step = tuple[str, list[str]]  # (label, argv), run in the clone
+
+
+def exp_ref(job: Mapping[str, Any]) -> str:
+    """The experiment's git ref, named as DVC names it: ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``."""
+    return f"refs/exps/{job['base'][:2]}/{job['base'][2:]}/{job['name']}"
 
 
 def steps(job: Mapping[str, Any], clone: str) -> list[Step]:
     """The commands of one attempt, in order (the first runs in the attempt folder, the rest in ``clone``)."""
-    dvc = [sys.executable, "-m", "dvc"]
+    dvc, ref = [sys.executable, "-m", "dvc"], exp_ref(job)
     out: list[Step] = [
         ("clone", ["git", "clone", "--quiet", "--no-checkout", job["git_url"], clone]),
         ("fetch", ["git", "fetch", "--quiet", job["git_url"], f"+{job['ref']}:{job['ref']}"]),
@@ -45,12 +50,13 @@ def steps(job: Mapping[str, Any], clone: str) -> list[Step]:
     if job.get("cache_dir"):
         out.append(("dvc cache", [*dvc, "cache", "dir", "--local", job["cache_dir"]]))
     set_params = [arg for p in job["set_params"] for arg in ("-S", p)]
-    out += [
+    return [
+        *out,
         ("dvc exp run", [*dvc, "exp", "run", "--pull", "--name", job["name"], *set_params]),
+        ("metrics", [*dvc, "metrics", "show", "--json"]),
         ("dvc push", [*dvc, "push", "--run-cache", "--remote", job["dvc_remote"]]),
-        ("dvc exp push", [*dvc, "exp", "push", "--no-cache", "--force", job["git_url"], job["name"]]),
+        ("git push", ["git", "push", "--quiet", job["git_url"], f"{ref}:{ref}"]),
     ]
-    return out
 
 
 def task_env(job: Mapping[str, Any], base: Mapping[str, str]) -> dict[str, str]:
@@ -67,7 +73,7 @@ def _attempt_dir(job: Mapping[str, Any]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob(f"{job['name']}.*"):
         pid = old.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and not alive(int(pid)):
+        if pid.isdigit() and not supervise.alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     path = root / f"{job['name']}.{os.getpid()}"
     shutil.rmtree(path, ignore_errors=True)
@@ -76,51 +82,54 @@ def _attempt_dir(job: Mapping[str, Any]) -> Path:
 
 
 def run_experiment(job: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one experiment; a dict with ``name``, ``ok``, ``seconds``, ``metrics`` (``dvc metrics show
-    --json``), ``step`` and ``status`` of a failed step, the log's ``tail``, ``host`` and ``pid``."""
+    """Run one experiment unless it landed already. A dict: ``name``, ``ok`` (it landed), ``earlier`` (an
+    earlier attempt landed it), ``metrics`` (``dvc metrics show --json``), a failed step's ``step``, ``status``
+    and ``timed_out`` (its time limit, if it ran past it), ``error`` (an exception, also one after the push),
+    the whole ``log``, ``seconds``, ``host`` and ``pid``."""
     start = time.monotonic()
     attempt = _attempt_dir(job)
-    clone = attempt / "repo"
-    log_path = attempt / "log.txt"
+    clone, log_path, out_path = attempt / "repo", attempt / "log.txt", attempt / "stdout.txt"
     env = task_env(job, os.environ)
-
-    def supervised(argv: list[str], out: Any, err: Any = None) -> int:
-        """Run ``argv`` under the supervisor (its source travels in the job); stdout to ``out``, stderr to
-        ``err`` (default: ``out``)."""
-        command = [sys.executable, "-c", job["supervisor"], str(os.getpid()), str(attempt), *argv]
-        cwd = clone if clone.exists() else attempt  # the clone step runs before there is one
-        return subprocess.run(
-            command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err or out
-        ).returncode
-
     result: dict[str, Any] = {"name": job["name"], "ok": False, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def supervised(label: str, argv: list[str], log: IO[str]) -> tuple[int, float | None]:
+        """``argv`` under the supervisor; the check's and the metrics' stdout to ``out_path``, else to the log."""
+        limit = job["run_timeout"] if label == "dvc exp run" else job["step_timeout"]
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        command = [sys.executable, supervise.__file__, str(os.getpid()), str(attempt), str(limit), *argv]
+        began = time.monotonic()
+        with out_path.open("w", encoding="utf-8") as out:
+            status = subprocess.run(
+                command, cwd=clone if clone.exists() else attempt, env=env, stdin=subprocess.DEVNULL,
+                stdout=out if label in ("check", "metrics") else log, stderr=log, check=False,
+            ).returncode  # fmt: skip
+        return status, limit if status == supervise.TIMED_OUT and time.monotonic() - began >= limit else None
+
     try:
         with log_path.open("w", encoding="utf-8") as log:
-            for label, argv in steps(job, str(clone)):
-                log.write(f"$ {' '.join(argv)}\n")
-                log.flush()
-                tries = PUSH_ATTEMPTS if label == "dvc exp push" else 1  # concurrent pushes may race on a lock
-                for _ in range(tries):
-                    status = supervised(argv, log)
-                    if status == 0:
-                        break
-                    time.sleep(1.0)
-                if status != 0:
-                    result.update(step=label, status=status)
+            for label, argv in [("check", ["git", "ls-remote", job["git_url"], exp_ref(job)]), *steps(job, str(clone))]:
+                status, timed_out = supervised(label, argv, log)
+                printed = out_path.read_text(encoding="utf-8")
+                if label == "check" and not status and printed.strip():
+                    log.write(f"{exp_ref(job)} is on {job['git_url']} already: an earlier attempt landed it.\n")
+                    result.update(ok=True, earlier=True)
+                    break
+                if label == "metrics":  # for the progress line only: its failure fails nothing
+                    with contextlib.suppress(ValueError):
+                        result["metrics"] = json.loads(printed) if not status else {}
+                elif status:
+                    result.update(step=label, status=status, timed_out=timed_out)
                     break
             else:
-                metrics_file = attempt / "metrics.json"
-                with metrics_file.open("w", encoding="utf-8") as out:
-                    shown = [sys.executable, "-m", "dvc", "metrics", "show", "--json"]
-                    # Warnings go to the log: on stdout they would break the JSON.
-                    if supervised(shown, out, log) == 0:
-                        result["metrics"] = json.loads(metrics_file.read_text(encoding="utf-8") or "{}")
                 result["ok"] = True
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-        result["tail"] = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
+    except Exception as exc:  # noqa: BLE001 - reported as what it is, also after a successful push
+        result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         result["seconds"] = time.monotonic() - start
-        remove_attempt(attempt)
+        with contextlib.suppress(OSError):
+            result["log"] = log_path.read_text(encoding="utf-8", errors="replace")
+        supervise.remove_attempt(attempt)
     return result
 
 

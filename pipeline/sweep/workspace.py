@@ -4,19 +4,27 @@ As with ``dvc exp run --queue``, the whole working tree (tracked changes, deleti
 files git does not ignore) becomes a commit on ``HEAD``, built in a temporary index so that
 the user's index and files stay untouched, on the ref ``refs/sweeps/<id>``. A worker checks
 out ``HEAD`` and applies that commit's tree, so ``dvc exp show`` lists each experiment on ``HEAD``.
+
+``python -m pipeline.sweep.workspace [--git-remote R] NAME...`` brings landed experiments into
+the workspace and says whether each is usable (:func:`bring_back`); the sweep runs it at its end.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.sweep.spec import SweepError
+from pipeline.sweep.spec import SweepError, variant_metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +44,14 @@ class Snapshot:
 
 
 def git(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> str:
-    """Run git; its stdout, or :class:`SweepError` with its stderr."""
+    """Run git (in a session of its own: a Ctrl-C the driver defers does not reach it); its stdout,
+    or :class:`SweepError` with its stderr."""
     full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", **(env or {})}
     try:
         done = subprocess.run(
-            ["git", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
-        )
+            ["git", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
+            start_new_session=True,
+        )  # fmt: skip
     except subprocess.TimeoutExpired:
         raise SweepError(f"git {' '.join(args)} did not finish within {timeout:g} s (in {cwd}).") from None
     if done.returncode != 0:
@@ -167,3 +177,66 @@ def dvc_config(root: Path) -> tuple[str, str, str]:
             "dvc remote add -d storage <path or URL>."
         )
     return name, str(remotes[name]["url"]), cache_dir
+
+
+def exp_refs(root: Path, repo: str, names: Sequence[str], timeout: float = 120) -> dict[str, str]:
+    """``{name: ref}`` of the experiments among ``names`` in ``repo``: a git remote, or ``"."`` for the workspace."""
+    listing = git(["ls-remote", repo, "refs/exps/*"], root, timeout=timeout)
+    found = {ref.rsplit("/", 1)[-1]: ref for ref in (line.split()[-1] for line in listing.splitlines() if line)}
+    return {n: found[n] for n in names if n in found}
+
+
+def bring_back(root: Path, names: Sequence[str], git_remote: str | None = None) -> dict[str, dict[str, Any]]:
+    """Bring the landed experiments among ``names`` into the workspace (their refs from ``git_remote``, unless
+    they were pushed straight into it) and their outputs into its DVC cache, from the default DVC remote by
+    its absolute location: DVC would resolve a relative one against the wrong folder, since it reads each
+    experiment's own ``.dvc/config``. ``{name: {"missing": [outputs not in the cache], "metrics": ...}}``."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    refs = exp_refs(root, git_remote or ".", names)
+    if git_remote and refs:
+        git(["fetch", "--quiet", git_remote, *(f"{ref}:{ref}" for ref in refs.values())], root, timeout=600)
+    if not refs:
+        return {}
+    remote, url, _ = dvc_config(root)
+    revs = list(refs.values())
+    with Repo(str(root)) as repo:
+        try:
+            repo.fetch(revs=revs, workspace=False, remote=remote, config={"remote": {remote: {"url": url}}})
+        except DvcException as exc:  # what did not come is listed below
+            log.error("dvc fetch from %s failed: %s", url, exc)
+        shown = repo.metrics.show(revs=revs)
+        missing = {
+            rev: [str(out) for out in repo.index.outs if out.use_cache and out.changed_cache()]
+            for rev in repo.brancher(revs=revs, workspace=False)
+        }
+    return {n: {"missing": missing[r], "metrics": variant_metrics({r: shown.get(r, {})})} for n, r in refs.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.sweep.workspace",
+        description="Bring a sweep's landed experiments into the workspace (refs, and outputs from the default "
+        "DVC remote); exit 0 when every one named is there with all its outputs.",
+    )
+    parser.add_argument("names", nargs="+", metavar="NAME", help="experiment names (<sweep id>-<k>)")
+    parser.add_argument("--git-remote", help="fetch their refs from this git remote first (a cluster sweep: origin)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        found = bring_back(workspace_root(Path.cwd()), args.names, args.git_remote)
+    except SweepError as exc:
+        log.error("%s", exc)
+        return 2
+    for name in () if args.json else args.names:
+        missing = found[name]["missing"] if name in found else ["everything: it did not land"]
+        print(f"{name}: " + (f"missing {', '.join(missing)}" if missing else "ok"))
+    if args.json:
+        print(json.dumps(found))
+    return 0 if all(name in found and not found[name]["missing"] for name in args.names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

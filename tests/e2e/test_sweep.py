@@ -5,12 +5,13 @@ on, :mod:`tests.e2e.ray_cluster`) and one MLflow tracking server (``pipeline.ser
 serve the whole module. Each test has its own workspace: a small-profile copy of the
 repository, committed, with a bare git ``origin`` and a DVC remote in temporary folders.
 
-* A cluster sweep lands every experiment in the workspace's ``dvc exp show``, its outputs
-  in the DVC remote and its runs on the server (``dvc.exp_name``, ``pipeline.sweep``).
-* Faults: a worker killed mid-experiment (retried; lands once; no run left RUNNING); a
-  failing experiment (the others land, exit 1, its log shown); and refusals before
-  anything is submitted: SQLite with remote workers, an unreachable ``RAY_ADDRESS``, a
-  commit that is not on ``origin``, no token.
+* A cluster sweep on the project's default (relative) DVC remote lands every experiment
+  usable (``dvc exp apply``, then ``dvc status`` clean), once: a worker SIGKILLed right
+  after its push is retried, and the retry finds the experiment there and runs nothing.
+* Faults: a failing experiment and a hung step (a push that an ``origin`` hook holds past
+  ``--step-timeout``) fail alone, the third lands; Ctrl-C twice stops at once and says what
+  landed; refusals before anything is submitted: SQLite with remote workers, an unreachable
+  ``RAY_ADDRESS``, a commit that is not on ``origin``, a missing, wrong or public token.
 * Local Ray (``make sweep`` without ``RAY_ADDRESS``) straight after ``make repro``, which
   leaves ``dvc.lock`` modified.
 """
@@ -81,11 +82,13 @@ def server(base: Path) -> Iterator[str]:
 
 @pytest.fixture
 def workspace(base: Path) -> Callable[..., Path]:
-    """Factory: a committed small-profile workspace with its own DVC remote and, if asked, a bare ``origin``."""
+    """Factory: a committed small-profile workspace with its own DVC remote (or the project's default one)
+    and, if asked, a bare ``origin``."""
 
-    def make(name: str, origin: bool = True) -> Path:
+    def make(name: str, origin: bool = True, default_remote: bool = False) -> Path:
         project = prepare_project(base, tiny, name=name)
-        run(["dvc", "remote", "modify", "--local", "storage", "url", str(base / f"{name}-dvc")], project)
+        if not default_remote:  # else .dvc/config's relative one: base/vanishing-gradient-dvc-storage
+            run(["dvc", "remote", "modify", "--local", "storage", "url", str(base / f"{name}-dvc")], project)
         commit(project, "small profile")
         if origin:
             run(["git", "init", "-q", "--bare", str(base / f"{name}-origin.git")], base)
@@ -160,52 +163,11 @@ def server_runs(url: str, sweep_id: str) -> list[Any]:
     return client.search_runs(ids, filter_string=f"tags.`pipeline.sweep` = '{sweep_id}'")
 
 
-def test_cluster_sweep_lands_every_experiment(cluster: RayCluster, server: str, workspace, base: Path) -> None:
-    project = workspace("e2e")
-    # Fetched and preprocessed data in the DVC remote, dvc.lock left modified (uncommitted):
-    # the workers pull the data instead of recomputing it, and get the changes through origin.
-    run(["dvc", "repro", "preprocess"], project)
-    run(["dvc", "push"], project)
-    status_before = run(["git", "status", "--porcelain"], project).stdout
-
-    started = time.monotonic()
-    command = [*SWEEP, "--name", "e2e", "-S", "train.learning_rate=0.1,0.5"]
-    result = run(command, project, env=cluster_env(cluster, server))
-    elapsed = time.monotonic() - started
-    out = result.stdout
-    assert "on the Ray cluster at 127.0.0.1:" in out and "+ uncommitted changes" in out, out
-    assert out.count(" done in ") == 2 and "[2/2]" in out, out
-    assert "| e2e-1 | 0.1 |" in out and "| e2e-2 | 0.5 |" in out, out  # the comparison table
-
-    shown = experiments(project)
-    assert set(shown) == {"e2e-1", "e2e-2"}
-    assert {name: learning_rate(data) for name, data in shown.items()} == {"e2e-1": 0.1, "e2e-2": 0.5}
-    for name, data in shown.items():
-        metrics = [m["data"] for path, m in data["metrics"].items() if path.endswith(VARIANT_METRICS)]
-        assert metrics and all(0 <= m["accuracy"] <= 1 and m["epochs"] == 2 for m in metrics)
-        assert outputs_in_remote(project, name, base / "e2e-dvc") >= 3
-    for name, text in sweep_logs(project, "e2e").items():
-        assert "Running stage 'fetch'" not in text and "Running stage 'preprocess'" not in text, (name, text)
-
-    runs = server_runs(server, "e2e")
-    by_exp: dict[str, set[str]] = {}
-    for r in runs:
-        assert r.info.status == "FINISHED", r.info
-        by_exp.setdefault(r.data.tags["dvc.exp_name"], set()).add(r.info.run_name)
-    assert set(by_exp) == {"e2e-1", "e2e-2"}
-    assert all("report" in names and len(names) >= 2 for names in by_exp.values()), by_exp
-
-    # The workspace is as it was (nothing applied, index untouched); the sweep's ref is gone everywhere.
-    assert run(["git", "status", "--porcelain"], project).stdout == status_before
-    assert_no_sweep_refs(project, base / "e2e-origin.git")
-    # The experiments work as DVC experiments do.
-    run(["dvc", "plots", "diff", "e2e-1", "e2e-2", "-o", str(base / "e2e-plots")], project)
-    run(["dvc", "exp", "apply", "e2e-2"], project)
-    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["learning_rate"] == 0.5
-    # The same names again would replace them: refused.
-    again = run(command, project, env=cluster_env(cluster, server), check=False)
-    assert again.returncode == 2 and "Experiments named e2e-1, e2e-2 exist already" in again.stderr, again.stderr
-    print(f"cluster sweep of 2: {elapsed:.0f} s")
+def hook(origin: Path, kind: str, body: str) -> None:
+    """A server-side git hook of ``origin``: ``body`` runs once per pushed ref, with ``$ref`` set."""
+    script = origin / "hooks" / kind
+    script.write_text(f"#!/bin/sh\nwhile read old new ref; do\n{body}\ndone\n")
+    script.chmod(0o755)
 
 
 def _ray_worker_of(proc: psutil.Process) -> psutil.Process | None:
@@ -220,45 +182,6 @@ def _ray_worker_of(proc: psutil.Process) -> psutil.Process | None:
     return None
 
 
-def test_killed_worker_is_retried_and_lands_once(cluster: RayCluster, server: str, workspace) -> None:
-    project = workspace("kill")
-    command = [*SWEEP, "--name", "kill", "-S", "train.learning_rate=0.3"]
-    process, lines, reader = start_background(command, project, env=cluster_env(cluster, server))
-    victim = None
-    deadline = time.monotonic() + 240
-    try:
-        while victim is None:
-            assert process.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "training never started:\n" + "".join(lines)
-            for proc in cluster.processes():
-                try:
-                    if any("pipeline.train" in part for part in proc.cmdline()):
-                        victim = _ray_worker_of(proc)
-                except psutil.Error:
-                    continue
-            time.sleep(0.2)
-        time.sleep(1.0)  # mid-experiment: training has started
-        victim.kill()  # SIGKILL: the worker process dies as under the out-of-memory killer
-        assert process.wait(timeout=300) == 0, "".join(lines)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        reader.join(timeout=10)
-    out = "".join(lines)
-    assert out.count(" done in ") == 1 and "FAILED" not in out, out
-    assert set(experiments(project)) == {"kill-1"}
-    results = json.loads((project / ".dvc/tmp/sweeps/kill/results.json").read_text())
-    assert results["kill-1"]["pid"] != victim.pid  # the retry ran in another worker process
-    runs = server_runs(server, "kill")
-    assert runs and "RUNNING" not in {r.info.status for r in runs}, [(r.info.run_name, r.info.status) for r in runs]
-    finished = [r for r in runs if r.info.status == "FINISHED" and r.info.run_name == "report"]
-    assert len(finished) == 1  # one complete attempt
-    # No process of the killed attempt is left behind.
-    time.sleep(2)
-    leftovers = [p for p in cluster.processes() if _cmdline_has(p, "kill-1")]
-    assert not leftovers, leftovers
-
-
 def _cmdline_has(proc: psutil.Process, text: str) -> bool:
     try:
         return any(text in part for part in proc.cmdline())
@@ -266,60 +189,142 @@ def _cmdline_has(proc: psutil.Process, text: str) -> bool:
         return False
 
 
-def test_ctrl_c_cancels_and_leaves_nothing_half_done(cluster: RayCluster, server: str, workspace, base: Path) -> None:
-    project = workspace("ctrlc")
-    command = [*SWEEP, "--name", "ctrlc", "-S", "train.learning_rate=0.2,0.3", "-S", "train.epochs=400"]
-    process, lines, reader = start_background(command, project, env=cluster_env(cluster, server))
-    deadline = time.monotonic() + 240
-    try:
-        while not [r for r in server_runs(server, "ctrlc") if r.info.status == "RUNNING"]:  # training under way
-            assert process.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "training never started:\n" + "".join(lines)
-            time.sleep(0.5)
-        started = time.monotonic()
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 130, "".join(lines)
-        assert time.monotonic() - started < 30
-    finally:
-        if process.poll() is None:
-            process.kill()
-        reader.join(timeout=10)
-    out = "".join(lines)
-    assert "Interrupted: cancelling 2 outstanding experiment(s)" in out and " done in " not in out, out
-    assert not run(["git", "for-each-ref", "refs/exps/"], project).stdout.strip()
-    assert not run(["git", "for-each-ref", "refs/exps/"], base / "ctrlc-origin.git").stdout.strip()
-    assert_no_sweep_refs(project, base / "ctrlc-origin.git")
-    # The cancelled attempts' processes stop, and training ends its runs KILLED.
-    assert _wait_for(lambda: not [p for p in cluster.processes() if _cmdline_has(p, "ctrlc-")], 60)
-    assert _wait_for(lambda: {r.info.status for r in server_runs(server, "ctrlc")} == {"KILLED"}, 30), [
-        (r.info.run_name, r.info.status) for r in server_runs(server, "ctrlc")
-    ]
-
-
 def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.5)
+        time.sleep(0.3)
     return False
 
 
-def test_failing_experiment_is_reported_and_the_others_land(cluster: RayCluster, server: str, workspace) -> None:
-    project = workspace("fail")
-    result = run(
-        [*SWEEP, "--name", "fail", "-S", "train.learning_rate=0.3,-1"],
-        project,
-        env=cluster_env(cluster, server),
-        check=False,
-    )
+def exp_refs(repo: Path) -> set[str]:
+    """The names of the experiments in ``repo`` (a workspace or a bare ``origin``)."""
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], repo).stdout.split()
+    return {ref.rsplit("/", 1)[-1] for ref in refs}
+
+
+def test_cluster_sweep_lands_usable_experiments_once(cluster: RayCluster, server: str, workspace, base: Path) -> None:
+    """The default relative DVC remote; e2e-1's worker SIGKILLed right after its push (an ``origin`` hook holds
+    the push open once the ref is updated): its retry finds e2e-1 landed and runs nothing."""
+    project, origin = workspace("e2e", default_remote=True), base / "e2e-origin.git"
+    # Fetched and preprocessed data in the DVC remote, dvc.lock left modified (uncommitted):
+    # the workers pull the data instead of recomputing it, and get the changes through origin.
+    run(["dvc", "repro", "preprocess"], project)
+    run(["dvc", "push"], project)
+    status_before = run(["git", "status", "--porcelain"], project).stdout
+    hook(origin, "post-receive", 'case "$ref" in */e2e-1) sleep 20;; esac')
+
+    started = time.monotonic()
+    command = [*SWEEP, "--name", "e2e", "-S", "train.learning_rate=0.1,0.5"]
+    process, lines, reader = start_background(command, project, env=cluster_env(cluster, server))
+    victim = None
+    try:
+        while victim is None:
+            assert process.poll() is None and time.monotonic() - started < 300, "".join(lines)
+            if "e2e-1" in exp_refs(origin):
+                pushing = [p for p in cluster.processes() if _cmdline_has(p, "push") and _cmdline_has(p, "/e2e-1")]
+                victim = next(filter(None, map(_ray_worker_of, pushing)), None)
+            time.sleep(0.2)
+        victim.kill()  # SIGKILL: as the out-of-memory killer, right after the push
+        assert process.wait(timeout=300) == 0, "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(timeout=10)
+    elapsed = time.monotonic() - started
+    out = "".join(lines)
+    assert "on the Ray cluster at 127.0.0.1:" in out and "+ uncommitted changes" in out, out
+    assert "e2e-1  landed by an earlier attempt" in out and "e2e-2  done in" in out and "[2/2]" in out, out
+    assert "| e2e-1 | 0.1 |" in out and "| e2e-2 | 0.5 |" in out, out  # the comparison table, from what landed
+    results = json.loads((project / ".dvc/tmp/sweeps/e2e/results.json").read_text())
+    assert results["e2e-1"]["earlier"] and results["e2e-1"]["pid"] != victim.pid
+
+    shown = experiments(project)
+    assert {name: learning_rate(data) for name, data in shown.items()} == {"e2e-1": 0.1, "e2e-2": 0.5}
+    for name, data in shown.items():
+        metrics = [m["data"] for path, m in data["metrics"].items() if path.endswith(VARIANT_METRICS)]
+        assert metrics and all(0 <= m["accuracy"] <= 1 and m["epochs"] == 2 for m in metrics)
+        assert outputs_in_remote(project, name, base / "vanishing-gradient-dvc-storage") >= 3
+    logs = sweep_logs(project, "e2e")
+    assert logs["e2e-2"].startswith("$ git ls-remote ") and "Running stage 'train" in logs["e2e-2"], logs
+    assert "Running stage 'fetch'" not in logs["e2e-2"] and "Running stage 'preprocess'" not in logs["e2e-2"]
+
+    runs: dict[str, list[str]] = {}  # one set of runs per experiment, all FINISHED: e2e-1 trained once
+    for r in server_runs(server, "e2e"):
+        assert r.info.status == "FINISHED", r.info
+        runs.setdefault(r.data.tags.get("dvc.exp_name", "the sweep's"), []).append(r.info.run_name)
+    assert sorted(runs["e2e-1"]) == sorted(runs["e2e-2"]) and runs["e2e-1"].count("report") == 1, runs
+    assert not [p for p in cluster.processes() if _cmdline_has(p, "e2e-1")]
+
+    # The workspace is as it was (nothing applied, index untouched); the sweep's ref is gone everywhere.
+    assert run(["git", "status", "--porcelain"], project).stdout == status_before
+    assert_no_sweep_refs(project, origin)
+    # The experiments work as DVC experiments do: applied, every output is restored.
+    run(["dvc", "plots", "diff", "e2e-1", "e2e-2", "-o", str(base / "e2e-plots")], project)
+    run(["dvc", "exp", "apply", "e2e-1"], project)
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["learning_rate"] == 0.1
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
+    # The same names again would meet them: refused.
+    again = run(command, project, env=cluster_env(cluster, server), check=False)
+    assert again.returncode == 2 and "Experiments named e2e-1, e2e-2 exist already" in again.stderr, again.stderr
+    print(out, f"cluster sweep of 2, one worker killed after its push: {elapsed:.0f} s")
+
+
+def test_a_failed_and_a_hung_experiment_fail_alone(cluster: RayCluster, server: str, workspace, base: Path) -> None:
+    """fault-1's params are refused; fault-2's push hangs in an ``origin`` hook past --step-timeout."""
+    project, origin = workspace("fault"), base / "fault-origin.git"
+    hook(origin, "pre-receive", 'case "$ref" in */fault-2) exec sleep 617;; esac')
+    started = time.monotonic()
+    command = [*SWEEP, "--name", "fault", "--step-timeout", "30", "-S", "train.learning_rate=-1,0.2,0.3"]
+    result = run(command, project, env=cluster_env(cluster, server), check=False)
+    elapsed = time.monotonic() - started
     out = result.stdout
     assert result.returncode == 1, out + result.stderr
-    assert "fail-2  FAILED at dvc exp run" in out, out
-    assert "    | " in out and "learning_rate" in out and "must be > 0" in out, out  # its log's tail
-    assert "fail-1  done in" in out, out
-    assert set(experiments(project)) == {"fail-1"}
-    assert "| fail-2 | -1 | failed |" in out, out
+    assert "fault-1  FAILED at dvc exp run (exit" in out and "must be > 0" in out and "    | " in out, out
+    assert "fault-2  FAILED at git push (timed out after 30 s)" in out, out
+    assert "fault-3  done in" in out and "| fault-1 | -1 | failed |" in out and "| fault-2 | 0.2 | failed |" in out
+    assert set(experiments(project)) == exp_refs(origin) == {"fault-3"}
+    assert "timed out after 30 s" in sweep_logs(project, "fault")["fault-2"]
+    # Nothing of the hung push is left running: the hook's sleep went with the step's process group.
+    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "617"]]
+    assert elapsed < 400, elapsed
+    print(out, f"cluster sweep of 3, one failing, one hung for its 30 s step limit: {elapsed:.0f} s")
+
+
+def test_ctrl_c_twice_stops_and_says_what_landed(cluster: RayCluster, server: str, workspace, base: Path) -> None:
+    project, origin = workspace("ctrlc"), base / "ctrlc-origin.git"
+    command = [*SWEEP, "--name", "ctrlc", "-S", "train.epochs=2,400"]
+    process, lines, reader = start_background(command, project, env=cluster_env(cluster, server))
+
+    def training_after_one_landed() -> bool:
+        assert process.poll() is None, "".join(lines)
+        running = {r.data.tags.get("dvc.exp_name") for r in server_runs(server, "ctrlc") if r.info.status == "RUNNING"}
+        return "ctrlc-1  done in" in "".join(lines) and "ctrlc-2" in running
+
+    try:
+        assert _wait_for(training_after_one_landed, 300), "".join(lines)
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)  # impatient: stop waiting for the cancelled one
+        assert process.wait(timeout=120) == 130, "".join(lines)
+        stopping = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(timeout=10)
+    out = "".join(lines)
+    assert "Interrupted: cancelling 1 outstanding experiment(s)" in out, out
+    assert "Stopped. 1 of 2 experiment(s) landed: ctrlc-1. Logs: .dvc/tmp/sweeps/ctrlc" in out, out
+    assert set(experiments(project)) == exp_refs(origin) == {"ctrlc-1"}  # nothing half-pushed
+    assert sweep_logs(project, "ctrlc")["ctrlc-1"].startswith("$ git ls-remote ")
+    assert_no_sweep_refs(project, origin)
+    # The cancelled attempt's processes stop, and training ends its runs KILLED.
+    assert _wait_for(lambda: not [p for p in cluster.processes() if _cmdline_has(p, "ctrlc-2")], 60)
+    statuses = lambda: {r.info.status for r in server_runs(server, "ctrlc") if r.data.tags["dvc.exp_name"] == "ctrlc-2"}  # noqa: E731
+    assert _wait_for(lambda: statuses() == {"KILLED"}, 30), statuses()
+    print(out, f"Ctrl-C twice: exit 130 after {stopping:.0f} s")
 
 
 def refused(project: Path, env: dict[str, str], *args: str) -> tuple[str, float]:
@@ -349,12 +354,23 @@ def test_unreachable_ray_address_fails_within_seconds(server: str, workspace, lo
     assert elapsed < 30, elapsed
 
 
-def test_a_cluster_needs_its_token(cluster: RayCluster, server: str, workspace, base: Path) -> None:
+def test_a_cluster_needs_its_own_private_token(cluster: RayCluster, server: str, workspace, base: Path) -> None:
+    """No token, a public one, a wrong one: each refused at once with one line, and no Ray warnings."""
     project = workspace("notoken")
     env = clean_env(RAY_ADDRESS=cluster.address, MLFLOW_TRACKING_URI=server, RAY_TMPDIR=cluster.env["RAY_TMPDIR"])
     env["HOME"] = str(base / "empty-home")  # no ~/.ray/auth_token either
     err, _ = refused(project, env)
     assert "No Ray token" in err and "ray get-auth-token" in err, err
+    token = base / "other-token"
+    token.write_text(Path(cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text())
+    token.chmod(0o644)
+    err, _ = refused(project, {**env, "RAY_AUTH_TOKEN_PATH": str(token)})
+    assert f"chmod 600 {token}" in err, err
+    token.write_text("not-the-clusters-token")
+    token.chmod(0o600)
+    err, elapsed = refused(project, {**env, "RAY_AUTH_TOKEN_PATH": str(token)})
+    assert "refuses the token from" in err and len(err.strip().splitlines()) == 1, err
+    assert elapsed < 15, elapsed
 
 
 def test_code_the_workers_cannot_reach_is_refused(cluster: RayCluster, server: str, workspace, base: Path) -> None:
