@@ -9,13 +9,13 @@ a PNG per variant, seeds.csv; ignored by git: ``git add -f`` keeps it), then log
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import io
 import json
 import logging
 import re
 import sys
+from base64 import b64encode
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,9 +60,8 @@ def seed_table(table: pd.DataFrame, plateau: float, margin: float, forecast_epoc
 
 
 def read_experiment(root: Path, ref: str) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
-    """An experiment's params and :func:`seed_table` of each variant of its study (the grid, named as DVC's
-    matrix names its stages, and the remedies: the commit also holds the baseline's other results), with the
-    plateau, margin and forecast window its metrics.json records."""
+    """An experiment's params and :func:`seed_table` of each variant of its own grid (named as DVC's matrix names
+    them) and remedies, with the plateau, margin and forecast window its metrics.json records."""
     values = yaml.safe_load(git(["show", f"{ref}:params.yaml"], root)) or {}
     grid = params.parse(params.GridParams, values.get("grid") or {}, "grid").expand()
     names = ["-".join(map(str, v.model_dump().values())) for v in grid] + list(values.get("remedies") or {})
@@ -70,7 +69,6 @@ def read_experiment(root: Path, ref: str) -> tuple[dict[str, Any], dict[str, pd.
     for name in names:
         frame = pd.read_csv(io.StringIO(git(["show", f"{ref}:results/{name}/history.csv"], root)))
         metrics = json.loads(git(["show", f"{ref}:results/{name}/metrics.json"], root))
-        # The settings its summary stage used, as it recorded them.
         variants[name] = seed_table(frame, metrics["plateau"], metrics["escape_margin"], metrics["forecast_epochs"])
     return values, variants
 
@@ -135,8 +133,7 @@ def escape_figure(table: pd.DataFrame, swept: Sequence[str], variant: str) -> Fi
 def page_html(sweep_id: str, table: pd.DataFrame, swept: Sequence[str], pngs: Mapping[str, bytes]) -> str:
     """The self-contained page: what was swept, the summary per experiment and variant, the figures."""
     numbers = summary_table(table, swept).to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}")
-    src = {name: base64.b64encode(png).decode() for name, png in pngs.items()}
-    images = "".join(f'<img alt="{name}" src="data:image/png;base64,{data}">' for name, data in src.items())
+    images = "".join(f'<img alt="{n}" src="data:image/png;base64,{b64encode(p).decode()}">' for n, p in pngs.items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Sweep {html.escape(sweep_id)}</title><style>
 body{{font-family:sans-serif;max-width:1200px;margin:1em auto}}img{{max-width:100%}}table{{border-collapse:collapse}}
 td,th{{padding:2px 8px;border-bottom:1px solid #ccc;white-space:nowrap}}</style></head><body><h1>Sweep \
@@ -186,9 +183,8 @@ def publish(folder: Path, sweep_id: str, root: Path, experiment: str) -> None:
 
 
 def build_sweep_report(sweep_id: str, root: Path, experiments: Sequence[str]) -> Path:
-    """Write ``<root>/sweeps/<sweep_id>/`` from ``experiments`` (every ``<sweep_id>-<k>`` when empty) and
-    publish it; the folder. SweepError: nothing written when an experiment cannot be read; the folder
-    written when publishing failed."""
+    """Write ``<root>/sweeps/<sweep_id>/`` from ``experiments`` (every ``<sweep_id>-<k>`` when empty), publish it;
+    the folder. SweepError before anything is written when an experiment cannot be read, or when publishing fails."""
     loaded = {}
     for name, ref in experiment_refs(root, sweep_id, list(experiments) or None).items():
         try:
@@ -212,12 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=cli.LOG_FORMAT)
     try:
-        root = workspace_root(Path.cwd())
-        folder = build_sweep_report(args.sweep_id, root, [])
+        folder = build_sweep_report(args.sweep_id, workspace_root(Path.cwd()), [])
     except SweepError as exc:
         log.error("%s", exc)
         return 1
-    log.info("sweep report: %s and MLflow; git add -f %s keeps it", folder / "index.html", folder.relative_to(root))
+    log.info("sweep report: %s and MLflow; git add -f sweeps/%s keeps it", folder / "index.html", args.sweep_id)
     return 0
 
 
