@@ -1,20 +1,17 @@
-"""Per-epoch measurements and logging as Keras callbacks.
+"""Per-epoch measurements as Keras callbacks: what the train stage's outputs are made of.
 
 :class:`pipeline.engine.StackedTrainer` calls them once per epoch with ``logs`` whose
 values are per-replicate arrays of shape (S,). Measurement callbacks add their keys
-to ``logs``; the recorders that follow (history, MLflow, progress) see everything.
-Order therefore matters: measurements first, then :class:`History`,
-:class:`MlflowLogger` and :class:`Progress`.
+to ``logs``; the recorders that follow (:class:`History`, then MLflow and the progress
+line from :mod:`pipeline.trainlog`) see everything, so measurements come first.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import sys
-import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any
 
 import keras
 import numpy as np
@@ -25,7 +22,6 @@ from pipeline.engine import StackedTrainer
 from pipeline.model import hidden_layers
 
 log = logging.getLogger(__name__)
-STD_PREFIX = "std/"  # the parent run's spread over seeds of a metric: std/accuracy
 
 
 def _kernels(model: keras.Model) -> list[tuple[str, np.ndarray]]:
@@ -86,83 +82,6 @@ class History(keras.callbacks.Callback):
             row: dict[str, float | int] = {"seed": seed, "epoch": epoch + 1}
             row.update({key: float(np.asarray(value)[k]) for key, value in logs.items()})
             self.rows.append(row)
-
-
-class MlflowLogger(keras.callbacks.Callback):
-    """Logs every per-replicate value to that replicate's MLflow run, step = epoch (1-based), and,
-    given the variant's parent run, the mean over seeds under the same key and the population
-    std as ``std/<key>`` there, so the parent charts the variant as one line.
-
-    Metrics are buffered and sent in batches at most every ``flush_s`` seconds (and at
-    the end), so a local SQLite store does not cost a transaction per metric.
-    """
-
-    def __init__(self, client: Any, run_ids: Sequence[str], parent_id: str | None = None, flush_s: float = 5.0) -> None:
-        super().__init__()
-        self.client, self.run_ids, self.parent_id, self.flush_s = client, list(run_ids), parent_id, flush_s
-        self._buffer: dict[str, list[Any]] = {
-            run_id: [] for run_id in [*self.run_ids, *([parent_id] * bool(parent_id))]
-        }
-        self._last_flush = time.monotonic()
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now_ms = int(time.time() * 1000)
-        for key, value in logs.items():
-            values = np.asarray(value, np.float64)
-            for run_id, v in zip(self.run_ids, values, strict=True):
-                # NaN and ±inf too: MLflow stores them, and a diverging run must show that it diverged.
-                self._buffer[run_id].append(Metric(key=key, value=float(v), timestamp=now_ms, step=epoch + 1))
-            if self.parent_id:
-                for name, v in ((key, values.mean()), (f"{STD_PREFIX}{key}", values.std())):
-                    self._buffer[self.parent_id].append(
-                        Metric(key=name, value=float(v), timestamp=now_ms, step=epoch + 1)
-                    )
-        if time.monotonic() - self._last_flush >= self.flush_s:
-            self.flush()
-
-    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self.flush()
-
-    def flush(self) -> None:
-        for run_id, metrics in self._buffer.items():
-            for start in range(0, len(metrics), 1000):  # MLflow's per-request limit
-                self.client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
-            metrics.clear()
-        self._last_flush = time.monotonic()
-
-
-class Progress(keras.callbacks.Callback):
-    """One live line per model set on a terminal; one short line every ``every`` epochs otherwise."""
-
-    def __init__(self, label: str, epochs: int, every: int = 10, stream: TextIO | None = None) -> None:
-        super().__init__()
-        self.label, self.epochs, self.every = label, epochs, every
-        self.stream = stream or sys.stderr
-        self.live = self.stream.isatty()
-
-    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self._start = time.monotonic()
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        done = epoch + 1
-        elapsed = time.monotonic() - self._start
-        remaining = elapsed / done * (self.epochs - done)
-        acc = np.asarray(logs["accuracy"])
-        line = (
-            f"{self.label}: epoch {done}/{self.epochs}  accuracy {acc.mean():.4f}"
-            + (f" (min {acc.min():.4f} max {acc.max():.4f}, {len(acc)} seeds)" if len(acc) > 1 else "")
-            + f"  elapsed {elapsed:.0f}s  remaining ~{remaining:.0f}s"
-        )
-        if self.live:
-            self.stream.write("\r\x1b[2K" + line)
-            if done == self.epochs:
-                self.stream.write("\n")
-            self.stream.flush()
-        elif done % self.every == 0 or done in (1, self.epochs):
-            self.stream.write(line + "\n")
-            self.stream.flush()
 
 
 class StopOnSignal(keras.callbacks.Callback):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import math
-
 import keras
 import numpy as np
 import pytest
@@ -52,39 +49,6 @@ def test_history_rows() -> None:
         {"seed": 3, "epoch": 1, "accuracy": 0.1, "loss": 1.0},
         {"seed": 5, "epoch": 1, "accuracy": 0.2, "loss": 2.0},
     ]
-
-
-def test_progress_lines_when_not_a_terminal() -> None:
-    stream = io.StringIO()
-    progress = cb.Progress("depth-2", epochs=20, every=10, stream=stream)
-    progress.on_train_begin()
-    for epoch in range(20):
-        progress.on_epoch_end(epoch, {"accuracy": np.array([0.5, 0.7])})
-    lines = stream.getvalue().splitlines()
-    assert [line.split(":")[1].split()[1] for line in lines] == ["1/20", "10/20", "20/20"]
-    assert "accuracy 0.6000 (min 0.5000 max 0.7000, 2 seeds)" in lines[-1]
-    assert "\r" not in stream.getvalue()
-
-
-def test_mlflow_logger_steps_are_epochs(tmp_path) -> None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
-    runs = [client.create_run(exp).info.run_id for _ in range(2)]
-    logger = cb.MlflowLogger(client, runs, flush_s=3600)
-    for epoch in range(3):
-        logger.on_epoch_end(
-            epoch, {"accuracy": np.array([0.1 * epoch, 0.2 * epoch]), "grad/hidden_1": np.array([np.nan, 1.0])}
-        )
-    assert client.get_metric_history(runs[0], "accuracy") == []  # buffered
-    logger.on_train_end()
-    history = client.get_metric_history(runs[1], "accuracy")
-    assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.0), (2, 0.2), (3, 0.4)]
-    # Non-finite values are logged too (MLflow stores NaN), not dropped: a diverging run shows it.
-    assert all(math.isnan(m.value) for m in client.get_metric_history(runs[0], "grad/hidden_1"))
-    assert len(client.get_metric_history(runs[0], "grad/hidden_1")) == 3
-    assert len(client.get_metric_history(runs[1], "grad/hidden_1")) == 3
 
 
 def test_stop_on_signal_ends_training_after_the_epoch_in_which_it_arrived() -> None:
