@@ -56,14 +56,9 @@ def _layer_colors(count: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------- helpers
-def sigmoid(x: np.ndarray | float) -> np.ndarray | float:
-    """The logistic function σ(x) = 1 / (1 + e^-x)."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
-
-
 def sigmoid_prime(x: np.ndarray | float) -> np.ndarray | float:
-    """σ'(x) = σ(x)(1 - σ(x)), largest at x = 0."""
-    s = sigmoid(x)
+    """σ'(x) = σ(x)(1 - σ(x)) with σ(x) = 1 / (1 + e^-x), largest at x = 0."""
+    s = 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
     return s * (1.0 - s)
 
 
@@ -139,27 +134,11 @@ def by_variant(
     return fig
 
 
-def final_accuracy_vs_depth(finals: pd.DataFrame, colors: Mapping[str, str]) -> Figure:
-    """Final training accuracy against depth: each seed's value in its variant's colour and the mean ± std
-    over seeds (``finals``: one row per variant and seed, as :func:`pipeline.history.final_values` returns)."""
-    fig, (ax,) = _figure(1, row_height=3.4)
-    for variant, rows in finals.groupby("variant", sort=False):
-        x = rows["depth"] + 0.15 + (np.linspace(-0.05, 0.05, len(rows)) if len(rows) > 1 else 0.0)
-        ax.scatter(x, rows["accuracy"], s=16, color=colors[variant], label=variant, zorder=2)
-    by_depth = finals.groupby("depth")["accuracy"]
-    means, stds = by_depth.mean(), by_depth.std(ddof=0).fillna(0.0)
-    ax.errorbar(means.index, means, yerr=stds, fmt="o-", color="k", capsize=4, label="mean ± std", zorder=3)
-    ax.set_xticks(list(means.index))
-    _label(ax, "Final training accuracy against depth", "final training accuracy", "hidden layers")
-    _legend_below(fig, ax)
-    return fig
-
-
 def sigmoid_figure() -> Figure:
     """σ(x) and σ'(x) on one axis, with the maximum σ'(0) marked."""
     fig, (ax,) = _figure(1, row_height=2.8)
     x = np.linspace(-6.0, 6.0, 601)
-    ax.plot(x, sigmoid(x), color="k", label="σ(x)")
+    ax.plot(x, 1.0 / (1.0 + np.exp(-x)), color="k", label="σ(x)")
     ax.plot(x, sigmoid_prime(x), color="0.5", label="σ'(x) = σ(x)(1 − σ(x))")
     ax.axhline(SIGMOID_BOUND, color="0.4", linestyle=":", linewidth=1)
     ax.plot([0.0], [SIGMOID_BOUND], "o", color="0.5")
@@ -289,20 +268,36 @@ def _mark_escape(ax: Axes, escapes: pd.DataFrame | None) -> None:
         ax.axvline(median, color="0.3", linestyle=":", linewidth=1.2, label=ESCAPE_LABEL)
 
 
-def activation_figure(history: pd.DataFrame, title: str, escapes: pd.DataFrame | None = None) -> Figure:
-    """Each layer's activation over epochs (Glorot & Bengio 2010, Fig. 2): the mean with the
-    2–98 % band over probe examples and units, one panel per layer (hidden layers, then the output)."""
-    layers = probe_layers(history, columns.ACT_MEAN)
-    fig, axes = _figure(max(len(layers), 1), row_height=1.5, sharex=True, sharey=True)
-    for ax, column, color in zip(axes, layers, _layer_colors(len(layers)), strict=False):
-        spread = [column, *(column.replace(columns.ACT_MEAN, k) for k in (columns.ACT_P02, columns.ACT_P98))]
-        curve = history.groupby("epoch")[spread].mean().sort_index()
-        ax.plot(curve.index, curve[spread[0]], color=color, label="mean")
-        ax.fill_between(curve.index, curve[spread[1]], curve[spread[2]], color=color, alpha=0.25, lw=0, label="2–98 %")
-        _mark_escape(ax, escapes)
-        _label(ax, layer_name(column), "activation", "epoch" if ax is axes[-1] else "")
-    fig.suptitle(f"{title}: activations on the probe batch\n(mean over seeds; band: 2–98 % of examples × units)")
-    _legend_below(fig, axes[0], ncol=3)
+def signal_figure(history: pd.DataFrame, title: str, escapes: pd.DataFrame | None = None) -> Figure:
+    """Each layer's signal (its across-example spread on the probe batch, log) over epochs, mean and bands over
+    seeds, with the input's as a dashed line: how much of which-image-is-it reaches each layer."""
+    fig, (ax,) = _figure(1, row_height=3.4)
+    _per_layer(ax, history, probe_layers(history, columns.SIGNAL), log=True)
+    first = (columns.layer_column(columns.SIGNAL, 1), columns.layer_column(columns.GAIN, 1))
+    ax.axhline((history[first[0]] / history[first[1]]).mean(), color="k", linestyle="--", linewidth=1, label="input")
+    _mark_escape(ax, escapes)
+    _label(ax, f"{title}: signal per layer", "mean over units of the std over examples", log=True)
+    _legend(ax)
+    return fig
+
+
+def forecast_figure(
+    escapes: Mapping[str, pd.DataFrame], forecasts: Mapping[str, pd.DataFrame], colors: Mapping[str, str]
+) -> Figure:
+    """Each seed's forecast escape epoch against its actual one, in its variant's colour (a censored seed: a
+    hollow triangle at its last epoch); on the dotted diagonal the forecast is exact."""
+    fig, (ax,) = _figure(1, row_height=3.6)
+    for label, table in forecasts.items():
+        seeds = escapes[label].merge(table, on="seed").dropna(subset=["forecast"])
+        done, censored = seeds[~seeds["censored"]], seeds[seeds["censored"]]
+        ax.scatter(done["escape_epoch"], done["forecast"], s=22, color=colors[label], label=label, zorder=3)
+        ax.scatter(censored["last_epoch"], censored["forecast"], s=40, marker=">", facecolors="none",
+                   edgecolors=colors[label], zorder=3)  # fmt: skip
+    top = max(ax.get_xlim()[1], ax.get_ylim()[1])
+    ax.plot([0, top], [0, top], color="0.4", linestyle=":", label="forecast = actual")
+    ax.set(xlim=(0, top), ylim=(0, top))
+    _label(ax, "Escape forecast from the early epochs against the actual escape", "forecast", "actual escape epoch")
+    _legend_below(fig, ax, ncol=3)
     return fig
 
 

@@ -2,12 +2,9 @@
 
 ``python -m pipeline.report --params params.yaml --results results --out reports``
 
-Reads ``results/<name>/history.csv`` (train stage), ``metrics.json`` (summarize stage) and, where there,
-``run.json`` (the variant's MLflow runs, for the run table); writes ``<out>/index.html``
-(``templates/report.html.j2``, images embedded), the figures as PNG files, ``summary.md`` and the
-seed-mean curves for ``dvc plots`` (``plots/``): all of them, or on a failure none. Of params.yaml it
-reads ``report``, ``summary.index_window``, and ``grid`` and ``remedies`` to name the study's variants.
-:mod:`pipeline.publish` puts the page into MLflow.
+Reads ``results/<name>/{history.csv,metrics.json}`` and, where there, ``run.json`` (the run table's MLflow
+runs); writes ``<out>/index.html`` (``templates/report.html.j2``, images embedded), the PNGs, ``summary.md``
+and ``plots/`` for ``dvc plots``: all or, on a failure, none. :mod:`pipeline.publish` puts it into MLflow.
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline import cli, columns, curves, figures, history
-from pipeline.columns import ACT_MEAN, ACT_P02, ACT_P98, JAC_MAX, JAC_MEAN, JAC_PRODUCT, SATURATION, WEIGHT_CHANGE
+from pipeline.columns import GAIN, JAC_MEAN, JAC_PRODUCT, SATURATION, SIGNAL, WEIGHT_CHANGE
 from pipeline.measures import SATURATED
 from pipeline.outputs import staged_dir
 from pipeline.params import GridParams, ReportParams, Variant, load_section, study_variants
@@ -39,7 +36,7 @@ log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("history.csv", "metrics.json")
 SETTINGS = ("depth", "activation", "loss", "init", "norm")  # a variant's fields, in the tables' order
-VARIANT_FIGURES = ("bands", "gradients", "activations", "saturation", "jacobians")  # <kind>-<name>.png
+VARIANT_FIGURES = ("bands", "gradients", "signal", "saturation", "jacobians")  # <kind>-<name>.png
 ESCAPE_WINDOW = 10  # epochs before, and from, each seed's escape that the captions average
 SATURATED_MEANS = f"f' below {SATURATED:g} of its maximum; for ReLU (f' = 0 where u ≤ 0) an inactive unit"
 
@@ -251,11 +248,19 @@ class Study:
     summary: pd.DataFrame = field(init=False)
     colors: dict[str, str] = field(init=False)
     escapes: dict[str, pd.DataFrame] = field(init=False)
+    forecasts: dict[str, pd.DataFrame] = field(init=False)
+    results_by: dict[str, VariantResult] = field(init=False)
 
     def __post_init__(self) -> None:
         self.summary = summary_table(self.results).set_index("variant")
         self.colors = figures.variant_colors({r.name: r.variant for r in self.results})
         self.escapes = escapes_of(self.results)
+        self.results_by = {r.name: r for r in self.results}
+        self.forecasts = {  # each seed's escape forecast, as the summarize stage made it (metrics.json's settings)
+            r.name: history.escape_forecasts(r.history, m["forecast_epochs"], m["plateau"], m["escape_margin"])
+            for r in self.results
+            if "forecast_epochs" in (m := r.metrics)
+        }
 
     @property
     def classic(self) -> list[VariantResult]:
@@ -361,22 +366,11 @@ def classic_section(s: Study) -> Section:
     hs = histories(s.classic)
     listed = ", ".join(f"{_num(c, '.3g')} (depth {r.variant.depth})" for r, c in zip(s.classic, change, strict=True))
     sigmoid = f"σ' ≤ σ'(0) = {figures.QUARTER}: each sigmoid layer scales the error it passes back by at most that."
+    accuracy = figures.by_variant(hs, s.colors, "accuracy", f"Training accuracy ({figures.BAND_NOTE})")
+    first_layer = figures.by_variant(hs, s.colors, column, "The first hidden layer's weight change per epoch", log=True)
     plots = s.render_all(
-        (
-            figures.by_variant(hs, s.colors, "accuracy", f"Training accuracy ({figures.BAND_NOTE})"),
-            "accuracy_by_depth.png",
-            "Training accuracy by depth.",
-        ),
-        (
-            figures.by_variant(hs, s.colors, column, "The first hidden layer's weight change per epoch", log=True),
-            "first_layer_change.png",
-            f"Mean over epochs ≥ 2: {listed}.",
-        ),
-        (
-            figures.final_accuracy_vs_depth(history.final_values(hs), s.colors),
-            "final_accuracy_vs_depth.png",
-            "Each seed.",
-        ),
+        (accuracy, "accuracy_by_depth.png", "Training accuracy by depth."),
+        (first_layer, "first_layer_change.png", f"Mean over epochs ≥ 2: {listed}."),
         (figures.sigmoid_figure(), "sigmoid.png", sigmoid),
     )
     return Section("classic", "The classic picture", conclusion + ".", "Nielsen's figures, over every seed.", plots)
@@ -426,59 +420,83 @@ def gradients_section(s: Study) -> Section:
 
 
 # ----------------------------------------------------------- why the deepest classic net stalls
+def output_gain(r: VariantResult, epoch: int = 1) -> float:
+    """The output's signal over the input's at ``epoch``: the product of every layer's gain, mean over seeds."""
+    gains = figures.probe_layers(r.history, GAIN)
+    return float(r.history.loc[r.history["epoch"] == epoch, gains].prod(axis=1).mean()) if gains else math.nan
+
+
+def forecast_phrase(m: Mapping[str, Any]) -> str:
+    """``at epoch 131 ± 9 (mean |forecast − actual| / actual: 7%)`` from a variant's metrics.json."""
+    forecast = format_mean_std(m.get("escape_forecast"), m.get("escape_forecast_std"), ".0f")
+    return f"at epoch {forecast} (mean |forecast − actual| / actual: {_num(m.get('escape_forecast_rel_error'), '.0%')})"
+
+
 def stall_section(s: Study) -> Section:
-    """Activations, saturation and Jacobians of the deepest classic variant; every seed's escape epoch."""
+    """Why the deepest classic net sits on its plateau: the signal that reaches its output, the forecast of its
+    escape against the actual one, and what does not explain it (saturation); every seed's escape epoch."""
     listed = "; ".join(f"{name} {escape_phrase(e)}" for name, e in s.escapes.items())
     plots = s.render_all((figures.escape_figure(s.escapes, s.colors), "escape_epochs.png", f"Escape: {listed}."))
+    if forecasts := {n: f for n, f in s.forecasts.items() if f["forecast"].notna().any()}:
+        each = "; ".join(f"{n} {forecast_phrase(s.results_by[n].metrics)}" for n in forecasts)
+        fig = figures.forecast_figure(s.escapes, forecasts, s.colors)
+        plots += s.render_all((fig, "escape_forecast.png", f"Forecast: {each}."))
     if not s.classic:
         return Section("stall", "Why deep sigmoid nets stall", "No classic variant in these results.", plots=plots)
     r = s.classic[-1]
-    table, depth, escapes, last = r.history, r.variant.depth, s.escapes[r.name], r.epochs
+    table, depth, escapes, m, last = r.history, r.variant.depth, s.escapes[r.name], r.metrics, r.epochs
+    first = escapes["escape_epoch"].min()  # the first seed's escape; NaN when none escaped
+    plateau = table[table["epoch"] < first] if np.isfinite(first) else table
+    conclusion = (
+        f"{r.name} stays within {_num((plateau['accuracy'] - m['plateau']).abs().max(), '.3f')} of the plateau "
+        f"(the constant predictor's accuracy, {m['plateau']:.4f}) until it escapes {escape_phrase(escapes)}"
+    )
+    if gains := figures.probe_layers(table, GAIN):
+        at_1 = ", ".join(f"{history.layer_name(c)} {_at(table, c, 1, '.2f')}" for c in gains)
+        conclusion += (
+            f": at epoch 1 its layers pass on {at_1} of the signal they receive, so its output varies "
+            f"{_num(1 / output_gain(r), '.3g')} times less from image to image than its input"
+        )
     each = [f"censored at {e.last_epoch}" if e.censored else f"{e.escape_epoch:.0f}" for e in escapes.itertuples()]
-    each = ", ".join(f"seed {seed}: {e}" for seed, e in zip(escapes["seed"], each, strict=True))
-    conclusion = f"{r.name} starts at a training accuracy of {_at(table, 'accuracy', 1)}; escape "
-    conclusion += f"{escape_phrase(escapes)}: {each}"
+    text = f"Escape of each seed: {', '.join(f'seed {n}: {e}' for n, e in zip(escapes['seed'], each, strict=True))}. "
+    if r.name in forecasts:
+        text += f"From its first {m['forecast_epochs']} epochs the escape is forecast {forecast_phrase(m)}. "
+    if gains:
+        ratios = ", ".join(f"{g.name} {_num(output_gain(g), '.2g')}" for g in remedy_groups(s.results).get(depth, [r]))
+        text += f"The output's signal over the input's at epoch 1: {ratios}. "
     before, after, seeds = history.around_escape(table, columns.layer_column(SATURATION, depth), escapes, ESCAPE_WINDOW)
     if seeds:
-        conclusion += (
-            f"; its top hidden layer's saturated fraction averages {_num(before, '.3f')} over the {ESCAPE_WINDOW} "
-            f"epochs before each escape and {_num(after, '.3f')} over the {ESCAPE_WINDOW} from it"
+        text += (
+            f"Its top hidden layer's saturated fraction averages {_num(before, '.3f')} over the {ESCAPE_WINDOW} epochs "
+            f"before each escape and {_num(after, '.3f')} over the {ESCAPE_WINDOW} from it. "
         )
+    figs = []
+    if gains:
+        caption = f"Signal of each layer at epoch 1 and {last}: " + ", ".join(
+            f"{history.layer_name(c)} {_at(table, c, 1, '.3g')} → {_at(table, c, last, '.3g')}"
+            for c in figures.probe_layers(table, SIGNAL)
+        )
+        figs.append((figures.signal_figure(table, r.name, escapes), f"signal-{r.name}.png", caption))
     if history.layer_columns(table, SATURATION):  # results trained before the probe have none of these
-        act, lo, hi = (columns.layer_column(kind, depth) for kind in (ACT_MEAN, ACT_P02, ACT_P98))
-        out = columns.output_column(ACT_MEAN)
-        activations = (
-            f"hidden_{depth} averages {_at(table, act, 1)} at epoch 1 (2–98 %: {_at(table, lo, 1)}–"
-            f"{_at(table, hi, 1)}) and {_at(table, act, last)} at epoch {last} ({_at(table, lo, last)}–"
-            f"{_at(table, hi, last)}); the output {_at(table, out, 1)} and {_at(table, out, last)}."
-        )
         at_last = [f"{history.layer_name(c)} {_at(table, c, last)}" for c in figures.probe_layers(table, SATURATION)]
         saturation = f"Saturated: {SATURATED_MEANS}. At epoch {last}: {', '.join(at_last)}."
-        plots[:0] = s.render_all(
-            (figures.activation_figure(table, r.name, escapes), f"activations-{r.name}.png", activations),
-            (figures.saturation_figure(table, r.name, escapes), f"saturation-{r.name}.png", saturation),
-            (figures.jacobian_figure(table, r.name), f"jacobians-{r.name}.png", jacobian_caption(r, escapes)),
-        )
-    text = "Measured every epoch on a fixed probe batch, as Glorot & Bengio (2010) did."
-    return Section("stall", f"Why depth {depth} stalls", conclusion + ".", text, plots)
+        figs.append((figures.saturation_figure(table, r.name, escapes), f"saturation-{r.name}.png", saturation))
+        figs.append((figures.jacobian_figure(table, r.name), f"jacobians-{r.name}.png", jacobian_caption(r)))
+    text += "Measured every epoch on a fixed probe batch."
+    return Section("stall", f"Why depth {depth} stalls", conclusion + ".", text, s.render_all(*figs) + plots)
 
 
-def jacobian_caption(r: VariantResult, escapes: pd.DataFrame) -> str:
-    """Per-layer mean singular values at epoch 1, the top hidden layer's largest around the escape, and the
-    predicted against the measured first / last ratio."""
+def jacobian_caption(r: VariantResult) -> str:
+    """Per-layer mean singular values at epoch 1, and the predicted against the measured first / last ratio."""
     table, depth = r.history, r.variant.depth
     layers = [f"{history.layer_name(c)} {_at(table, c, 1, '.3g')}" for c in history.layer_columns(table, JAC_MEAN)]
-    text = f"Mean singular value at epoch 1: {', '.join(layers)}."
-    before, after, seeds = history.around_escape(table, columns.layer_column(JAC_MAX, depth), escapes, ESCAPE_WINDOW)
-    if seeds:
-        text += f" hidden_{depth}'s largest: {_num(before, '.3g')} before the escape, {_num(after, '.3g')} after."
     if depth < 2:
-        return text
+        return f"Mean singular value at epoch 1: {', '.join(layers)}."
     measured, predicted = history.first_to_last(table)["mean"], history.seed_stats(table, JAC_PRODUCT)["mean"]
-    return text + (
-        f" First / last ‖∂C/∂b‖ at epoch 1: predicted {_num(predicted.iloc[0], '.3g')}, measured "
-        f"{_num(measured.iloc[0], '.3g')}; medians over epochs {_num(predicted.median(), '.3g')} and "
-        f"{_num(measured.median(), '.3g')}."
+    return (
+        f"Mean singular value at epoch 1: {', '.join(layers)}. First / last ‖∂C/∂b‖ at epoch 1: predicted "
+        f"{_num(predicted.iloc[0], '.3g')}, measured {_num(measured.iloc[0], '.3g')}; medians over epochs "
+        f"{_num(predicted.median(), '.3g')} and {_num(measured.median(), '.3g')}."
     )
 
 

@@ -3,7 +3,8 @@
 Values are chosen so that final-epoch means and stds are easy to compute by hand:
 seed k's training accuracy at the last epoch is ``FINAL_ACCURACY[k] - 0.01 * (depth - 1)``,
 so that every seed passes ``PLATEAU`` + 0.05 (escapes) at epoch 3; hidden layer i's saturation
-falls linearly from 0.1·i to 0 and every layer Jacobian's mean singular value is 0.2.
+falls linearly from 0.1·i to 0, every layer Jacobian's mean singular value is 0.2, and of the signal
+(0.2 at the input) hidden_1 passes on half, every later layer a quarter and the output a fifth.
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def make_history(depth: int, seeds: tuple[int, ...] = SEEDS, epochs: int = EPOCH
                 row[f"saturation/hidden_{layer}"] = 0.1 * layer * (1.0 - frac)
                 row[f"jac_mean/hidden_{layer}"] = 0.2
                 row[f"jac_max/hidden_{layer}"] = 0.4
+                # Signal: the input's is 0.2; hidden_1 passes on half of it, every later layer a quarter.
+                row[f"gain/hidden_{layer}"] = 0.5 if layer == 1 else 0.25
+                row[f"signal/hidden_{layer}"] = 0.2 * 0.5 * 0.25 ** (layer - 1)
             row.update({"act_mean/output": 0.3, "act_p02/output": 0.01, "act_p98/output": 0.9})
+            row.update({"gain/output": 0.2, "signal/output": row[f"signal/hidden_{depth}"] * 0.2})
             row["saturation/output"] = 0.5 * (1.0 - frac)
             row["jac_product"] = 0.2 ** (depth - 1)
             rows.append(row)

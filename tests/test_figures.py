@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
@@ -34,11 +35,11 @@ def bound_lines(ax) -> list:
 
 HS, TABLE = histories(), make_history(3)
 ES = {name: escapes(h) for name, h in HS.items()}
+FORECASTS = {name: pd.DataFrame({"seed": [0, 1], "forecast": [2.5, 4.0]}) for name in (D2, REMEDY)}
 # Every figure the report draws, on the synthetic study.
 FIGURES: dict[str, Callable[[], Figure]] = {
     "accuracy_by_depth": lambda: figures.by_variant(HS, COLORS, "accuracy", "Training accuracy"),
     "first_layer_change": lambda: figures.by_variant(HS, COLORS, "weight_change/hidden_1", "hidden_1", log=True),
-    "final_accuracy_vs_depth": lambda: figures.final_accuracy_vs_depth(history.final_values(HS), COLORS),
     "sigmoid": figures.sigmoid_figure,
     "remedies": lambda: figures.remedies_figure({k: HS[k] for k in (D2, REMEDY)}, COLORS),
     "test_vs_train": lambda: figures.test_vs_train_figure(HS, COLORS),
@@ -46,7 +47,8 @@ FIGURES: dict[str, Callable[[], Figure]] = {
     "saturation_by_variant": lambda: figures.saturation_by_variant(HS, ES, COLORS),
     "bands": lambda: figures.bands_figure(TABLE, "d3", COLORS[D2]),
     "gradients": lambda: figures.gradient_figure(TABLE, "d3"),
-    "activations": lambda: figures.activation_figure(TABLE, "d3", escapes(TABLE)),
+    "signal": lambda: figures.signal_figure(TABLE, "d3", escapes(TABLE)),
+    "forecast": lambda: figures.forecast_figure(ES, FORECASTS, COLORS),
     "saturation": lambda: figures.saturation_figure(TABLE, "d3", escapes(TABLE)),
     "jacobians": lambda: figures.jacobian_figure(TABLE, "d3"),
 }
@@ -142,16 +144,6 @@ def test_by_variant_log_scale():
     assert ax.get_ylabel() == "weight_change/hidden_1"
 
 
-def test_final_accuracy_vs_depth_means_and_each_seed():
-    finals = history.final_values({k: v for k, v in histories().items() if k in (D1, D2)})
-    (ax,) = figures.final_accuracy_vs_depth(finals, COLORS).axes
-    (errorbars,) = ax.containers
-    assert errorbars.get_label() == "mean ± std"
-    assert list(errorbars.lines[0].get_xdata()) == [1, 2]
-    assert list(errorbars.lines[0].get_ydata()) == pytest.approx([0.85, 0.84])
-    assert sum(len(c.get_offsets()) for c in ax.collections if c.get_label() in (D1, D2)) == 4  # a point per seed
-
-
 def test_bands_figure_accuracy_and_each_layer_in_the_variants_colour():
     fig = figures.bands_figure(make_history(3), "depth-3", "#123456")
     assert len(fig.axes) == 1 + 3
@@ -188,19 +180,26 @@ def test_vs_train_figure_side_by_side():
     assert test_ax.get_lines()[0].get_ydata()[-1] == pytest.approx(0.82)
 
 
-def test_activation_figure_one_panel_with_mean_and_band_per_layer_and_the_output():
-    table = make_history(2)
-    fig = figures.activation_figure(table, "d2", escapes(table))
-    assert [ax.get_title() for ax in fig.axes] == ["hidden_1", "hidden_2", "output"]
-    for ax in fig.axes:
-        assert line_labels(ax) == ["mean", figures.ESCAPE_LABEL]
-        escape_line = next(line for line in ax.get_lines() if line.get_label() == figures.ESCAPE_LABEL)
-        assert escape_line.get_xdata()[0] == 3
-    # hidden_2's mean is 0.5 + 0.2·(1 - epoch/5); its band the seed-mean 2nd and 98th percentiles, 0.1 to 0.9.
-    np.testing.assert_allclose(fig.axes[1].get_lines()[0].get_ydata(), [0.5 + 0.2 * (1 - e / 5) for e in range(1, 6)])
-    band = fig.axes[1].collections[0].get_paths()[0].vertices[:, 1]
-    assert band.min() == pytest.approx(0.1) and band.max() == pytest.approx(0.9)
-    assert fig.axes[-1].get_xlabel() == "epoch"
+def test_signal_figure_per_layer_with_the_inputs():
+    (ax,) = figures.signal_figure(make_history(2), "d2", escapes(make_history(2))).axes
+    assert line_labels(ax) == ["hidden_1", "hidden_2", "output", "input", figures.ESCAPE_LABEL]
+    assert ax.get_yscale() == "log"
+    np.testing.assert_allclose([line.get_ydata()[0] for line in ax.get_lines()[:4]], [0.1, 0.025, 0.005, 0.2])
+
+
+def test_forecast_figure_forecast_against_actual_with_censored_seeds_at_their_last_epoch():
+    censored = escapes(make_history(2), margin=0.9)  # no seed escapes: both censored at epoch 5
+    fig = figures.forecast_figure(
+        {"a": ES[D2], "b": censored},
+        {"a": FORECASTS[D2], "b": FORECASTS[D2]},
+        COLORS | {"a": "#000000", "b": "#111111"},
+    )
+    (ax,) = fig.axes
+    done, _, _, hollow = (c.get_offsets() for c in ax.collections[:4])
+    np.testing.assert_allclose(done, [[3, 2.5], [3, 4.0]])  # (actual, forecast) of each seed of a
+    np.testing.assert_allclose(hollow, [[5, 2.5], [5, 4.0]])  # b's seeds: at their last epoch
+    (diagonal,) = [line for line in ax.get_lines() if line.get_label() == "forecast = actual"]
+    assert diagonal.get_xdata()[0] == diagonal.get_ydata()[0] == 0
 
 
 def test_saturation_figures_per_layer_in_unit_range():

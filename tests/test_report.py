@@ -8,11 +8,12 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import figures, report
 from pipeline.params import GridParams, ParamsError, ReportParams, Variant
-from tests.synthetic_results import DEFAULT_STUDY, PARAMS, write_results, write_variant
+from tests.synthetic_results import DEFAULT_STUDY, PARAMS, PLATEAU, write_results, write_variant
 
 D1, D2, REMEDY = DEFAULT_STUDY
 
@@ -142,7 +143,8 @@ def test_main_writes_the_report_and_needs_no_store(built):
     } <= files
     assert {f"gradients-{D2}.png", "remedies-depth-2.png", "remedies-saturation-depth-2.png"} <= files
     assert {f"bands-{name}.png" for name in DEFAULT_STUDY} <= files
-    assert {f"{kind}-{D2}.png" for kind in ("activations", "saturation", "jacobians")} | {"escape_epochs.png"} <= files
+    assert {f"{kind}-{D2}.png" for kind in ("signal", "saturation", "jacobians")} | {"escape_epochs.png"} <= files
+    assert "escape_forecast.png" not in files  # every synthetic seed escapes within the forecast window
     assert sorted(p.name for p in built["root"].iterdir()) == ["params.yaml", "reports", "results"]  # no store, no temp
 
 
@@ -200,7 +202,12 @@ def test_stall_section_and_saturation_captions(built):
     page = built["page"]
     # Depth 2 is the deepest classic depth; every seed escapes at epoch 3 (past the plateau 0.4 + 0.05).
     assert page.index("4. Gradients") < page.index("5. Why depth 2 stalls") < page.index("6. Remedies")
-    assert "escape at epoch 3 ± 0 (2 of 2 seeds): seed 0: 3, seed 1: 3" in page
+    # Epochs 1-2 come before the escape: accuracy 0.1 + (0.79 or 0.89 - 0.1)·epoch/5, at most 0.4 - 0.238 away.
+    assert f"{D2} stays within 0.162 of the plateau (the constant predictor&#39;s accuracy, 0.4000) until it " in page
+    assert "escapes at epoch 3 ± 0 (2 of 2 seeds): at epoch 1 its layers pass on hidden_1 0.50, hidden_2 0.25, " in page
+    assert "output 0.20 of the signal they receive, so its output varies 40 times less from image to image" in page
+    ratios = f"The output&#39;s signal over the input&#39;s at epoch 1: {D2} 0.025, {REMEDY} 0.025."
+    assert f"Escape of each seed: seed 0: 3, seed 1: 3. {ratios}" in page
     # hidden_2's saturation is 0.2·(1 - epoch/5): epochs 1–2 average 0.140, epochs 3–5 0.040.
     assert (
         "saturated fraction averages 0.140 over the 10 epochs before each escape and 0.040 over the 10 from it" in page
@@ -208,6 +215,10 @@ def test_stall_section_and_saturation_captions(built):
     relu = re.findall(r"<figcaption>Saturated: [^<]*for ReLU \(f&#39; = 0 where u ≤ 0\) an inactive unit", page)
     assert len(relu) == 2  # both saturation captions say what saturated means for ReLU
     assert f"{REMEDY} 0.160 → 0.000" in page
+    assert (
+        "Signal of each layer at epoch 1 and 5: hidden_1 0.1 → 0.1, hidden_2 0.025 → 0.025, output 0.005 → 0.005"
+        in page
+    )
     assert "First / last ‖∂C/∂b‖ at epoch 1: predicted 0.2, measured 0.2" in page
 
 
@@ -250,3 +261,26 @@ def test_bad_params_exit_1(tmp_path, monkeypatch, caplog):
 
 def test_report_params_default_to_no_links():
     assert ReportParams().ui_url is None
+
+
+def test_stall_section_forecasts_the_escape_of_seeds_still_on_the_plateau(tmp_path):
+    """Past a 2-epoch window every seed is still on the plateau (it escapes at epoch 3), and 1 / signal/output
+    falls linearly, reaching 0 at epoch 1 / 0.15: the forecast is 6.67 for every seed, 122 % late."""
+    from pipeline.history import summarize
+
+    results = write_results(tmp_path / "results")
+    for name in (D2, REMEDY):
+        table = pd.read_csv(results / name / "history.csv")
+        table["signal/output"] = 0.005 / (1 - 0.15 * table["epoch"])
+        table.to_csv(results / name / "history.csv", index=False)
+        metrics = summarize(table, index_window=3, plateau=PLATEAU, forecast_epochs=2)
+        (results / name / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "out").mkdir()
+    report.build_report(report.load_results(results, DEFAULT_STUDY), ReportParams(dpi=30), 3, tmp_path / "out")
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert (tmp_path / "out" / "escape_forecast.png").is_file()
+    assert (
+        "From its first 2 epochs the escape is forecast at epoch 7 ± 0 (mean |forecast − actual| / actual: 122%)"
+        in page
+    )
+    assert f"Forecast: {D2} at epoch 7 ± 0 (mean |forecast − actual| / actual: 122%); {REMEDY} at epoch 7" in page
