@@ -426,6 +426,11 @@ def output_gain(r: VariantResult, epoch: int = 1) -> float:
     return float(r.history.loc[r.history["epoch"] == epoch, gains].prod(axis=1).mean()) if gains else math.nan
 
 
+def _times(factor: float) -> str:
+    """``1,316`` or ``4.2``: a factor as a reader takes it in."""
+    return f"{factor:,.0f}" if factor >= 10 else _num(factor, ".2g")
+
+
 def forecast_phrase(m: Mapping[str, Any]) -> str:
     """``at epoch 131 ± 9 (mean |forecast − actual| / actual: 7%)`` from a variant's metrics.json."""
     forecast = format_mean_std(m.get("escape_forecast"), m.get("escape_forecast_std"), ".0f")
@@ -445,24 +450,25 @@ def stall_section(s: Study) -> Section:
         return Section("stall", "Why deep sigmoid nets stall", "No classic variant in these results.", plots=plots)
     r = s.classic[-1]
     table, depth, escapes, m, last = r.history, r.variant.depth, s.escapes[r.name], r.metrics, r.epochs
-    first = escapes["escape_epoch"].min()  # the first seed's escape; NaN when none escaped
-    plateau = table[table["epoch"] < first] if np.isfinite(first) else table
+    before = table.merge(escapes, on="seed").query("not (epoch >= escape_epoch)")  # each seed's epochs on the plateau
     conclusion = (
-        f"{r.name} stays within {_num((plateau['accuracy'] - m['plateau']).abs().max(), '.3f')} of the plateau "
-        f"(the constant predictor's accuracy, {m['plateau']:.4f}) until it escapes {escape_phrase(escapes)}"
+        f"Until {r.name} escapes {escape_phrase(escapes)}, its training accuracy is on average "
+        f"{_num((before['accuracy'] - m['plateau']).abs().mean(), '.3f')} from the plateau (the constant "
+        f"predictor's accuracy, {m['plateau']:.4f})"
     )
     if gains := figures.probe_layers(table, GAIN):
         at_1 = ", ".join(f"{history.layer_name(c)} {_at(table, c, 1, '.2f')}" for c in gains)
         conclusion += (
             f": at epoch 1 its layers pass on {at_1} of the signal they receive, so its output varies "
-            f"{_num(1 / output_gain(r), '.3g')} times less from image to image than its input"
+            f"{_times(1 / output_gain(r))} times less from image to image than its input"
         )
     each = [f"censored at {e.last_epoch}" if e.censored else f"{e.escape_epoch:.0f}" for e in escapes.itertuples()]
     text = f"Escape of each seed: {', '.join(f'seed {n}: {e}' for n, e in zip(escapes['seed'], each, strict=True))}. "
     if r.name in forecasts:
         text += f"From its first {m['forecast_epochs']} epochs the escape is forecast {forecast_phrase(m)}. "
     if gains:
-        ratios = ", ".join(f"{g.name} {_num(output_gain(g), '.2g')}" for g in remedy_groups(s.results).get(depth, [r]))
+        group = [g for g in remedy_groups(s.results).get(depth, [r]) if np.isfinite(output_gain(g))]
+        ratios = ", ".join(f"{g.name} {output_gain(g):.2g}" for g in group)
         text += f"The output's signal over the input's at epoch 1: {ratios}. "
     before, after, seeds = history.around_escape(table, columns.layer_column(SATURATION, depth), escapes, ESCAPE_WINDOW)
     if seeds:
@@ -470,7 +476,7 @@ def stall_section(s: Study) -> Section:
             f"Its top hidden layer's saturated fraction averages {_num(before, '.3f')} over the {ESCAPE_WINDOW} epochs "
             f"before each escape and {_num(after, '.3f')} over the {ESCAPE_WINDOW} from it. "
         )
-    figs = []
+    figs, tail = [], []
     if gains:
         caption = f"Signal of each layer at epoch 1 and {last}: " + ", ".join(
             f"{history.layer_name(c)} {_at(table, c, 1, '.3g')} → {_at(table, c, last, '.3g')}"
@@ -480,10 +486,11 @@ def stall_section(s: Study) -> Section:
     if history.layer_columns(table, SATURATION):  # results trained before the probe have none of these
         at_last = [f"{history.layer_name(c)} {_at(table, c, last)}" for c in figures.probe_layers(table, SATURATION)]
         saturation = f"Saturated: {SATURATED_MEANS}. At epoch {last}: {', '.join(at_last)}."
-        figs.append((figures.saturation_figure(table, r.name, escapes), f"saturation-{r.name}.png", saturation))
-        figs.append((figures.jacobian_figure(table, r.name), f"jacobians-{r.name}.png", jacobian_caption(r)))
+        tail.append((figures.saturation_figure(table, r.name, escapes), f"saturation-{r.name}.png", saturation))
+        tail.append((figures.jacobian_figure(table, r.name), f"jacobians-{r.name}.png", jacobian_caption(r)))
     text += "Measured every epoch on a fixed probe batch."
-    return Section("stall", f"Why depth {depth} stalls", conclusion + ".", text, s.render_all(*figs) + plots)
+    plots = s.render_all(*figs) + plots + s.render_all(*tail)  # the signal, the escapes, then what does not explain
+    return Section("stall", f"Why depth {depth} stalls", conclusion + ".", text, plots)
 
 
 def jacobian_caption(r: VariantResult) -> str:

@@ -202,9 +202,12 @@ def test_stall_section_and_saturation_captions(built):
     page = built["page"]
     # Depth 2 is the deepest classic depth; every seed escapes at epoch 3 (past the plateau 0.4 + 0.05).
     assert page.index("4. Gradients") < page.index("5. Why depth 2 stalls") < page.index("6. Remedies")
-    # Epochs 1-2 come before the escape: accuracy 0.1 + (0.79 or 0.89 - 0.1)·epoch/5, at most 0.4 - 0.238 away.
-    assert f"{D2} stays within 0.162 of the plateau (the constant predictor&#39;s accuracy, 0.4000) until it " in page
-    assert "escapes at epoch 3 ± 0 (2 of 2 seeds): at epoch 1 its layers pass on hidden_1 0.50, hidden_2 0.25, " in page
+    # Epochs 1-2 come before the escape: accuracy 0.1 + (0.79 or 0.89 - 0.1)·epoch/5, on average 0.086 from 0.4.
+    assert f"Until {D2} escapes at epoch 3 ± 0 (2 of 2 seeds), its training accuracy is on average 0.086 from" in page
+    assert (
+        "the plateau (the constant predictor&#39;s accuracy, 0.4000): at epoch 1 its layers pass on hidden_1 0.50, "
+        in page
+    )
     assert "output 0.20 of the signal they receive, so its output varies 40 times less from image to image" in page
     ratios = f"The output&#39;s signal over the input&#39;s at epoch 1: {D2} 0.025, {REMEDY} 0.025."
     assert f"Escape of each seed: seed 0: 3, seed 1: 3. {ratios}" in page
