@@ -206,17 +206,17 @@ def escape_summary(escapes: pd.DataFrame, forecasts: pd.DataFrame) -> dict[str, 
     over the seeds with a forecast and ``forecast_fraction``; over the seeds with both, the forecast's
     mean error ``escape_forecast_error`` (forecast - actual, epochs) and its mean relative size
     ``escape_forecast_rel_error`` (|forecast - actual| / actual). Censored seeds are never averaged in."""
-    escaped = escapes.loc[~escapes["censored"], "escape_epoch"].to_numpy(np.float64)
     both = escapes.merge(forecasts, on="seed").dropna(subset=["escape_epoch", "forecast"])
     error = (both["forecast"] - both["escape_epoch"]).to_numpy(np.float64)
-    out = {"escaped_fraction": float(escaped.size / len(escapes)) if len(escapes) else None}
-    for key, values in (
-        ("escape_epoch", escaped),
-        ("escape_forecast", forecasts["forecast"].dropna().to_numpy(np.float64)),
+    out: dict[str, float | None] = {}
+    for key, values, fraction in (
+        ("escape_epoch", escapes["escape_epoch"], "escaped_fraction"),
+        ("escape_forecast", forecasts["forecast"], "forecast_fraction"),
     ):
-        out[key] = _finite(values.mean()) if values.size else None
-        out[f"{key}_std"] = _finite(values.std()) if values.size else None
-    out["forecast_fraction"] = float(forecasts["forecast"].notna().mean()) if len(forecasts) else None
+        found = values.dropna().to_numpy(np.float64)
+        out[key] = _finite(found.mean()) if found.size else None
+        out[f"{key}_std"] = _finite(found.std()) if found.size else None
+        out[fraction] = float(found.size / len(values)) if len(values) else None
     out["escape_forecast_error"] = _finite(error.mean()) if error.size else None
     out["escape_forecast_rel_error"] = _finite(np.mean(np.abs(error) / both["escape_epoch"])) if error.size else None
     return out
