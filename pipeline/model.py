@@ -77,10 +77,9 @@ class StackedDense(keras.layers.Layer):
 
         def stacked_init(shape: tuple[int, ...], dtype: Any = None) -> Any:
             # One initialiser per replicate, each on an (in, units) slice: correct fans.
-            slices = [
-                initializer(layer_seed(s, self.layer_index))((in_dim, self.units), dtype=dtype) for s in self.seeds
-            ]
-            kernel = ops.stack(slices, axis=0)
+            kernel = ops.stack(
+                [initializer(layer_seed(s, self.layer_index))((in_dim, self.units), dtype) for s in self.seeds]
+            )
             # Not even a multiplication by 1: the default initial weights stay bit for bit.
             return kernel if self.kernel_scale == 1.0 else kernel * self.kernel_scale
 
@@ -106,16 +105,8 @@ class StackedDense(keras.layers.Layer):
         return (self.replicates, batch, self.units)
 
     def get_config(self) -> dict[str, Any]:
-        config = super().get_config()
-        config.update(
-            units=self.units,
-            seeds=self.seeds,
-            layer_index=self.layer_index,
-            kernel_initializer=self.kernel_initializer,
-            shared_input=self.shared_input,
-            kernel_scale=self.kernel_scale,
-        )
-        return config
+        keys = ("units", "seeds", "layer_index", "kernel_initializer", "shared_input", "kernel_scale")
+        return super().get_config() | {key: getattr(self, key) for key in keys}
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -147,11 +138,6 @@ class StackedBatchNormalization(keras.layers.Layer):
         return [ops.convert_to_numpy(w)[replicate * u : (replicate + 1) * u] for w in self.norm.weights]
 
 
-def output_activation(variant: Variant) -> str:
-    """Sigmoid outputs for the classic MSE setup, softmax for cross-entropy."""
-    return "softmax" if variant.loss == "cross_entropy" else "sigmoid"
-
-
 def build_model(variant: Variant, seeds: Sequence[int], hidden_units: int = 15, init_scale: float = 1.0) -> keras.Model:
     """784 → ``depth`` × [StackedDense(hidden_units) (→ BatchNorm) → activation] → StackedDense(10) → output;
     every initial kernel is the variant's initialiser's draw times ``init_scale``."""
@@ -174,7 +160,10 @@ def build_model(variant: Variant, seeds: Sequence[int], hidden_units: int = 15, 
     x = StackedDense(
         N_CLASSES, seeds, layer_index=0, kernel_initializer=variant.init, kernel_scale=init_scale, name="output"
     )(x)
-    outputs = keras.layers.Activation(output_activation(variant), name="probabilities")(x)
+    # Sigmoid outputs for the classic MSE setup, softmax for cross-entropy.
+    outputs = keras.layers.Activation(
+        "softmax" if variant.loss == "cross_entropy" else "sigmoid", name="probabilities"
+    )(x)
     return keras.Model(inputs, outputs, name=f"stacked-{variant.label}")
 
 
