@@ -66,7 +66,7 @@ def fit_replicates(
     from pipeline.model import build_model
 
     keras.utils.set_random_seed(params.shuffle_seed)
-    model = build_model(variant, params.seeds, params.hidden_units)
+    model = build_model(variant, params.seeds, params.hidden_units, params.init_scale)
     trainer = StackedTrainer(model, variant.loss, params.learning_rate, params.batch_size, params.shuffle_seed)
     probe = slice(0, min(params.probe_size, len(data.x)))
     history = cb.History(params.seeds)

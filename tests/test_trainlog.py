@@ -171,3 +171,31 @@ def test_models_follow_the_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert sorted(m.name for m in models) == ["v-seed-0", "v-seed-1"]
         assert [m.status for m in models] == [LoggedModelStatus.READY] * 2
         assert set(statuses.values()) == {"FINISHED"} and (out / "history.csv").is_file()
+
+
+def test_fit_replicates_starts_from_the_scaled_kernels() -> None:
+    """``train.init_scale`` reaches the model the stage trains: its first kernels are the
+    default ones times the scale, biases unchanged (zero)."""
+    import keras
+
+    from pipeline.model import hidden_layers
+    from pipeline.params import TrainParams, Variant
+    from pipeline.train import Arrays, fit_replicates
+
+    class Initial(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            self.kernels = [keras.ops.convert_to_numpy(v) for v in self.model.weights]
+
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 784), dtype=np.float32)
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 20)]
+    data = Arrays(x, y, x[:10], y[:10])
+    seen = {}
+    for scale in (1.0, 2.5):
+        initial = Initial()
+        params = TrainParams(seeds=(0, 1), epochs=1, batch_size=10, probe_size=10, init_scale=scale)
+        model, _ = fit_replicates(Variant(depth=2), params, data, [initial])
+        seen[scale] = initial.kernels
+        assert len(hidden_layers(model)) == 2
+    for default, scaled in zip(seen[1.0], seen[2.5], strict=True):
+        np.testing.assert_array_equal(scaled, default * np.float32(2.5) if default.any() else default)
