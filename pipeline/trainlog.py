@@ -138,9 +138,10 @@ def describe(name: str, variant: Variant, train: TrainParams) -> str:
     act = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "ReLU"}[variant.activation]
     loss = "mean squared error" if variant.loss == "mse" else "cross-entropy (softmax outputs)"
     norm = ", batch normalisation before each activation" if variant.norm == "batch" else ""
+    scale = f" with every initial kernel times {train.init_scale:g}" if train.init_scale != 1 else ""
     return (
         f"**{name}**: {variant.depth} hidden layer(s) of {train.hidden_units} {act} units, {loss}, "
-        f"{variant.init} initialisation{norm}; plain SGD at learning rate {train.learning_rate}, batch size "
+        f"{variant.init} initialisation{scale}{norm}; plain SGD at learning rate {train.learning_rate}, batch size "
         f"{train.batch_size}, {train.epochs} epochs, seeds {', '.join(map(str, train.seeds))} "
         "(one nested run each).\n\n"
         "Metrics are the mean over seeds per epoch (`std/<metric>`: their spread). Look at `accuracy` beside the "
