@@ -1,10 +1,11 @@
 """The MLflow UI over a store made by ``dvc repro``, in a real (headless) browser.
 
-``make ui`` starts ``python -m pipeline.serve ui``, which prints the direct link to the
-experiment's training runs; the test follows that link in Debian's chromium driven by
-Playwright, checks the runs table, a run's metric charts and the report's artifacts,
-and then stops ``make ui`` the way a person does (Ctrl-C) and checks that MLflow and
-all of its worker processes are gone.
+``make ui`` on a port other than 5000 starts ``python -m pipeline.serve ui``, which prints the
+direct link to the study's charts, the report's link and how to keep the UI in Model training
+mode; the test follows them in Debian's chromium driven by Playwright as a newcomer would: the
+charts and their legends, a click into a variant run and into a logged model (mode, breadcrumb,
+links), and then stops ``make ui`` the way a person does (Ctrl-C) and checks that MLflow and all of
+its worker processes are gone.
 
 Needs /usr/bin/chromium (``.ci/run`` installs it). Where it is missing or cannot start
 the test is skipped, except under CI (``CI`` set), where it fails.
@@ -26,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipeline import serve
 from tests.conftest import ROOT
 from tests.e2e.conftest import BIN, clean_env, run
 
@@ -40,7 +42,12 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 LINK = re.compile(r"Training runs: (http://\S+/#/experiments/(\d+)/runs\S*)")
+REPORT = re.compile(r"^Report: (http://\S+)$", re.M)
+PICK_MODE = re.compile(r'"Model training" is picked at the top left of (http://\S+) ')
 TIMEOUT_MS = 60_000
+# A run's or model's rendered description; pages left behind stay in the document, hidden.
+DESCRIPTION = "[data-testid='note-editor-preview-content']:visible"
+LOOPBACK = re.compile(r"^https?://(127\.0\.0\.1|localhost|\[::1\])[:/]")
 
 
 def free_port() -> int:
@@ -82,9 +89,10 @@ class MakeUi:
         return self.log.read_text(errors="replace")
 
     def wait_for_link(self, timeout_s: float = 180.0) -> re.Match[str]:
+        """The "Training runs:" link, once everything make ui prints is there."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if match := LINK.search(self.output()):
+            if (match := LINK.search(self.output())) and "(Ctrl-C to stop)" in self.output():
                 # Everything started under make by now: MLflow runs in a session of its own.
                 self.children = psutil.Process(self.process.pid).children(recursive=True)
                 return match
@@ -126,62 +134,169 @@ def browser() -> Iterator[object]:
             chromium.close()
 
 
+def mode(page: object) -> str:
+    """The UI's mode as its sidebar shows it: GenAI lists "Evaluation runs", Model training does not."""
+    sidebar = page.locator("aside nav:visible").first
+    sidebar.get_by_role("link").first.wait_for()
+    return "GenAI" if sidebar.get_by_role("link", name="Evaluation runs").count() else "Model training"
+
+
+def breadcrumb(page: object) -> list[str]:
+    return page.locator("div[class*='breadcrumb']:visible").first.inner_text().split()
+
+
+def foreign_links(page: object, base: str) -> list[str]:
+    """Links on the page (MLflow's and those in descriptions) into a loopback UI other than ``base``."""
+    hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
+    return [h for h in hrefs if LOOPBACK.match(h) and not h.startswith(base + "/")]
+
+
+def description_links(page: object) -> list[str]:
+    """The links in the Markdown description of the run or model the page shows."""
+    page.locator(DESCRIPTION).first.wait_for()
+    return page.locator(DESCRIPTION).first.locator("a[href]").evaluate_all("els => els.map(e => e.href)")
+
+
+def legend_entry(scope: object, run_name: str, metric: str) -> dict[str, object]:
+    """A chart legend's entry: its line colour and whether it lies inside the legend's visible box."""
+    return scope.get_by_text(f"{run_name} ({metric})", exact=True).first.evaluate(
+        """e => {
+            let box = e.parentElement;
+            while (box && getComputedStyle(box).overflowY !== 'auto') box = box.parentElement;
+            const r = e.getBoundingClientRect(), b = box.getBoundingClientRect();
+            return {stroke: e.parentElement.querySelector('path').style.stroke,
+                    shown: r.top >= b.top - 1 && r.bottom <= b.bottom + 1};
+        }"""
+    )
+
+
+def rgb(hex_colour: str) -> str:
+    """``#0072b2`` -> ``rgb(0, 114, 178)``, as the browser reports a line's colour."""
+    return "rgb({}, {}, {})".format(*(int(hex_colour.lstrip("#")[i : i + 2], 16) for i in (0, 2, 4)))
+
+
 @pytest.mark.slow
-def test_the_printed_link_opens_the_study(make_project, browser, tmp_path: Path) -> None:
-    """What a newcomer sees after `make repro`, `make ui` and the printed link, without clicking:
-    the chart view, whose first chart is training accuracy with one line per variant; a table of one
-    row per variant. Then: a variant's seeds unfold under it, and the Models tab lists the replicates."""
-    project = make_project()
+def test_a_newcomer_follows_the_printed_links(make_project, browser, tmp_path: Path) -> None:
+    """After `make repro` and `make ui PORT=<not 5000>`, what make ui prints and a browser shows
+    (:func:`walk`); then Ctrl-C stops MLflow and every worker it started."""
+    port = free_port()
+    assert port != 5000
+    # The report links its runs into the UI named by report.ui_url: the one this test starts.
+    project = make_project(lambda params: params["report"].update(ui_url=f"http://127.0.0.1:{port}/"))
     run(["dvc", "repro"], project)
     variants = sorted(json.loads(p.read_text())["name"] for p in (project / "results").glob("*/run.json"))
-    seeds = expected_runs(project)
+    seeds = [n for n in expected_runs(project) if "-seed-" in n]
     assert len(variants) == 3, variants
 
-    ui = MakeUi(project, free_port(), tmp_path / "make-ui.log")
+    ui = MakeUi(project, port, tmp_path / "make-ui.log")
     try:
-        match = ui.wait_for_link()
-        link, experiment_id = match.group(1), match.group(2)
-        assert "viewStateShareKey=study-" in link, link
+        ui.wait_for_link()
         assert ui.children, "nothing started under make ui"
-
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        # The UI polls forever: wait for `load`, then for the elements (networkidle never comes).
-        page.goto(link, wait_until="load")
-        assert f"/#/experiments/{experiment_id}/runs" in page.url
-        page.locator(".js-plotly-plot").first.wait_for()
-        # The first chart: training accuracy, a line per variant (legend "<run> (<metric>)").
-        for name in variants:
-            page.get_by_text(f"{name} (accuracy)", exact=True).first.wait_for()
-        texts = page.inner_text("body")
-        charts = texts[texts.index("matching runs") :]  # the chart area, after the runs table
-        assert charts.index("Model metrics") < charts.index("grad_bias"), "accuracy's section comes first"
-        legends = re.findall(r"^[\w.-]+ \(([^()\n]+)\)$", charts, flags=re.M)
-        assert legends and legends[0] == "accuracy", legends[:5]
-        # The table: one row per variant (and the report), seeds folded away.
-        for name in variants:
-            page.get_by_role("link", name=name, exact=True).first.wait_for()
-        assert not page.get_by_role("link", name=f"{variants[0]}-seed-0", exact=True).count()
-        page.screenshot(path=tmp_path / "study.png")
-
-        # A variant unfolds into its seeds.
-        row = page.locator(".ag-row", has=page.get_by_role("link", name=variants[0], exact=True)).first
-        row.locator("button[data-component-id*='runnamecellrenderer']").first.click()
-        page.get_by_role("link", name=f"{variants[0]}-seed-0", exact=True).first.wait_for()
-        page.get_by_role("link", name=f"{variants[0]}-seed-1", exact=True).first.wait_for()
-        page.screenshot(path=tmp_path / "seeds.png")
-
-        # The Models tab lists every replicate as an MLflow model.
-        page.get_by_role("link", name="Models", exact=True).first.click()
-        for name in (n for n in seeds if "-seed-" in n):
-            page.get_by_text(name, exact=True).first.wait_for()
-        page.screenshot(path=tmp_path / "models.png")
-        page.close()
+        walk(browser, ui.output(), port, variants, seeds, tmp_path)
     finally:
         leaked = ui.interrupt()
     assert not leaked, f"processes left running after Ctrl-C on make ui: {leaked}"
     assert (tmp_path / "study.png").stat().st_size > 10_000
     print(f"screenshots: {tmp_path}")
+
+
+def walk(browser: object, printed: str, port: int, variants: list[str], seeds: list[str], shots: Path) -> None:
+    """A newcomer follows what make ui ``printed``: the study's charts open in Model training mode,
+    accuracy first, every variant in its colour and in every story chart's legend (two or three fit a
+    card; its section says where the rest are; its full screen shows them all), no report run in them;
+    a variant unfolds into its seeds. A fresh browser opens a run from the table in MLflow's GenAI mode;
+    after the printed step, a variant run and a logged model open in Model training mode with their
+    breadcrumb, and no link on their pages, the report's run page or the report itself leads elsewhere."""
+    from mlflow import MlflowClient
+
+    base = f"http://127.0.0.1:{port}"
+    match = LINK.search(printed)
+    link, experiment_id = match.group(1), match.group(2)
+    assert link.startswith(f"{base}/#/") and "viewStateShareKey=study-" in link, link
+    report_link, pick_mode = REPORT.search(printed).group(1), PICK_MODE.search(printed).group(1)
+    assert report_link.startswith(f"{base}/#/") and pick_mode == f"{base}/#/experiments", printed
+    client = MlflowClient(base)  # the UI is a tracking server too
+    colours = {
+        r.info.run_name: r.data.tags.get("mlflow.runColor")
+        for r in client.search_runs([experiment_id], max_results=500)
+        if r.info.run_name in variants
+    }
+    assert all(colours.values()) and len(colours) == len(variants), f"variant runs without mlflow.runColor: {colours}"
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    # The UI polls forever: wait for `load`, then for the elements (networkidle never comes).
+    page.goto(link, wait_until="load")
+    assert f"/#/experiments/{experiment_id}/runs" in page.url
+    page.locator(".js-plotly-plot").first.wait_for()
+    with contextlib.suppress(Exception):  # MLflow's assistant panel opens once per browser: close it
+        page.locator("[data-component-id='mlflow.assistant.chat_panel.close']").click(timeout=5_000)
+    assert mode(page) == "Model training"
+    # The charts: training accuracy first, a line per variant in its colour, in every story chart's legend.
+    for name in variants:
+        page.get_by_text(f"{name} (accuracy)", exact=True).first.wait_for()
+    texts = page.inner_text("body")
+    charts = texts[texts.index("matching runs") :]  # the chart area, after the runs table
+    assert charts.index(f"Model metrics · {serve.LEGEND_HINT}") < charts.index("grad_bias"), "story first"
+    legends = re.findall(r"^([\w.-]+) \(([^()\n]+)\)$", charts, flags=re.M)
+    assert legends and legends[0][1] == "accuracy", legends[:5]
+    assert "report" not in {name for name, _ in legends}, "the report run (no metrics) is charted"
+    for metric in serve.STORY:
+        assert sorted(name for name, m in legends if m == metric) == variants, metric
+    for name in variants:
+        assert legend_entry(page, name, "accuracy")["stroke"] == rgb(colours[name]), name
+    page.screenshot(path=shots / "study.png")
+    # A card's legend shows what fits; its section says where all are; its full screen shows them all.
+    card = page.locator("[data-testid='experiment-view-compare-runs-card']").first
+    card.locator("button[data-component-id='fullscreen_button_chartcard']").click()
+    full = page.get_by_role("dialog")
+    assert all(legend_entry(full, name, "accuracy")["shown"] for name in variants)
+    page.keyboard.press("Escape")
+    # The table: one row per variant, seeds folded away; a variant unfolds into its seeds.
+    for name in variants:
+        page.get_by_role("link", name=name, exact=True).first.wait_for()
+    assert not page.get_by_role("link", name=f"{variants[0]}-seed-0", exact=True).count()
+    row = page.locator(".ag-row", has=page.get_by_role("link", name=variants[0], exact=True)).first
+    row.locator("button[data-component-id*='runnamecellrenderer']").first.click()
+    page.get_by_role("link", name=f"{variants[0]}-seed-1", exact=True).first.wait_for()
+
+    # MLflow's own links carry no mode: a fresh browser opens a run from the table in GenAI mode.
+    page.get_by_role("link", name=variants[0], exact=True).first.click()
+    page.get_by_text("About this run").first.wait_for()
+    assert mode(page) == "GenAI", "MLflow now keeps Model training mode by itself: drop make ui's hint"
+    # The printed step, once; then a variant run opens in Model training mode.
+    page.goto(pick_mode, wait_until="load")
+    page.get_by_text("Model training", exact=True).first.click()
+    page.goto(link, wait_until="load")
+    page.get_by_role("link", name=variants[-1], exact=True).first.click()
+    page.get_by_text("About this run").first.wait_for()
+    assert (mode(page), breadcrumb(page)) == ("Model training", ["vanishing-gradient", "Runs"])
+    links = description_links(page)  # the variant's description links the report, in this UI
+    assert links and all(h.startswith(f"{base}/#/") for h in links), links
+    assert not foreign_links(page, base)
+
+    # The Models tab lists every replicate; one opens in Model training mode.
+    page.locator("aside nav").get_by_role("link", name="Models", exact=True).click()
+    for name in seeds:
+        page.get_by_text(name, exact=True).first.wait_for()
+    page.screenshot(path=shots / "models.png")
+    page.get_by_role("link", name=seeds[0], exact=True).first.click()
+    page.get_by_text("About this logged model").first.wait_for()
+    assert (mode(page), breadcrumb(page)) == ("Model training", ["vanishing-gradient", "Models"])
+    assert not foreign_links(page, base)
+
+    # The report's link: index.html in its run's artifacts, whose links lead to this UI; so do the run's.
+    page.goto(report_link, wait_until="load")
+    report = page.locator("iframe").first.element_handle().content_frame()  # MLflow's view of an HTML file
+    report.locator("a[href]").first.wait_for()
+    assert mode(page) == "Model training"
+    assert not foreign_links(report, base), "the report's own links"
+    page.screenshot(path=shots / "report.png")
+    page.get_by_text("Overview", exact=True).first.click()
+    links = description_links(page)
+    assert links and all(h.startswith(f"{base}/#/") for h in links), links
+    assert not foreign_links(page, base)
+    page.close()
 
 
 def test_make_ui_runs_the_serve_module() -> None:
