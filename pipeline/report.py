@@ -299,10 +299,10 @@ def _at(table: pd.DataFrame, column: str, epoch: int, fmt: str = ".3f") -> str:
 
 
 def escape_phrase(escapes: pd.DataFrame) -> str:
-    """``at epoch 142 ± 11 (5 of 5 seeds)``, or ``none of 5 seeds within 200 epochs``."""
+    """``at epoch 142 ± 11 (5 of 5 seeds)``, or ``in none of 5 seeds within 200 epochs``."""
     escaped, n = escapes["escape_epoch"].dropna(), len(escapes)
     if escaped.empty:
-        return f"none of {n} seeds within {escapes['last_epoch'].max()} epochs"
+        return f"in none of {n} seeds within {escapes['last_epoch'].max()} epochs"
     return f"at epoch {format_mean_std(escaped.mean(), escaped.std(ddof=0), '.0f')} ({len(escaped)} of {n} seeds)"
 
 
@@ -400,9 +400,9 @@ def gradients_section(s: Study) -> Section:
             f"(the vanishing index), against ({figures.QUARTER})^(L−1) = {bound} from σ' alone."
         )
         r, ratios = s.deep[-1], history.layer_ratios(s.deep[-1].history).values()
-        medians = {w: [stats.loc[:w, "mean"].median() for stats in ratios] for w in (s.window, s.deep[-1].epochs)}
-        early, whole = (", ".join(_num(v, ".3g") for v in m) for m in medians.values())
-        early_product, whole_product = (_num(np.prod(m), ".3g") for m in medians.values())
+        medians = [[stats.loc[:w, "mean"].median() for stats in ratios] for w in (s.window, s.deep[-1].epochs)]
+        early, whole = (", ".join(_num(v, ".3g") for v in m) for m in medians)
+        early_product, whole_product = (_num(np.prod(m), ".3g") for m in medians)
         text = (
             f"The captions give each adjacent ratio's median over all epochs, the index the first / last ratio "
             f"(the product of the {r.variant.depth - 1} adjacent ratios) averaged over the first {s.window} epochs "
@@ -452,9 +452,9 @@ def stall_section(s: Study) -> Section:
     table, depth, escapes, m, last = r.history, r.variant.depth, s.escapes[r.name], r.metrics, r.epochs
     before = table.merge(escapes, on="seed").query("not (epoch >= escape_epoch)")  # each seed's epochs on the plateau
     conclusion = (
-        f"Until {r.name} escapes {escape_phrase(escapes)}, its training accuracy is on average "
-        f"{_num((before['accuracy'] - m['plateau']).abs().mean(), '.3f')} from the plateau (the constant "
-        f"predictor's accuracy, {m['plateau']:.4f})"
+        f"{r.name} escapes its plateau {escape_phrase(escapes)}; until then its training accuracy is on average "
+        f"{_num((before['accuracy'] - m['plateau']).abs().mean(), '.3f')} from it (the constant predictor's "
+        f"accuracy, {m['plateau']:.4f})"
     )
     if gains := figures.probe_layers(table, GAIN):
         at_1 = ", ".join(f"{history.layer_name(c)} {_at(table, c, 1, '.2f')}" for c in gains)
