@@ -5,10 +5,9 @@ training runs, and run MLflow in its own process group, so that Ctrl-C, SIGTERM,
 of the parent ``make`` stops all of its workers. The server proxies artifacts, so clients need only
 its URL (``MLFLOW_TRACKING_URI=http://...``).
 
-MLflow 3.17's UI shows a page in "Model training" mode when its URL says ``workflowType=machine_learning``,
-else in the mode the browser last picked with the toggle at the top left (GenAI until then): the
-experiment tag ``mlflow.experimentKind`` only steers the experiment's bare page. The UI's own links
-(a run in the runs table, a model in the Models tab) carry no mode, so ``ui`` says how to pick it once.
+MLflow 3.17's UI is in "Model training" mode where the URL says ``workflowType=machine_learning``, else
+in the mode the browser last picked (GenAI until then); its own links to runs and models carry no mode
+(the experiment tag ``mlflow.experimentKind`` steers only the experiment's bare page): ``ui`` says so.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ SERVER_DIR = "mlserver"
 # MLflow's default is 4 uvicorn workers of some 250 MB each; 2 serve one user's pipeline, and 1 one
 # person's browser (on 2 cores it answers in about 7 s where 4 take 13 s).
 SERVER_WORKERS, UI_WORKERS = 2, 1
-MODEL_TRAINING = {"workflowType": "machine_learning"}  # the UI's mode in a URL (see the module's doc)
 
 
 # MLflow 3.17's UI keeps a runs page's state (search, sorting, charts and their order) in a
@@ -83,7 +81,6 @@ def study_view(run_ids: Sequence[str], depth: int) -> dict[str, object]:
         "searchFilter": f"attributes.run_id IN ({listed})",
         "orderByKey": "attributes.start_time",  # the UI nests seeds under their variant only in this order
         "orderByAsc": False,
-        "runsExpanded": {},
         "runsHiddenMode": "SHOW_ALL",
         "compareRunCharts": charts,
         "compareRunSections": sections,
@@ -120,7 +117,8 @@ def ui_path(experiment_id: str, page: str = "runs", **query: str) -> str:
     """``#/experiments/<id>/<page>?workflowType=machine_learning``: a page of the UI in Model training
     mode, as a link relative to the UI that shows it (use it as is in MLflow descriptions, whatever the
     port); ``page`` is ``runs``, ``runs/<run id>``, ``runs/<run id>/artifacts/<path>``, ``models``..."""
-    return f"#/experiments/{experiment_id}/{page}?{urllib.parse.urlencode(MODEL_TRAINING | query)}"
+    query = {"workflowType": "machine_learning", **query}
+    return f"#/experiments/{experiment_id}/{page}?{urllib.parse.urlencode(query)}"
 
 
 def runs_link(base_url: str, experiment_id: str | None, view: str | None = None) -> str:
