@@ -76,9 +76,10 @@ jax: $(STAMP) ## JAX for KERAS_BACKEND=jax: its CPU build, with CUDA where nvidi
 		$(if $(shell command -v nvidia-smi),'jax[cuda12]')
 
 # Sweeps on Ray (pipeline/sweep/): one DVC experiment per combination of the -S values (comma lists
-# expand to the cartesian product, as with dvc exp run), each one Ray task in a fresh clone, pushed back
-# with dvc exp push; MLflow runs tagged dvc.exp_name and pipeline.sweep. RAY_ADDRESS unset: a local Ray
-# instance with JOBS cores (default: all); RAY_ADDRESS=host:port: that cluster (README: Sweeps and clusters).
+# expand to the cartesian product, as with dvc exp run), each one Ray task in a fresh clone that pushes it
+# back once, then fetched into the workspace with its outputs; MLflow runs tagged dvc.exp_name and
+# pipeline.sweep. RAY_ADDRESS unset: a local Ray instance with JOBS cores (default: all);
+# RAY_ADDRESS=host:port: that cluster. Options go in SWEEP too (--step-timeout S ...; docs/sweeps.md).
 SWEEP ?= -S 'train.learning_rate=0.05,0.5,1.0'
 JOBS ?=
 SWEEP_GPUS ?=

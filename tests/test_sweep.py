@@ -178,20 +178,17 @@ def test_variant_metrics_and_headline() -> None:
 
 def test_comparison_table() -> None:
     exps = spec.plan("s", ["train.learning_rate=0.1,0.5", "train.epochs=3"])
-    metrics = {"s-1": spec.variant_metrics(SHOWN)}
-    table = spec.comparison_table(exps, metrics, failed=["s-2"])
+    table = spec.comparison_table(exps, {"s-1": spec.variant_metrics(SHOWN)}, spec.DEFAULT_METRICS)
     assert table.splitlines() == [
         "| experiment | train.learning_rate | variant | accuracy | vanishing_index |",
-        "|---|---|---|---|---|",
+        "| --- | --- | --- | --- | --- |",
         "| s-1 | 0.1 | d1 | 0.93 | 1 |",
         "| s-1 | 0.1 | d4 | 0.35 | 0.0147 |",
-        "| s-2 | 0.5 | failed |  |  |",
+        "| s-2 | 0.5 | did not land |  |  |",
         "Same in every experiment: train.epochs=3",
     ]
-
-
-def test_format_seconds() -> None:
-    assert [spec.format_seconds(s) for s in (4.2, 65, 3725)] == ["4 s", "1 min 05 s", "1 h 02 min"]
+    (one,) = spec.plan("t", ["train.epochs=3"])
+    assert spec.comparison_table([one], {}, ["accuracy"]).splitlines()[2] == "| t-1 | 3 | did not land |"
 
 
 # -- the worker's steps ---------------------------------------------------------------------------
@@ -285,7 +282,7 @@ def test_snapshot_takes_the_working_tree_and_leaves_it_alone(tmp_path: Path) -> 
     repo = _repo(tmp_path / "ws")
     assert workspace.workspace_root(repo / ".dvc") == repo
     clean = workspace.snapshot(repo, "s0")
-    assert not clean.changed and clean.ref == "refs/sweeps/s0"
+    assert clean.commit == clean.base and clean.ref == "refs/sweeps/s0"
 
     (repo / "kept.txt").write_text("2\n")
     (repo / "gone.txt").unlink()
@@ -294,7 +291,7 @@ def test_snapshot_takes_the_working_tree_and_leaves_it_alone(tmp_path: Path) -> 
     subprocess.run(["git", "add", "kept.txt"], cwd=repo, check=True)  # the user's index: kept as it is
     before = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
     snap = workspace.snapshot(repo, "s1")
-    assert snap.changed and snap.base == clean.base
+    assert snap.commit != snap.base == clean.base
     after = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
     assert after == before
     files = workspace.git(["ls-tree", "--name-only", snap.ref], repo).split()

@@ -3,16 +3,17 @@
 Without ``RAY_ADDRESS``: a local Ray instance on 127.0.0.1, sized to the cores (``--jobs`` caps
 it); the workers fetch the code from the workspace and push their experiments straight back.
 With ``RAY_ADDRESS=host:port``: that cluster; the workers fetch from and push to ``origin``.
-Then the driver brings what landed into the workspace, outputs included; an experiment counts
+Then the driver brings what landed into the workspace, outputs included: an experiment counts
 as landed only when ``dvc exp apply`` can restore it. Everything that can be checked is checked
-before anything is submitted (exit 2, nothing left behind; see docs/sweeps.md). Exit 1 when
-an experiment did not land, 130 on Ctrl-C.
+before anything is submitted (exit 2, nothing left behind; docs/sweeps.md). Exit 1 when an
+experiment did not land, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import functools
 import ipaddress
 import json
@@ -20,7 +21,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +39,6 @@ say = functools.partial(print, flush=True)  # the user-facing lines (progress, t
 PROBE_TIMEOUT_S = 120.0
 CANCEL_WAIT_S = 30.0
 TAIL_SHOWN = 25
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -72,24 +71,10 @@ def ray_target(address: str | None) -> Target:
         return Target(None)
     if address == "auto":
         return Target(address)
-    rest = address.removeprefix("ray://")
-    host, sep, port = rest.rpartition(":")
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SweepError(f"RAY_ADDRESS={address}: expected host:port (the head's GCS port, 6379 by default).")
     return Target(address, host.strip("[]"), int(port))
-
-
-def check_reachable(target: Target, timeout_s: float = 3.0) -> None:
-    """A TCP connection to the head, so that a wrong address fails in seconds."""
-    if target.host is None or target.port is None:
-        return
-    try:
-        socket.create_connection((target.host, target.port), timeout=timeout_s).close()
-    except OSError as exc:
-        raise SweepError(
-            f"RAY_ADDRESS={target.address}: nothing answers at {target.host}:{target.port} ({exc.strerror or exc}). "
-            "Start the cluster (ray start --head ...; see docs/sweeps.md), or fix RAY_ADDRESS; unset it to run locally."
-        ) from None
 
 
 def ray_environment(target: Target, environ: Mapping[str, str]) -> dict[str, str]:
@@ -97,18 +82,15 @@ def ray_environment(target: Target, environ: Mapping[str, str]) -> dict[str, str
     (``RAY_AUTH_MODE``; Ray refuses it in ``_system_config``), a local instance's own token (in no
     file), and on loopback Ray's one-machine switch, read when ``ray`` is imported (else Ray swaps
     127.0.0.1 for the machine's outward address and listens on every interface)."""
-    mode = environ.get("RAY_AUTH_MODE", "token")
-    if mode != "token":
+    if (mode := environ.get("RAY_AUTH_MODE", "token")) != "token":
         raise SweepError(
             f"RAY_AUTH_MODE={mode}: sweeps run only with Ray's token authentication (RAY_AUTH_MODE=token), "
             "since anyone who reaches an unauthenticated cluster can run code on it."
         )
-    needed = {"RAY_AUTH_MODE": "token"}
-    if target.loopback:
-        needed["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    if target.local and not environ.get("RAY_AUTH_TOKEN"):
-        needed["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    return needed
+    needed = {"RAY_AUTH_MODE": "token"} | ({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if target.loopback else {})
+    return needed | (
+        {"RAY_AUTH_TOKEN": secrets.token_hex(32)} if target.local and "RAY_AUTH_TOKEN" not in environ else {}
+    )
 
 
 def cluster_token(environ: Mapping[str, str]) -> tuple[str, str]:
@@ -122,35 +104,36 @@ def cluster_token(environ: Mapping[str, str]) -> tuple[str, str]:
             f"No Ray token for the cluster: {path} is missing or empty. On the head node, `ray get-auth-token` "
             "prints it; store it in ~/.ray/auth_token (chmod 600) or point RAY_AUTH_TOKEN_PATH at a file holding it."
         )
-    if path.stat().st_mode & 0o077:
+    if (mode := path.stat().st_mode & 0o777) & 0o077:
         raise SweepError(
-            f"{path} is open to other users (mode {path.stat().st_mode & 0o777:o}), and with the token anyone can "
-            f"run code on the cluster: chmod 600 {path}"
+            f"{path} is open to other users (mode {mode:o}); with the token anyone runs code on the cluster: "
+            f"chmod 600 {path}"
         )
     return path.read_text(encoding="utf-8").strip(), str(path)
 
 
-def check_token(target: Target, token: str, source: str, timeout_s: float = 5.0) -> None:
-    """One gRPC call to the cluster's GCS with ``token``, as Ray's client sends it: a wrong token fails
-    here at once, with one message, instead of after Ray's 20 s of retries and warnings."""
+def check_cluster(target: Target, token: str, source: str, timeout_s: float = 5.0) -> None:
+    """One gRPC call to the cluster's GCS with ``token``, as Ray's client sends it: a wrong address or token
+    fails here in seconds, with one message, instead of after Ray's retries and their warnings."""
     import grpc
 
     host = f"[{target.host}]" if ":" in str(target.host) else target.host
     with grpc.insecure_channel(f"{host}:{target.port}") as channel:
-        get_cluster_id = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")  # bytes in and out
-        try:
-            get_cluster_id(b"", timeout=timeout_s, metadata=[("authorization", f"Bearer {token}")])
+        try:  # no serializers: bytes in and out, b"" the empty request
+            channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(
+                b"", timeout=timeout_s, metadata=[("authorization", f"Bearer {token}")]
+            )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise SweepError(
                     f"The Ray cluster at {target.address} refuses the token from {source}: use the cluster's "
                     "(`ray get-auth-token` on the head node prints it)."
                 ) from None
-
-
-def new_sweep_id() -> str:
-    """``sw`` + UTC date and time + 4 random hex digits: sortable and unique."""
-    return time.strftime("sw%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise SweepError(
+                    f"RAY_ADDRESS={target.address}: nothing answers at {host}:{target.port}. Start the cluster (ray "
+                    "start --head ...; docs/sweeps.md), or fix RAY_ADDRESS; unset it to run locally."
+                ) from None
 
 
 def experiment_names(root: Path, experiments: Sequence[Experiment]) -> set[str]:
@@ -163,35 +146,38 @@ def experiment_names(root: Path, experiments: Sequence[Experiment]) -> set[str]:
     return {str(n) for n in (exp.overrides.get("tracking.experiment", default) for exp in experiments) if n}
 
 
+def failure(result: dict[str, Any]) -> str:
+    """Where and how a task failed: ``at git push (timed out after 600 s)``, ``with OSError: ...``."""
+    if result.get("step") == "ray":
+        return "in Ray (its worker died more often than --retries allows)"
+    if result.get("step"):
+        how = f"timed out after {result['timed_out']:g} s" if result.get("timed_out") else f"exit {result['status']}"
+        return f"at {result['step']} ({how})"
+    return f"with {result.get('error')}"
+
+
 def progress(result: dict[str, Any], count: str, metric: str) -> None:
     """A finished task's line (``count`` is ``[k/n]``): its headline metric, or where it failed and its log's end."""
-    took, name = spec.format_seconds(result.get("seconds", 0.0)), result["name"]
+    took, name = datetime.timedelta(seconds=round(result.get("seconds", 0))), result["name"]
     if result.get("earlier"):
-        say(f"{count} {name}  landed by an earlier attempt (whose worker died after pushing it)")
-    elif result.get("ok"):
-        summary = spec.headline(spec.variant_metrics(result.get("metrics") or {}), metric)
-        then = f"  (then: {result['error']})" if result.get("error") else ""
-        say(f"{count} {name}  done in {took}  {summary}{then}")
-    else:
-        if result.get("step") == "ray":
-            where = "in Ray (its worker died more often than --retries allows)"
-        elif result.get("step"):
-            how = (
-                f"timed out after {result['timed_out']:g} s" if result.get("timed_out") else f"exit {result['status']}"
-            )
-            where = f"at {result['step']} ({how})"
-        else:
-            where = f"with {result.get('error')}"
-        say(f"{count} {name}  FAILED {where} after {took}")
-        for text in (result.get("log") or result.get("error") or "").splitlines()[-TAIL_SHOWN:]:
-            say(f"    | {text}")
+        return say(f"{count} {name}  landed by an earlier attempt (whose worker died after pushing it)")
+    if result.get("ok"):
+        headline = spec.headline(spec.variant_metrics(result.get("metrics") or {}), metric)
+        return say(
+            f"{count} {name}  done in {took}  {headline}"
+            + (f"  (then: {result['error']})" if result.get("error") else "")
+        )
+    say(f"{count} {name}  FAILED {failure(result)} after {took}")
+    for text in (result.get("log") or result.get("error") or "").splitlines()[-TAIL_SHOWN:]:
+        say(f"    | {text}")
 
 
 class Stops:
-    """SIGINT, SIGTERM and SIGHUP while a sweep runs (also where a non-interactive shell started it
-    with SIGINT ignored): the first raises KeyboardInterrupt while ``raising``; any other one only
-    counts and says that the sweep is finishing (bringing back what landed, saving the logs:
-    steps with time limits), so that no second Ctrl-C cuts those short."""
+    """SIGINT, SIGTERM and SIGHUP while a sweep runs (also where a non-interactive shell started it with
+    SIGINT ignored): the first raises KeyboardInterrupt while ``raising``; any other only counts and
+    says that the sweep is finishing, so that no second Ctrl-C cuts short the bring-back (timed) or the logs."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.count, self.raising = 0, True
@@ -203,14 +189,9 @@ class Stops:
             raise KeyboardInterrupt
         say("Finishing first: bringing back what landed and saving the logs (each step has a time limit)...")
 
-    def install(self) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self)
-
     @contextlib.contextmanager
     def installed(self) -> Iterator[Stops]:
-        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-        self.install()
+        previous = {sig: signal.signal(sig, self) for sig in self.SIGNALS}
         try:
             yield self
         finally:
@@ -219,51 +200,42 @@ class Stops:
 
 
 @contextlib.contextmanager
-def ray_session(target: Target, jobs: int | None, environ: Mapping[str, str], stops: Stops) -> Iterator[Any]:
-    """Ray for the sweep, ``environ`` (:func:`ray_environment`) set while it runs and restored after, and
-    the ``pipeline`` package shipped to the workers the one documented way (``runtime_env`` ``py_modules``)."""
+def ray_session(target: Target, jobs: int | None, stops: Stops) -> Iterator[Any]:
+    """Ray for the sweep: :func:`ray_environment` set while it runs and restored after, and the ``pipeline``
+    package shipped to the workers the one documented way (``runtime_env`` ``py_modules``)."""
+    environ = ray_environment(target, os.environ)
     saved = {k: os.environ.get(k) for k in environ}
     os.environ.update(environ)
     ray = None
     try:
         import ray
 
-        local = (
-            {"num_cpus": spec.check_jobs(jobs, os.cpu_count() or 1), "include_dashboard": False} if target.local else {}
-        )
+        local = {"num_cpus": spec.check_jobs(jobs, os.cpu_count() or 1), "include_dashboard": False}
         package = {"py_modules": [str(Path(__file__).resolve().parents[1])], "excludes": ["__pycache__"]}
         try:
             ray.init(
-                target.address or "local",
-                runtime_env=package,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                **local,
-            )
+                target.address or "local", runtime_env=package, log_to_driver=False, logging_level=logging.WARNING,
+                **(local if target.local else {}),
+            )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            if target.local:
-                raise SweepError(f"Could not start a local Ray instance: {why}") from None
-            raise SweepError(f"Could not connect to the Ray cluster at {target.address}: {why}.") from None
-        stops.install()  # again: ray.init may install handlers of its own
+            raise SweepError(f"Could not start Ray ({target.address or 'local'}): {why}") from None
+        for sig in stops.SIGNALS:  # again: ray.init may install handlers of its own
+            signal.signal(sig, stops)
         yield ray
     finally:
         stops.raising = False
         if ray is not None and ray.is_initialized():
             ray.shutdown()
         for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+            os.environ.pop(key, None) if value is None else os.environ.update({key: value})
 
 
 def _probe(ray: Any, job: dict[str, Any], gpus: float) -> None:
     """One small task that checks, from a worker, that the code and the tracking server are reachable."""
     remote = ray.remote(worker.probe).options(num_cpus=1, num_gpus=gpus, max_retries=0, name="sweep:probe")
     ref = remote.remote(job["git_url"], job["ref"], job["env"]["MLFLOW_TRACKING_URI"])
-    ready, _ = ray.wait([ref], timeout=PROBE_TIMEOUT_S)
-    if not ready:
+    if not ray.wait([ref], timeout=PROBE_TIMEOUT_S)[0]:
         ray.cancel(ref, force=True)
         raise SweepError(
             f"No worker took the sweep's first task within {PROBE_TIMEOUT_S:g} s: does the cluster have a free CPU"
@@ -284,21 +256,19 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
     spec.check_tracking(uri, remote_workers=not target.local)
     tracking.preflight(uri)
     dvc_name, dvc_url, cache_dir = workspace.dvc_config(root)
-    check_reachable(target)
     ray_environment(target, os.environ)  # refuses RAY_AUTH_MODE=disabled
     if not target.local:
         token, source = cluster_token(os.environ)
         if target.host and not str(target.address).startswith("ray://"):
-            check_token(target, token, source)
-    git_url = str(root) if target.local else workspace.remote_url(root, args.git_remote)
+            check_cluster(target, token, source)
     remote = None if target.local else args.git_remote
+    git_url = workspace.remote_url(root, remote) if remote else str(root)
     if remote:
         workspace.check_on_remote(root, remote, workspace.git(["rev-parse", "HEAD^{commit}"], root))
     names = [e.name for e in experiments]
-    taken = sorted(
+    if taken := sorted(
         {*workspace.exp_refs(root, ".", names), *(workspace.exp_refs(root, remote, names) if remote else ())}
-    )
-    if taken:  # a task's push would meet them
+    ):
         raise SweepError(
             f"Experiments named {', '.join(taken)} exist already: choose another --name, or remove them first "
             "(dvc exp remove" + (f" --git-remote {remote}" if remote else "") + " <names>)."
@@ -314,45 +284,37 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
     except BaseException:
         workspace.delete_ref(root, snap.ref, remote)
         raise
+    copied = {k: os.environ[k] for k in ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL", "SHELL") if k in os.environ}
     job = {
-        "sweep": sweep_id,
-        "git_url": git_url,
-        "ref": snap.ref,
-        "base": snap.base,
-        "commit": snap.commit,
-        "dvc_remote": dvc_name,
-        "dvc_url": dvc_url,
-        "cache_dir": cache_dir if target.local else None,
-        "step_timeout": args.step_timeout,
-        "run_timeout": args.run_timeout,
-        "env": {
-            tracking.SWEEP_ENV: sweep_id,
-            "MLFLOW_TRACKING_URI": uri,
-            **workspace.identity(root),
-            **{k: os.environ[k] for k in ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL", "SHELL") if k in os.environ},
-        },
-    }
+        "sweep": sweep_id, "git_url": git_url, "remote": remote, "ref": snap.ref, "base": snap.base,
+        "commit": snap.commit, "dvc_remote": dvc_name, "dvc_url": dvc_url, "cache_dir": None if remote else cache_dir,
+        "step_timeout": args.step_timeout, "run_timeout": args.run_timeout,
+        "env": {tracking.SWEEP_ENV: sweep_id, "MLFLOW_TRACKING_URI": uri, **workspace.identity(root), **copied},
+    }  # fmt: skip
     return experiments, job
 
 
 def submit_and_wait(
-    ray: Any,
-    job: dict,
-    experiments: Sequence[Experiment],
-    gpus: float,
-    args: argparse.Namespace,
-    stops: Stops,
-    results: dict[str, dict[str, Any]],
+    ray: Any, job: dict, experiments: Sequence[Experiment], args: argparse.Namespace, stops: Stops, results: dict
 ) -> None:
-    """One task per experiment, a line per finished one, its result into ``results``. On Ctrl-C: cancels the
-    rest and waits up to CANCEL_WAIT_S for them to stop (a second Ctrl-C: no longer); KeyboardInterrupt re-raised."""
+    """One task per experiment, a line per finished one, its result into ``results``. On Ctrl-C: cancels
+    the rest, waits up to CANCEL_WAIT_S for them to stop (a second Ctrl-C: no longer) and re-raises."""
+    gpus = spec.gpus_per_task(args.gpus, ray.cluster_resources().get("GPU", 0))
+    if job["remote"]:
+        _probe(ray, job, gpus)
+    say(
+        f"Sweep {job['sweep']}: {len(experiments)} experiment(s) on "
+        + (f"the Ray cluster at {args.address}" if job["remote"] else "a local Ray instance")
+        + f" ({int(ray.cluster_resources().get('CPU', 0))} CPU(s), {gpus:g} GPU(s) per experiment), "
+        f"baseline {job['base'][:7]}" + (" + uncommitted changes" if job["commit"] != job["base"] else "")
+    )
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=args.retries, retry_exceptions=False)(
         worker.run_experiment
     )
-    pending = {}
-    for exp in experiments:
-        job_of = {**job, "name": exp.name, "set_params": list(exp.set_params)}
-        pending[task.options(name=f"sweep:{exp.name}").remote(job_of)] = exp.name
+    pending = {
+        task.options(name=f"sweep:{e.name}").remote({**job, "name": e.name, "set_params": list(e.set_params)}): e.name
+        for e in experiments
+    }
 
     def collect(ref: Any) -> dict[str, Any]:
         name = pending.pop(ref)
@@ -377,13 +339,10 @@ def submit_and_wait(
         raise
 
 
-def bring_back(root: Path, names: Sequence[str], git_remote: str | None, timeout: float) -> dict[str, dict[str, Any]]:
-    """:func:`workspace.bring_back` in a process of its own (its own session: a Ctrl-C does not cut it short), timed."""
-    command = [sys.executable, "-m", "pipeline.sweep.workspace", "--json", *names]
-    command += ["--git-remote", git_remote] if git_remote else []
-    done = subprocess.run(
-        command, cwd=root, capture_output=True, text=True, timeout=timeout, start_new_session=True, check=False
-    )
+def bring_back(root: Path, names: Sequence[str], remote: str | None, timeout: float) -> dict[str, dict[str, Any]]:
+    """:func:`workspace.bring_back` in a process of its own, timed; in its own session, so no Ctrl-C cuts it short."""
+    command = [sys.executable, "-m", "pipeline.sweep.workspace", *names, *(["--git-remote", remote] if remote else [])]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=timeout, start_new_session=True)
     if done.returncode not in (0, 1) or not done.stdout.strip():
         raise SweepError((done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1])
     return json.loads(done.stdout.splitlines()[-1])
@@ -400,20 +359,12 @@ def save_logs(root: Path, sweep_id: str, results: dict[str, dict[str, Any]]) -> 
     return folder
 
 
-def finish(
-    args: argparse.Namespace,
-    root: Path,
-    job: dict,
-    experiments: Sequence[Experiment],
-    results: dict,
-    git_remote: str | None,
-    stopped: bool,
-) -> int:
-    """Bring back what landed, say what is usable, save the logs, the table, the sweep report; the exit status."""
+def finish(args: argparse.Namespace, root: Path, job: dict, experiments: Sequence[Experiment], results: dict) -> int:
+    """Bring back what landed and say which are usable; the logs, the table, the sweep report; the exit status."""
     names = [e.name for e in experiments]
-    again = "python -m pipeline.sweep.workspace" + (f" --git-remote {git_remote}" if git_remote else "")
+    again = "python -m pipeline.sweep.workspace" + (f" --git-remote {job['remote']}" if job["remote"] else "")
     try:
-        back = bring_back(root, names, git_remote, args.step_timeout)
+        back = bring_back(root, names, job["remote"], args.step_timeout * len(names))
     except (SweepError, subprocess.SubprocessError, ValueError) as exc:
         log.error("Could not bring the experiments back: %s. Once that is fixed: %s <names>", exc, again)
         back = {}
@@ -426,14 +377,14 @@ def finish(
                 "them mount at one path), then %s %s",
                 name, ", ".join(back[name]["missing"]), job["dvc_url"], again, name,
             )  # fmt: skip
-        elif name in landed and not results.get(name, {}).get("ok"):
-            say(f"{name} landed, although its task then failed: {results.get(name, {}).get('error', 'no result')}")
+        elif name in landed and not results.get(name, {"ok": True})["ok"]:  # its push went through, then...
+            say(f"{name} landed, although its task then failed {failure(results[name])}")
     logs = save_logs(root, job["sweep"], results).relative_to(root)
-    if stopped:
+    if job.get("stopped"):
         say(f"Stopped. {len(landed)} of {len(names)} experiment(s) landed: {', '.join(landed) or 'none'}. Logs: {logs}")
         return 130
     metrics = {name: back[name]["metrics"] for name in landed}
-    say(f"\n{spec.comparison_table(experiments, metrics, [n for n in names if n not in landed], args.metrics)}\n")
+    say(f"\n{spec.comparison_table(experiments, metrics, args.metrics)}\n")
     say(
         f"{len(landed)} of {len(names)} experiment(s) landed: dvc exp show; dvc exp apply <name>; "
         f"MLflow: tags.\"{tracking.SWEEP_TAG}\" = '{job['sweep']}'. Logs: {logs}"
@@ -449,9 +400,9 @@ def finish(
 
 
 def run(args: argparse.Namespace) -> int:
-    root = workspace.workspace_root(Path.cwd())
-    target = ray_target(args.address)
-    sweep_id = spec.check_name(args.name) if args.name else new_sweep_id()
+    root, target = workspace.workspace_root(Path.cwd()), ray_target(args.address)
+    sweep_id = time.strftime("sw%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(2)  # sortable and unique
+    sweep_id = spec.check_name(args.name) if args.name else sweep_id
     if args.dry_run:
         for exp in spec.plan(sweep_id, args.set_param, args.max_experiments):
             say(exp.name, " ".join(f"-S {p}" for p in exp.set_params) or "(no change)")
@@ -463,27 +414,17 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if args.jobs and not target.local:
         log.info("JOBS=%s applies to a local Ray instance; the cluster runs as many at once as it has CPUs.", args.jobs)
-    where = "a local Ray instance" if target.local else f"the Ray cluster at {target.address}"
     results: dict[str, dict[str, Any]] = {}
-    stopped, git_remote = False, None if target.local else args.git_remote
     with Stops().installed() as stops:
         try:
-            with ray_session(target, args.jobs, ray_environment(target, os.environ), stops) as ray:
-                gpus = spec.gpus_per_task(args.gpus, ray.cluster_resources().get("GPU", 0))
-                if not target.local:
-                    _probe(ray, job, gpus)
-                say(
-                    f"Sweep {sweep_id}: {len(experiments)} experiment(s) on {where} "
-                    f"({int(ray.cluster_resources().get('CPU', 0))} CPU(s), {gpus:g} GPU(s) per experiment), "
-                    f"baseline {job['base'][:7]}" + (" + uncommitted changes" if job["commit"] != job["base"] else "")
-                )
-                submit_and_wait(ray, job, experiments, gpus, args, stops, results)
+            with ray_session(target, args.jobs, stops) as ray:
+                submit_and_wait(ray, job, experiments, args, stops, results)
         except KeyboardInterrupt:
-            stopped = True
+            job["stopped"] = True
         finally:
             stops.raising = False
-            workspace.delete_ref(root, job["ref"], git_remote)
-        return finish(args, root, job, experiments, results, git_remote, stopped)
+            workspace.delete_ref(root, job["ref"], job["remote"])
+        return finish(args, root, job, experiments, results)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -491,51 +432,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m pipeline.sweep",
         description="Run a sweep of DVC experiments on Ray: locally, or on the cluster at RAY_ADDRESS.",
     )
-    parser.add_argument(
-        "-S", "--set-param", action="append", default=[], metavar="[FILE:]KEY=VALUES",
-        help="as dvc exp run -S; comma lists expand to the cartesian product (repeatable)",
-    )  # fmt: skip
-    parser.add_argument("--jobs", type=_optional_int, help="local Ray: at most this many at once (default: all cores)")
-    parser.add_argument("--gpus", type=_optional_float, help="GPUs per experiment (default: 1 if the cluster has GPUs)")
-    parser.add_argument(
-        "--retries", type=int, default=2, help="Ray retries of an experiment whose worker died (default 2)"
-    )
-    parser.add_argument(
-        "--step-timeout", type=float, default=600.0, metavar="S",
+    add = parser.add_argument
+    add("-S", "--set-param", action="append", default=[], metavar="[FILE:]KEY=VALUES",
+        help="as dvc exp run -S; comma lists expand to the cartesian product (repeatable)")  # fmt: skip
+    add("--jobs", type=lambda t: int(t) if t.strip() else None,  # make passes JOBS= empty
+        help="local Ray: at most this many at once (default: all cores)")  # fmt: skip
+    add("--gpus", type=lambda t: float(t) if t.strip() else None,
+        help="GPUs per experiment (default: 1 if the cluster has GPUs)")  # fmt: skip
+    add("--retries", type=int, default=2, help="Ray retries of an experiment whose worker died (default 2)")
+    add("--step-timeout", type=float, default=600.0, metavar="S",
         help="time limit of each step of an experiment but its dvc exp run (clone, fetch, metrics, pushes), "
-        "and of bringing the results back (default 600 s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--run-timeout", type=float, default=86_400.0, metavar="S",
-        help="time limit of an experiment's dvc exp run: pulling its inputs and training (default 86400 s, a day)",
-    )  # fmt: skip
-    parser.add_argument("--name", help="sweep id (default: sw<date>-<time>-<random>); experiments are <id>-<k>")
-    parser.add_argument(
-        "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: RAY_ADDRESS; unset: local)"
-    )
-    parser.add_argument("--git-remote", default="origin", help="cluster: the git remote workers fetch from and push to")
-    parser.add_argument(
-        "--metrics", type=lambda s: [m for m in s.split(",") if m], default=list(spec.DEFAULT_METRICS),
-        help="metrics of the table, comma-separated; the first is the progress lines' headline",
-    )  # fmt: skip
-    parser.add_argument("--max-experiments", type=int, default=1000, help="refuse larger sweeps (default 1000)")
-    parser.add_argument("--dry-run", action="store_true", help="print the experiments and exit")
+        "and of bringing each one back (default 600 s)")  # fmt: skip
+    add("--run-timeout", type=float, default=86_400.0, metavar="S",
+        help="time limit of an experiment's dvc exp run: its inputs' pull and training "
+        "(default 86400 s, a day)")  # fmt: skip
+    add("--name", help="sweep id (default: sw<date>-<time>-<random>); experiments are <id>-<k>")
+    add("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: RAY_ADDRESS; unset: local)")
+    add("--git-remote", default="origin", help="cluster: the git remote workers fetch from and push to")
+    add("--metrics", type=lambda s: [m for m in s.split(",") if m], default=list(spec.DEFAULT_METRICS),
+        help="metrics of the table, comma-separated; the first is the progress lines' headline")  # fmt: skip
+    add("--max-experiments", type=int, default=1000, help="refuse larger sweeps (default 1000)")
+    add("--dry-run", action="store_true", help="print the experiments and exit")
     args = parser.parse_args(argv)
-    if args.retries < 0:
-        parser.error("--retries must be 0 or more")
-    if not args.metrics:
-        parser.error("--metrics needs at least one name")
-    if min(args.step_timeout, args.run_timeout) <= 0:
-        parser.error("--step-timeout and --run-timeout must be positive (seconds)")
+    if args.retries < 0 or not args.metrics or min(args.step_timeout, args.run_timeout) <= 0:
+        parser.error("--retries must be 0 or more, --metrics name one at least, the timeouts be above 0")
     return args
-
-
-def _optional_int(text: str) -> int | None:
-    return int(text) if text.strip() else None
-
-
-def _optional_float(text: str) -> float | None:
-    return float(text) if text.strip() else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -134,49 +134,21 @@ def headline(metrics: Mapping[str, Mapping[str, float]], key: str = "accuracy") 
     return f"{key} {min(values):.3g}-{max(values):.3g} ({len(values)} variants)"
 
 
-def format_seconds(seconds: float) -> str:
-    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
-    seconds = max(seconds, 0.0)
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
-
-
 def comparison_table(
-    experiments: Sequence[Experiment],
-    metrics: Mapping[str, Mapping[str, Mapping[str, float]]],
-    failed: Sequence[str] = (),
-    keys: Sequence[str] = DEFAULT_METRICS,
+    experiments: Sequence[Experiment], metrics: Mapping[str, Mapping[str, Mapping[str, float]]], keys: Sequence[str]
 ) -> str:
-    """A Markdown table: one row per experiment and variant, with the changed params and ``keys``.
-
-    ``metrics``: ``{experiment name: {variant: {metric: value}}}``; a failed experiment gets
-    one row marked ``failed``. Params that are the same in every experiment are left out
-    (the table says so below it), unless there is a single experiment.
-    """
+    """A Markdown table: a row per experiment and variant (``metrics``: ``{experiment: {variant: {metric: value}}}``),
+    with the params that differ between experiments and ``keys``; an experiment not in ``metrics`` is one row,
+    marked ``did not land``. The params that are the same in every experiment are named below it."""
     params = list(dict.fromkeys(k for exp in experiments for k in exp.overrides))  # in order, each once
-    constant = {
-        k: experiments[0].overrides.get(k)
-        for k in params
-        if len(experiments) > 1 and len({e.overrides.get(k) for e in experiments}) == 1
-    }
-    changed = [k for k in params if k not in constant]
+    values = {k: {e.overrides.get(k) for e in experiments} for k in params}
+    changed = [k for k in params if len(values[k]) > 1 or len(experiments) == 1]
     shown = [k for k in keys if any(k in m for exp in metrics.values() for m in exp.values())]
-    header = ["experiment", *changed, "variant", *shown]
-    rows = []
+    rows = [["experiment", *changed, "variant", *shown], ["---"] * (len(changed) + len(shown) + 2)]
     for exp in experiments:
-        values = [exp.overrides.get(k, "") for k in changed]
-        if exp.name in failed or exp.name not in metrics:
-            rows.append([exp.name, *values, "failed" if exp.name in failed else "no metrics", *[""] * len(shown)])
-            continue
-        for variant, numbers in sorted(metrics[exp.name].items()):
-            rows.append([exp.name, *values, variant, *[f"{numbers[k]:.4g}" if k in numbers else "" for k in shown]])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    if constant:
-        lines.append("Same in every experiment: " + ", ".join(f"{k}={v}" for k, v in constant.items()))
-    return "\n".join(lines)
+        row = [exp.name, *(exp.overrides.get(k, "") for k in changed)]
+        variants = sorted(metrics.get(exp.name, {"did not land": {}}).items())
+        rows += [[*row, variant, *(f"{m[k]:.4g}" if k in m else "" for k in shown)] for variant, m in variants]
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    same = [f"{k}={next(iter(values[k]))}" for k in params if k not in changed]
+    return "\n".join(lines + (["Same in every experiment: " + ", ".join(same)] if same else []))

@@ -1,17 +1,13 @@
-"""Run one command of a sweep's task so that it never outlives the task, nor its time limit.
+"""Run one command of a sweep's task so that it outlives neither the task nor its time limit.
 
-Usage: ``python supervise.py WORKER_PID CLEANUP_DIR TIMEOUT_S COMMAND...`` (standard library only).
-
-When a Ray worker dies (force-cancelled, out-of-memory killer, lost node), Ray SIGKILLs its
-direct children but not theirs: ``dvc exp run`` and training would go on, orphaned. So this
-process (the *launcher*, the worker's child) forks a *guard* in a session of its own, which
-Ray does not reach, and relays its exit status. The guard runs the command in another new
-session and SIGTERMs that group when the launcher dies (``PR_SET_PDEATHSIG``), the worker is
-gone (polled), or on SIGTERM/SIGINT/SIGHUP; training then ends its MLflow runs KILLED at the
-end of the epoch. The guard waits for the group to go (SIGKILL after a grace period), removes
-``CLEANUP_DIR`` (the attempt's clone) and exits 128 + the signal's number. Past ``TIMEOUT_S``
-it stops the group the same way, says so on stderr and exits 124 (the worker, still there,
-cleans up); else it exits with the command's status.
+``python supervise.py WORKER_PID CLEANUP_DIR TIMEOUT_S COMMAND...`` (standard library only). Ray
+SIGKILLs a dead worker's direct children, not theirs: ``dvc exp run`` and training would go on. So
+this *launcher* forks a *guard* in a session of its own, out of Ray's reach, and relays its status.
+The guard runs the command in a new session and SIGTERMs that group (SIGKILL after a grace period;
+training ends its MLflow runs KILLED at the end of the epoch) when the launcher dies
+(``PR_SET_PDEATHSIG``), the worker is gone (polled) or on SIGTERM/SIGINT/SIGHUP: then it removes
+``CLEANUP_DIR`` (the attempt's clone) and exits 128 + the signal; past ``TIMEOUT_S``: it says so on
+stderr and exits 124, the worker cleaning up. Else it exits with the command's status.
 """
 
 from __future__ import annotations

@@ -67,17 +67,12 @@ def task_env(job: Mapping[str, Any], base: Mapping[str, str]) -> dict[str, str]:
 
 
 def _attempt_dir(job: Mapping[str, Any]) -> Path:
-    """A fresh folder for this attempt; earlier attempts' folders of the same experiment on this
-    machine whose process is gone (a killed worker) are removed first."""
-    root = Path(job.get("work_root") or tempfile.gettempdir()) / f"sweep-{job['sweep']}"
-    root.mkdir(parents=True, exist_ok=True)
-    for old in root.glob(f"{job['name']}.*"):
-        pid = old.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and not supervise.alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    path = root / f"{job['name']}.{os.getpid()}"
+    """A fresh folder for this attempt: ``<tmp>/sweep-<id>/<name>.<pid>``."""
+    path = (
+        Path(job.get("work_root") or tempfile.gettempdir()) / f"sweep-{job['sweep']}" / f"{job['name']}.{os.getpid()}"
+    )
     shutil.rmtree(path, ignore_errors=True)
-    path.mkdir()
+    path.mkdir(parents=True)
     return path
 
 

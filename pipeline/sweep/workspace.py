@@ -6,7 +6,7 @@ the user's index and files stay untouched, on the ref ``refs/sweeps/<id>``. A wo
 out ``HEAD`` and applies that commit's tree, so ``dvc exp show`` lists each experiment on ``HEAD``.
 
 ``python -m pipeline.sweep.workspace [--git-remote R] NAME...`` brings landed experiments into
-the workspace and says whether each is usable (:func:`bring_back`); the sweep runs it at its end.
+the workspace and says, as JSON, what is usable (:func:`bring_back`); the sweep runs it at its end.
 """
 
 from __future__ import annotations
@@ -36,11 +36,6 @@ class Snapshot:
     base: str
     commit: str
     ref: str
-
-    @property
-    def changed(self) -> bool:
-        """Whether the working tree differed from ``HEAD``."""
-        return self.commit != self.base
 
 
 def git(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> str:
@@ -215,14 +210,11 @@ def bring_back(root: Path, names: Sequence[str], git_remote: str | None = None) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.sweep.workspace",
-        description="Bring a sweep's landed experiments into the workspace (refs, and outputs from the default "
-        "DVC remote); exit 0 when every one named is there with all its outputs.",
-    )
+    """Bring landed experiments into the workspace (:func:`bring_back`) and print what came as JSON; exit 0
+    when every one named is there with all its outputs, 1 if not, 2 on an error."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.sweep.workspace", description=main.__doc__)
     parser.add_argument("names", nargs="+", metavar="NAME", help="experiment names (<sweep id>-<k>)")
     parser.add_argument("--git-remote", help="fetch their refs from this git remote first (a cluster sweep: origin)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -230,11 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepError as exc:
         log.error("%s", exc)
         return 2
-    for name in () if args.json else args.names:
-        missing = found[name]["missing"] if name in found else ["everything: it did not land"]
-        print(f"{name}: " + (f"missing {', '.join(missing)}" if missing else "ok"))
-    if args.json:
-        print(json.dumps(found))
+    print(json.dumps(found))
     return 0 if all(name in found and not found[name]["missing"] for name in args.names) else 1
 
 
