@@ -81,7 +81,7 @@ def update_variant_run(
 
 def save_study_view(client: Any, experiment_id: str, report_id: str, runs: Any, depth: int) -> None:
     """The MLflow UI's shared view of this study (``make ui`` prints its link; see :mod:`pipeline.serve`)."""
-    ids = [str(i) for run in runs for i in (run["parent_run"], *(run.get("runs") or {}).values())] + [report_id]
+    ids = [str(i) for run in runs for i in (run["parent_run"], *(run.get("runs") or {}).values())]  # not the report's
     view = json.dumps(serve.study_view(ids, depth))
     if len(view) > serve.MAX_VIEW_CHARS:
         log.warning(
