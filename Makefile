@@ -116,5 +116,5 @@ lock: ## Regenerate requirements.lock, then requirements-dev.lock (what dev adds
 	rm -rf .venv-lock
 
 clean: ## Remove pipeline outputs, the MLflow store and caches (keeps .venv and the DVC cache)
-	rm -rf data/raw data/processed results reports dvc_plots mlflow.db mlflow.db-lock mlartifacts .pytest_cache .ruff_cache
+	rm -rf data/raw data/processed results reports published.json dvc_plots mlflow.db mlflow.db-lock mlartifacts .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

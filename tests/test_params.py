@@ -52,7 +52,9 @@ def test_repo_params_are_the_classic_setup() -> None:
     assert load_section("preprocess", params) == PreprocessParams(limit=None)
     assert load_section("tracking", params) == TrackingParams(experiment="vanishing-gradient")
     assert load_section("summary", params) == SummaryParams(index_window=10)
-    assert load_section("report", params) == ReportParams(change_clip_quantile=0.99, dpi=110)
+    assert load_section("report", params) == ReportParams(
+        change_clip_quantile=0.99, dpi=110, ui_url="http://127.0.0.1:5000/"
+    )
 
 
 def test_repo_fetch_section_is_typed() -> None:
