@@ -210,8 +210,8 @@ def bring_back(root: Path, names: Sequence[str], git_remote: str | None = None) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Bring landed experiments into the workspace (:func:`bring_back`) and print what came as JSON; exit 0
-    when every one named is there with all its outputs, 1 if not, 2 on an error."""
+    """Bring landed experiments into the workspace, their outputs fetched from the default DVC remote, and print
+    as JSON which outputs are missing; exit 0 when every one named is there with all its outputs, 1 if not."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep.workspace", description=main.__doc__)
     parser.add_argument("names", nargs="+", metavar="NAME", help="experiment names (<sweep id>-<k>)")
     parser.add_argument("--git-remote", help="fetch their refs from this git remote first (a cluster sweep: origin)")
