@@ -46,7 +46,8 @@ def experiment_refs(root: Path, sweep_id: str, names: Sequence[str] | None = Non
     missing = [n for n in wanted if n not in refs] or ([] if wanted else [f"{sweep_id}-<k>"])
     if missing:
         why = f"No DVC experiment {', '.join(missing)} in {root}: dvc exp show lists them"
-        raise SweepError(f"{why}; those of a cluster sweep come with dvc exp pull origin <names>.")
+        fetch = "python -m pipeline.sweep.workspace --git-remote origin <names>"
+        raise SweepError(f"{why}; those of a cluster sweep come with {fetch}.")
     return {n: refs[n] for n in sorted(wanted)}
 
 
