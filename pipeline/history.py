@@ -129,6 +129,13 @@ def plateau_accuracy(labels: np.ndarray) -> float:
     return float(np.bincount(classes).max() / classes.size)
 
 
+def prior_mse(labels: np.ndarray) -> float:
+    """The quadratic cost of the class-prior predictor (every output = its class's frequency p_k), as
+    Keras' mean squared error over one-hot labels (N, K) computes it: mean over k of p_k (1 − p_k)."""
+    freq = np.asarray(labels, np.float64).mean(axis=0)
+    return float((freq * (1.0 - freq)).mean())
+
+
 def escape_epoch(epochs: Sequence[int], accuracy: Sequence[float], plateau: float, margin: float) -> int | None:
     """The first epoch whose training accuracy exceeds the plateau (:func:`plateau_accuracy`) by more than ``margin``.
 

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline import cli, columns, curves, figures, history
-from pipeline.columns import GAIN, JAC_MEAN, JAC_PRODUCT, SATURATION, SIGNAL, WEIGHT_CHANGE
+from pipeline.columns import COUPLING_SHARE, GAIN, JAC_MEAN, JAC_PRODUCT, SATURATION, SIGNAL, WEIGHT_CHANGE
 from pipeline.measures import SATURATED
 from pipeline.outputs import staged_dir
 from pipeline.params import GridParams, ReportParams, Variant, load_section, study_variants
@@ -456,6 +456,11 @@ def stall_section(s: Study) -> Section:
         f"{_num((before['accuracy'] - m['plateau']).abs().mean(), '.3f')} from it (the constant predictor's "
         f"accuracy, {m['plateau']:.4f})"
     )
+    if r.variant.loss == "mse" and m.get("plateau_mse") is not None:
+        conclusion += (
+            f" and its training loss {_num(before['loss'].mean(), '.5f')}, the quadratic cost of predicting every "
+            f"image's class frequencies ({_num(m['plateau_mse'], '.5f')})"
+        )
     if gains := figures.probe_layers(table, GAIN):
         at_1 = ", ".join(f"{history.layer_name(c)} {_at(table, c, 1, '.2f')}" for c in gains)
         conclusion += (
@@ -470,6 +475,16 @@ def stall_section(s: Study) -> Section:
         group = [g for g in remedy_groups(s.results).get(depth, [r]) if np.isfinite(output_gain(g))]
         ratios = ", ".join(f"{g.name} {output_gain(g):.2g}" for g in group)
         text += f"The output's signal over the input's at epoch 1: {ratios}. "
+    share = history.around_escape(table, COUPLING_SHARE, escapes, ESCAPE_WINDOW)
+    if share[2]:
+        first, final = _at(table, COUPLING_SHARE, 1, ".2f"), _at(table, COUPLING_SHARE, last, ".2f")
+        text += (
+            f"The output–label covariance's first mode holds {first} of it at epoch 1, {_num(share[0], '.3f')} over "
+            f"the {ESCAPE_WINDOW} epochs before each escape, {_num(share[1], '.3f')} over the {ESCAPE_WINDOW} from "
+            f"it and {final} at epoch {last}"
+        )
+        one_mode = min(share[:2]) > 0.9 and table.loc[table["epoch"] == last, COUPLING_SHARE].mean() < share[1]
+        text += ": the net learns one mode of the labels first, then the others. " if one_mode else ". "
     before, after, seeds = history.around_escape(table, columns.layer_column(SATURATION, depth), escapes, ESCAPE_WINDOW)
     if seeds:
         text += (

@@ -30,11 +30,12 @@ class SummaryError(RuntimeError):
     """The summary cannot be written; the message names the file and what to do."""
 
 
-def read_plateau(path: Path) -> float:
-    """:func:`pipeline.history.plateau_accuracy` of the labels ``y`` in the preprocess stage's ``train.npz``."""
+def read_plateau(path: Path) -> tuple[float, float]:
+    """The plateau's accuracy and quadratic cost (:func:`pipeline.history.plateau_accuracy`,
+    :func:`pipeline.history.prior_mse`) of the labels ``y`` in the preprocess stage's ``train.npz``."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return history.plateau_accuracy(data["y"])
+            return history.plateau_accuracy(data["y"]), history.prior_mse(data["y"])
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise SummaryError(
             f"{path}: cannot read the training labels ({exc}); run the preprocess stage (dvc repro)"
@@ -48,8 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="metrics.json to write")
 
     def body(args: argparse.Namespace, p: SummaryParams) -> None:
-        table, plateau = history.read_history(args.history), read_plateau(args.train)
+        table, (plateau, plateau_loss) = history.read_history(args.history), read_plateau(args.train)
         metrics = history.summarize(table, p.index_window, plateau, p.escape_margin, p.forecast_epochs)
+        metrics["plateau_mse"] = plateau_loss  # the loss of an MSE net on the plateau
         try:
             write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
         except OSError as exc:

@@ -263,3 +263,9 @@ def test_summarize_stage_without_the_training_labels_says_what_to_do(tmp_path, c
     assert stage.main([*args, "--train", str(tmp_path / "train.npz"), "--out", str(tmp_path / "m.json")]) == 1
     assert "cannot read the training labels" in caplog.text and "run the preprocess stage" in caplog.text
     assert not (tmp_path / "m.json").exists()
+
+
+def test_prior_mse_is_the_quadratic_cost_of_predicting_the_class_frequencies() -> None:
+    labels = np.eye(3)[[0, 0, 0, 1]]  # frequencies 3/4, 1/4, 0
+    direct = ((labels - labels.mean(axis=0)) ** 2).mean()  # Keras' mse of the constant predictor
+    assert history.prior_mse(labels) == pytest.approx(0.125) == pytest.approx(direct)
