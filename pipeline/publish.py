@@ -48,7 +48,7 @@ def publish(uri: str, experiment: str, params_file: Path, results: Path, pages: 
         log.info("%s: its runs are not in %s; they get no figures, summary or colour there", name, uri)
     with tracking.run_set(client, experiment_id, [RUN_NAME], tracking.lineage_tags(root, STAGE, params_file)) as runs:
         report_id = runs.run_ids[0]
-        link = f"#/experiments/{experiment_id}/runs/{report_id}/artifacts"  # relative to the UI showing it
+        link = serve.ui_path(experiment_id, f"runs/{report_id}/artifacts")  # relative, in Model training mode
         note = f"The study's front page: **[index.html]({link})** in this run's artifacts.\n\n{table}"
         client.set_tag(report_id, tracking.NOTE_TAG, note)
         client.log_artifacts(report_id, str(pages))

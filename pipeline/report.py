@@ -210,7 +210,9 @@ def run_rows(results: Sequence[VariantResult], ui_url: str | None) -> list[dict[
         else:
             base = ui_url
         for seed, run_id in (r.run.get("runs") or {}).items():
-            link = f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}" if base else None
+            # workflowType: the UI opens a run in Model training mode only when the link says so.
+            page = f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+            link = f"{base.rstrip('/')}/{page}" if base else None
             rows.append({"variant": r.name, "seed": str(seed), "run_id": str(run_id), "link": link})
     return rows
 

@@ -62,7 +62,8 @@ def test_publish_logs_the_report_run_with_relative_links(study):
     assert (run.info.run_name, run.info.status, run.data.tags["dvc.stage"]) == ("report", "FINISHED", "publish")
     assert record["experiment_id"] == study["experiment_id"] == run.info.experiment_id
     note = run.data.tags[tracking.NOTE_TAG]
-    assert f"[index.html](#/experiments/{study['experiment_id']}/runs/{run.info.run_id}/artifacts)" in note
+    link = f"#/experiments/{study['experiment_id']}/runs/{run.info.run_id}/artifacts?workflowType=machine_learning"
+    assert f"[index.html]({link})" in note
     assert "http" not in note  # relative: it works on whatever host and port the UI runs
     assert f"| {D2} | 0.8400 ± 0.0500 |" in note  # the results table
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -87,7 +88,7 @@ def test_publish_gives_each_variant_run_its_summary_figures_colour_and_the_lates
         assert {f"figures/bands-{name}.png", f"figures/gradients-{name}.png"} <= figures_logged
         note = parent.data.tags[tracking.NOTE_TAG]
         assert note.startswith(f"{name}: what it is.") and note.count(publish.REPORT_LINE) == 1  # replaced, not added
-        link = f"#/experiments/{study['experiment_id']}/runs/{record['report_run']}/artifacts"
+        link = serve.ui_path(study["experiment_id"], f"runs/{record['report_run']}/artifacts")
         assert note.endswith(f"{publish.REPORT_LINE} [index.html]({link}).")
         for run_id in (parent.info.run_id, *info["runs"].values()):
             assert client.get_run(run_id).data.tags[publish.COLOR_TAG] == colors[name]

@@ -111,10 +111,9 @@ def test_run_links_follow_the_tracking_server_or_the_ui_url(tmp_path):
     (results / D2 / "run.json").write_text(json.dumps(server))
     loaded = report.load_results(results, DEFAULT_STUDY)
     links = {row["variant"]: row["link"] for row in report.run_rows(loaded, "http://127.0.0.1:5077")}
-    assert links[D1] == f"http://127.0.0.1:5077/#/experiments/7/runs/run{D1.replace('-', '')}s1"
-    assert (
-        links[D2] == f"https://ml.example.org/#/experiments/7/runs/run{D2.replace('-', '')}s1"
-    )  # no user, no password
+    mode = "?workflowType=machine_learning"  # the UI opens the run in Model training mode
+    assert links[D1] == f"http://127.0.0.1:5077/#/experiments/7/runs/run{D1.replace('-', '')}s1{mode}"
+    assert links[D2] == f"https://ml.example.org/#/experiments/7/runs/run{D2.replace('-', '')}s1{mode}"  # no password
     assert {row["link"] for row in report.run_rows(loaded[:1], None)} == {None}
 
 
