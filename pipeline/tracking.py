@@ -44,7 +44,8 @@ SWEEP_TAG = "pipeline.sweep"
 GROUP_TAG = "pipeline.group"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting: the UI shows the seeds under their variant
 NOTE_TAG = "mlflow.note.content"  # a run's Markdown description in the UI
-# Without it the UI opens runs and models in its GenAI mode ("Evaluations"): this is model training.
+# MLflow's own kind of experiment (what the UI's kind selector writes): model training, not GenAI. In 3.17 it
+# decides only the experiment page's mode; links carry workflowType=machine_learning (serve.ui_path).
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
