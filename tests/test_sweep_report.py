@@ -144,7 +144,7 @@ def test_experiment_refs_finds_the_sweeps_experiments_only(tmp_path: Path) -> No
     git(tmp_path / "repo", "update-ref", f"refs/exps/{base[:2]}/{base[2:]}/sw1-2-1", "HEAD")  # sweep sw1-2's
     assert list(report.experiment_refs(tmp_path / "repo", "sw1")) == names
     assert list(report.experiment_refs(tmp_path / "repo", "sw1", ["sw1-2"])) == ["sw1-2"]
-    with pytest.raises(SweepError, match=r"No DVC experiment sw1-3 .*dvc exp pull"):
+    with pytest.raises(SweepError, match=r"No DVC experiment sw1-3 .*pipeline.sweep.workspace --git-remote origin"):
         report.experiment_refs(tmp_path / "repo", "sw1", ["sw1-3"])
     with pytest.raises(SweepError, match="No DVC experiment sw2-<k>"):
         report.experiment_refs(tmp_path / "repo", "sw2")

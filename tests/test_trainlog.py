@@ -130,14 +130,18 @@ def test_models_follow_the_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     import argparse
     from contextlib import contextmanager
 
+    import keras
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelStatus
 
-    from pipeline import outputs, train
+    from pipeline import engine, outputs, train
     from pipeline.params import TrackingParams, TrainParams, Variant
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
+    # The stage pins TensorFlow's thread pools in a fresh process; in a test process that has already
+    # run TensorFlow they can no longer be set, and their number does not matter here.
+    monkeypatch.setattr(engine, "configure_backend", lambda: keras.backend.backend())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     rng = np.random.default_rng(0)
     x = rng.random((20, 784), dtype=np.float32)
