@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -95,16 +95,6 @@ def first_to_last(history: pd.DataFrame) -> pd.DataFrame:
 def final_rows(history: pd.DataFrame) -> pd.DataFrame:
     """Each seed's last-epoch row."""
     return history.sort_values("epoch").groupby("seed").tail(1)
-
-
-def final_values(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """Long table of per-seed final values: ``variant, depth, seed, accuracy, test_accuracy``."""
-    frames = [
-        final_rows(h)[["seed", "accuracy", "test_accuracy"]].assign(variant=name, depth=depth_of(h))
-        for name, h in histories.items()
-    ]
-    columns = ["variant", "depth", "seed", "accuracy", "test_accuracy"]
-    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def vanishing_index(first_speed: Sequence[float], last_speed: Sequence[float], window: int) -> tuple[float, int]:

@@ -55,15 +55,6 @@ def test_ratio_of_a_zero_speed_is_nan_not_inf() -> None:
     assert math.isnan(history.ratio_stats(table, "a", "b")["mean"].iloc[0])
 
 
-def test_final_values_one_row_per_seed() -> None:
-    finals = history.final_values({"d1": make_history(1), "d2": make_history(2)})
-    assert len(finals) == 4
-    row = finals[(finals["variant"] == "d2") & (finals["seed"] == 1)].iloc[0]
-    assert row["depth"] == 2
-    assert row["accuracy"] == pytest.approx(0.89)
-    assert row["test_accuracy"] == pytest.approx(0.85)
-
-
 def test_vanishing_index_window_and_skipped_epochs() -> None:
     first = [1.0, 2.0, 3.0, 100.0]
     last = [10.0, 0.0, 30.0, 1.0]
