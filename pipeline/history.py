@@ -1,9 +1,7 @@
-"""The per-epoch history of one variant (the train stage's ``history.csv``) and the statistics drawn from it.
+"""One variant's ``history.csv`` (a row per seed and epoch, :mod:`pipeline.columns`) and its statistics.
 
-One row per (seed, epoch), with the columns of :mod:`pipeline.columns`; histories written before the
-probe columns existed lack those, and what reads them says so (empty or NaN). Apart from
-:func:`read_history`, pure pandas/NumPy. Spread over seeds is the population standard deviation
-(``ddof=0``): the seeds are the whole set of replicates trained, not a sample, and one seed gives 0.
+Histories written before the probe columns existed lack them (empty or NaN here). Spread over seeds is the
+population std (``ddof=0``): the seeds are every replicate trained, not a sample, and one seed gives 0.
 """
 
 from __future__ import annotations
@@ -98,9 +96,8 @@ def final_rows(history: pd.DataFrame) -> pd.DataFrame:
 
 
 def vanishing_index(first_speed: Sequence[float], last_speed: Sequence[float], window: int) -> tuple[float, int]:
-    """Mean over the first ``window`` epochs of (first hidden layer's speed / last hidden layer's speed),
-    and how many of those epochs were skipped because the last layer's speed was zero (NaN if all were).
-    1 means both ends learn equally fast; 0.01 means the first layer learns 100× slower."""
+    """Mean over the first ``window`` epochs of first / last hidden layer's speed (0.01: the first learns 100×
+    slower), and how many epochs were skipped because the last one's speed was 0 (NaN if all were)."""
     first = np.asarray(first_speed, np.float64)[:window]
     last = np.asarray(last_speed, np.float64)[:window]
     ok = last != 0
@@ -109,9 +106,7 @@ def vanishing_index(first_speed: Sequence[float], last_speed: Sequence[float], w
 
 
 def plateau_accuracy(labels: np.ndarray) -> float:
-    """The plateau's accuracy: that of the constant predictor, the most common label's frequency.
-
-    ``labels`` are one-hot rows (N, K) or class indices (N,); the training labels define the plateau."""
+    """The constant predictor's accuracy (the most common label's frequency) on one-hot (N, K) or index labels."""
     labels = np.asarray(labels)
     classes = labels.argmax(axis=1) if labels.ndim == 2 else labels
     if classes.size == 0:
@@ -127,11 +122,8 @@ def prior_mse(labels: np.ndarray) -> float:
 
 
 def escape_epoch(epochs: Sequence[int], accuracy: Sequence[float], plateau: float, margin: float) -> int | None:
-    """The first epoch whose training accuracy exceeds the plateau (:func:`plateau_accuracy`) by more than ``margin``.
-
-    The threshold is the same for every seed and variant: a net that learns within epoch 1 escapes at
-    epoch 1, and a seed that starts a little above the plateau is not held back by its own start.
-    None when no epoch gets there (censored: the seed may escape later, or never)."""
+    """The first epoch whose training accuracy exceeds the plateau by more than ``margin``; None if none does
+    (censored). One threshold for every seed: a seed that starts a little above the plateau is not held back."""
     order = np.argsort(np.asarray(epochs))
     above = np.flatnonzero(np.asarray(accuracy, np.float64)[order] > plateau + margin)  # NaN never escapes
     return int(np.asarray(epochs)[order][above[0]]) if above.size else None
@@ -150,21 +142,17 @@ def escape_epochs(history: pd.DataFrame, plateau: float, margin: float) -> pd.Da
 def escape_forecasts(history: pd.DataFrame, epochs: int, plateau: float, margin: float) -> pd.DataFrame:
     """Per seed (sorted): ``seed`` and ``forecast``, the escape epoch predicted from its first ``epochs`` epochs.
 
-    The law (a finite-time blow-up): on the plateau the reciprocal of the output's across-example
-    spread, r(t) = 1 / ``signal/output``, falls linearly with the epoch t, and the escape comes where
-    it would reach 0. The forecast is the zero crossing of the least-squares line through r(t) over
-    the second half of the window, epochs ⌈epochs/2⌉ … ``epochs`` (the first half holds the start's
-    transient). NaN when there is no forecast: the seed left the plateau within the window (its
-    :func:`escape_epoch` for ``plateau`` and ``margin`` is ``epochs`` or earlier), the line does not
-    fall or does not describe r (it explains less than ``FORECAST_MIN_R2`` of r's variance), the seed
-    has fewer than ``epochs`` epochs, or the history has no ``signal/output`` column."""
+    The law (a finite-time blow-up): on the plateau r(t) = 1 / ``signal/output`` falls linearly with the
+    epoch t, and the escape comes where r would reach 0: the zero crossing of the least-squares line through
+    r over epochs ⌈epochs/2⌉ … ``epochs`` (the first half holds the start's transient). NaN where the seed
+    escaped within the window, the line does not fall or explains less than ``FORECAST_MIN_R2`` of r's
+    variance, the seed has fewer than ``epochs`` epochs, or there is no ``signal/output`` column."""
     column = output_column(SIGNAL)
-    escapes = escape_epochs(history, plateau, margin).set_index("seed")["escape_epoch"]
     rows = []
     for seed, group in history.groupby("seed", sort=True):
         forecast = math.nan
         window = group[(group["epoch"] >= math.ceil(epochs / 2)) & (group["epoch"] <= epochs)]
-        on_plateau = not escapes[seed] <= epochs  # NaN (censored) is on the plateau
+        on_plateau = not (group.loc[group["epoch"] <= epochs, "accuracy"] > plateau + margin).any()
         if column in group and group["epoch"].max() >= epochs and len(window) >= 2 and on_plateau:
             t = window["epoch"].to_numpy(np.float64)
             with np.errstate(divide="ignore"):
@@ -179,9 +167,8 @@ def escape_forecasts(history: pd.DataFrame, epochs: int, plateau: float, margin:
 
 
 def around_escape(history: pd.DataFrame, column: str, escapes: pd.DataFrame, window: int) -> tuple[float, float, int]:
-    """Mean of ``column`` over the ``window`` epochs before each escaped seed's escape epoch and
-    over the ``window`` epochs from it on (both averaged over those seeds), and how many seeds
-    that is. NaN, NaN, 0 when no seed escaped or the column is missing."""
+    """Mean of ``column`` over the ``window`` epochs before, and from, each escaped seed's escape (averaged over
+    those seeds), and how many seeds that is; NaN, NaN, 0 when no seed escaped or the column is missing."""
     before, after = [], []
     if column in history.columns:
         for row in escapes[~escapes["censored"]].itertuples(index=False):
@@ -198,11 +185,8 @@ def around_escape(history: pd.DataFrame, column: str, escapes: pd.DataFrame, win
 
 
 def escape_summary(escapes: pd.DataFrame, forecasts: pd.DataFrame) -> dict[str, float | None]:
-    """``escape_epoch`` (mean over the seeds that escaped; null when none did), ``escape_epoch_std``
-    (ddof=0 over those seeds) and ``escaped_fraction``; ``escape_forecast`` and ``escape_forecast_std``
-    over the seeds with a forecast and ``forecast_fraction``; over the seeds with both, the forecast's
-    mean error ``escape_forecast_error`` (forecast - actual, epochs) and its mean relative size
-    ``escape_forecast_rel_error`` (|forecast - actual| / actual). Censored seeds are never averaged in."""
+    """Mean, std and share of the seeds that escaped, and of those with a forecast; over the seeds with both,
+    the mean of forecast - actual (epochs) and of |forecast - actual| / actual. Censored seeds count in no mean."""
     both = escapes.merge(forecasts, on="seed").dropna(subset=["escape_epoch", "forecast"])
     error = (both["forecast"] - both["escape_epoch"]).to_numpy(np.float64)
     out: dict[str, float | None] = {}
@@ -226,10 +210,8 @@ def summarize(
     escape_margin: float = ESCAPE_MARGIN,
     forecast_epochs: int = FORECAST_EPOCHS,
 ) -> dict[str, float | int | None]:
-    """``metrics.json`` of one variant: final-epoch values, the vanishing index, the escape epoch above
-    the ``plateau`` accuracy and its forecast (:func:`escape_summary`), mean and std over seeds.
-    Non-finite values are written as ``null`` (JSON has no NaN) rather than dropped, and a seed's NaN
-    is never averaged away."""
+    """``metrics.json`` of one variant: final-epoch values, the vanishing index, the escape epoch and its
+    forecast, mean and std over seeds; a non-finite value is ``null`` (JSON has no NaN), never dropped."""
     last = final_rows(history)
     out: dict[str, float | int | None] = {}
     for key in SCALARS:
