@@ -1,15 +1,9 @@
-"""Plot data for ``dvc plots``: per-epoch means over the replicate seeds, in long form.
+"""Plot data for ``dvc plots``: each variant's means over its replicate seeds, in long form.
 
-``history.csv`` has one row per (seed, epoch); drawn as one line it zig-zags between
-seeds, and DVC's top-level ``plots`` cannot list one file per variant of a matrix. So
-the report stage writes two study-wide files (:func:`write_plot_data`) that the
-templates in ``.dvc/plots/`` draw one line per variant (colour) and per hidden layer:
-
-``curves.csv``  one row per (variant, epoch): ``variant, color, depth, epoch, accuracy, loss,
-                test_accuracy, test_loss`` (whichever were measured; ``color``: the variant's
-                colour in the report, which the ``variants`` template uses too).
-``layers.csv``  one row per (variant, layer, epoch): ``variant, layer, epoch,
-                weight_change, grad, grad_bias`` (layer 1 is the first hidden layer).
+``history.csv`` drawn as one line zig-zags between seeds, and DVC's top-level ``plots`` cannot list a
+file per matrix item; so the report stage writes two study-wide files that ``.dvc/plots/`` draws, one
+line per variant: ``curves.csv`` (a row per variant and epoch, with its colour in the report) and
+``layers.csv`` (a row per variant, hidden layer and epoch; layer 1 is the first hidden layer).
 """
 
 from __future__ import annotations
@@ -27,8 +21,7 @@ LAYERS_FILE = "layers.csv"
 
 
 def study_curves(histories: Mapping[str, pd.DataFrame], colors: Mapping[str, str]) -> pd.DataFrame:
-    """One row per (variant, epoch), variants in the given order: its colour and the seed-mean of
-    accuracy, loss, test accuracy and test loss."""
+    """One row per (variant, epoch), variants in the given order: its colour, depth and seed-mean scalars."""
     frames = [
         mean_curves(h)[["epoch", *SCALARS]].assign(variant=name, color=colors[name], depth=depth_of(h))
         for name, h in histories.items()
@@ -37,8 +30,7 @@ def study_curves(histories: Mapping[str, pd.DataFrame], colors: Mapping[str, str
 
 
 def layer_curves(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """One row per (variant, hidden layer, epoch): the seed-mean weight change and
-    gradients of that layer (``layer`` 1 is next to the input)."""
+    """One row per (variant, hidden layer, epoch): the seed-mean weight change and gradients of that layer."""
     frames = []
     for name, history in histories.items():
         means = mean_curves(history)

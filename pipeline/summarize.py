@@ -1,11 +1,7 @@
 """Stage ``summarize``: one variant's ``metrics.json`` from its ``history.csv`` and the training labels.
 
-``python -m pipeline.summarize --history results/<name>/history.csv --train data/processed/train.npz
---out results/<name>/metrics.json``
-
-Final-epoch values, the vanishing index, the escape epoch above the plateau (the constant predictor's
-accuracy on the training labels) and its forecast (:func:`pipeline.history.summarize`). A stage of its
-own, downstream of training: changing ``summary`` in params.yaml retrains nothing.
+:func:`pipeline.history.summarize` with the plateau of the training labels. A stage of its own, downstream
+of training: changing ``summary`` in params.yaml retrains nothing.
 """
 
 from __future__ import annotations
@@ -31,8 +27,7 @@ class SummaryError(RuntimeError):
 
 
 def read_plateau(path: Path) -> tuple[float, float]:
-    """The plateau's accuracy and quadratic cost (:func:`pipeline.history.plateau_accuracy`,
-    :func:`pipeline.history.prior_mse`) of the labels ``y`` in the preprocess stage's ``train.npz``."""
+    """The plateau's accuracy and quadratic cost from the labels ``y`` of the preprocess stage's ``train.npz``."""
     try:
         with np.load(path, allow_pickle=False) as data:
             return history.plateau_accuracy(data["y"]), history.prior_mse(data["y"])
