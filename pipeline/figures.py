@@ -1,9 +1,7 @@
-"""Figures of the study: histories (:mod:`pipeline.history`) in, matplotlib Figures out.
+"""Figures of the study: histories in, matplotlib Figures out, made without pyplot (safe in any thread).
 
-Nothing here reads or writes files or touches pyplot's global state (every figure is a
-:class:`matplotlib.figure.Figure` made directly): safe on any backend and in any thread. Every
-figure is at most ``WIDTH`` inches wide and the page shows it at ``PX_PER_INCH`` whatever the dpi
-of its PNG, so its smallest text (8.3 pt) is 12 px on screen; legends sit outside the axes.
+Every figure is ``WIDTH`` inches wide and shown at ``PX_PER_INCH`` whatever its PNG's dpi, so its smallest
+text (8.3 pt) is 12 px on screen; legends sit outside the axes.
 """
 
 from __future__ import annotations
@@ -80,15 +78,6 @@ def plot_stats(ax: Axes, stats: pd.DataFrame, label: str, color: str, log: bool 
     ax.fill_between(x, stats["min"], stats["max"], color=color, alpha=RANGE_BAND_ALPHA, linewidth=0)
 
 
-def clip_top(ax: Axes, history: pd.DataFrame, layers: list[str], quantile: float) -> None:
-    """Set the y-axis to [0, q] with q the ``quantile`` of columns ``layers`` over epochs >= 2 (when there are any)."""
-    later = history.loc[history["epoch"] >= 2, layers].to_numpy(dtype=np.float64).ravel()
-    later = later[np.isfinite(later)]
-    top = float(np.quantile(later, quantile)) if later.size else 0.0
-    if top > 0:
-        ax.set_ylim(0, top * 1.05)
-
-
 def _figure(rows: int, cols: int = 1, row_height: float = 3.0, **kw: object) -> tuple[Figure, list[Axes]]:
     fig = Figure(figsize=(WIDTH, row_height * rows + 0.6), layout="constrained")
     return fig, list(fig.subplots(rows, cols, squeeze=False, **kw).ravel())
@@ -150,8 +139,7 @@ def sigmoid_figure() -> Figure:
 
 
 def remedies_figure(histories: Mapping[str, pd.DataFrame], colors: Mapping[str, str]) -> Figure:
-    """At one depth: training accuracy per variant, and the first / last hidden layer's speed ratio (log),
-    with the bound (1/4)^(depth-1) when every variant has the same depth of two or more."""
+    """At one depth: each variant's training accuracy and first / last ‖∂C/∂b‖ (log) against (1/4)^(depth-1)."""
     fig, axes = _figure(1, 2, row_height=3.6)
     for label, history in histories.items():
         plot_stats(axes[0], seed_stats(history, "accuracy"), label, colors[label])
@@ -180,17 +168,14 @@ def test_vs_train_figure(histories: Mapping[str, pd.DataFrame], colors: Mapping[
 
 
 def escape_figure(escapes: Mapping[str, pd.DataFrame], colors: Mapping[str, str]) -> Figure:
-    """Every seed's escape epoch, one row per variant in its colour: a dot where it escaped, a hollow
-    triangle at the last epoch when it did not (censored), a bar at the mean over the seeds that escaped."""
+    """Every seed's escape epoch (:func:`_seed_marks`), a row per variant, a bar at the mean of those that escaped."""
     fig, (ax,) = _figure(1, row_height=0.4 * len(escapes) + 1.2)
     for row, (label, table) in enumerate(escapes.items()):
-        escaped, censored = table[~table["censored"]], table[table["censored"]]
         y = row + pd.Series(np.linspace(-0.15, 0.15, len(table)) if len(table) > 1 else [0.0], index=table.index)
-        ax.scatter(escaped["escape_epoch"], y[escaped.index], s=22, color=colors[label], zorder=3)
-        ax.scatter(censored["last_epoch"], y[censored.index], s=40, marker=">", facecolors="none",
-                   edgecolors=colors[label], zorder=3)  # fmt: skip
-        if len(escaped):
-            ax.plot([escaped["escape_epoch"].mean()] * 2, [row - 0.3, row + 0.3], color="k", linewidth=1.5)
+        x = table["escape_epoch"].where(~table["censored"], table["last_epoch"])
+        _seed_marks(ax, x, y, table["censored"], colors[label], None)
+        if not table["censored"].all():
+            ax.plot([table["escape_epoch"].mean()] * 2, [row - 0.3, row + 0.3], color="k", linewidth=1.5)
     ax.scatter([], [], s=22, color="0.4", label="seed escaped")
     ax.scatter([], [], s=40, marker=">", facecolors="none", edgecolors="0.4", label="censored: not by its last epoch")
     ax.plot([], [], color="k", linewidth=1.5, label="mean over the seeds that escaped")
@@ -222,22 +207,25 @@ def saturation_by_variant(
 
 # ------------------------------------------------------------------- one variant
 def bands_figure(history: pd.DataFrame, title: str, color: str, clip_quantile: float = 0.99) -> Figure:
-    """Accuracy and each hidden layer's weight change across seeds, in the variant's colour."""
+    """Accuracy and each hidden layer's weight change across seeds, in the variant's colour; a weight change's
+    axis ends at its ``clip_quantile`` over epochs >= 2."""
     layers = layer_columns(history, columns.WEIGHT_CHANGE)
     fig, axes = _figure(1 + len(layers), row_height=2.0, sharex=True)
     plot_stats(axes[0], seed_stats(history, "accuracy"), "training accuracy", color)
     _label(axes[0], "Training accuracy", "accuracy", "")
     for ax, column in zip(axes[1:], layers, strict=True):
         plot_stats(ax, seed_stats(history, column), layer_name(column), color)
-        clip_top(ax, history, [column], clip_quantile)
+        later = history.loc[history["epoch"] >= 2, column].to_numpy(dtype=np.float64)
+        later = later[np.isfinite(later)]
+        if later.size and (top := float(np.quantile(later, clip_quantile))) > 0:
+            ax.set_ylim(0, top * 1.05)
         _label(ax, f"Weight change of {layer_name(column)}", "mean |ΔW|", "epoch" if ax is axes[-1] else "")
     fig.suptitle(f"{title}: {history['seed'].nunique()} seed(s); {BAND_NOTE}")
     return fig
 
 
 def gradient_figure(history: pd.DataFrame, title: str) -> Figure:
-    """Panels: mean |∂C/∂W| and ‖∂C/∂b‖ per layer (log), and for two or more layers the ratio of each
-    layer's speed (‖∂C/∂b‖) to the next layer's against the σ' bound of 1/4."""
+    """Mean |∂C/∂W| and ‖∂C/∂b‖ per hidden layer (log) and, from two layers, each one's ‖∂C/∂b‖ over the next's."""
     ratios = layer_ratios(history)
     fig, axes = _figure(2 + bool(ratios), row_height=2.4, sharex=True)
     for ax, kind, what in ((axes[0], columns.GRAD, "mean |∂C/∂W|"), (axes[1], columns.GRAD_BIAS, "‖∂C/∂b‖")):
@@ -261,6 +249,12 @@ def probe_layers(history: pd.DataFrame, kind: str) -> list[str]:
     return layer_columns(history, kind) + ([output] if output in history.columns else [])
 
 
+def _seed_marks(ax: Axes, x: pd.Series, y: pd.Series, censored: pd.Series, color: str, label: str | None) -> None:
+    """A dot per seed that escaped; a hollow triangle per censored one (``x``: its last epoch)."""
+    ax.scatter(x[~censored], y[~censored], s=22, color=color, label=label, zorder=3)
+    ax.scatter(x[censored], y[censored], s=40, marker=">", facecolors="none", edgecolors=color, zorder=3)
+
+
 def _mark_escape(ax: Axes, escapes: pd.DataFrame | None) -> None:
     """A dotted vertical line at the median escape epoch of the seeds that escaped (none if no seed did)."""
     if escapes is not None and not escapes["censored"].all():
@@ -269,8 +263,7 @@ def _mark_escape(ax: Axes, escapes: pd.DataFrame | None) -> None:
 
 
 def signal_figure(history: pd.DataFrame, title: str, escapes: pd.DataFrame | None = None) -> Figure:
-    """Each layer's signal (its across-example spread on the probe batch, log) over epochs, mean and bands over
-    seeds, with the input's as a dashed line: how much of which-image-is-it reaches each layer."""
+    """Each layer's signal (its spread across the probe batch's images, log), with the input's dashed."""
     fig, (ax,) = _figure(1, row_height=3.4)
     _per_layer(ax, history, probe_layers(history, columns.SIGNAL), log=True)
     first = (columns.layer_column(columns.SIGNAL, 1), columns.layer_column(columns.GAIN, 1))
@@ -284,15 +277,12 @@ def signal_figure(history: pd.DataFrame, title: str, escapes: pd.DataFrame | Non
 def forecast_figure(
     escapes: Mapping[str, pd.DataFrame], forecasts: Mapping[str, pd.DataFrame], colors: Mapping[str, str]
 ) -> Figure:
-    """Each seed's forecast escape epoch against its actual one, in its variant's colour (a censored seed: a
-    hollow triangle at its last epoch); on the dotted diagonal the forecast is exact."""
+    """Each seed's forecast escape epoch against its actual one (:func:`_seed_marks`); exact on the diagonal."""
     fig, (ax,) = _figure(1, row_height=3.6)
     for label, table in forecasts.items():
         seeds = escapes[label].merge(table, on="seed").dropna(subset=["forecast"])
-        done, censored = seeds[~seeds["censored"]], seeds[seeds["censored"]]
-        ax.scatter(done["escape_epoch"], done["forecast"], s=22, color=colors[label], label=label, zorder=3)
-        ax.scatter(censored["last_epoch"], censored["forecast"], s=40, marker=">", facecolors="none",
-                   edgecolors=colors[label], zorder=3)  # fmt: skip
+        x = seeds["escape_epoch"].where(~seeds["censored"], seeds["last_epoch"])
+        _seed_marks(ax, x, seeds["forecast"], seeds["censored"], colors[label], label)
     top = max(ax.get_xlim()[1], ax.get_ylim()[1])
     ax.plot([0, top], [0, top], color="0.4", linestyle=":", label="forecast = actual")
     ax.set(xlim=(0, top), ylim=(0, top))
@@ -317,9 +307,8 @@ def saturation_figure(history: pd.DataFrame, title: str, escapes: pd.DataFrame |
 
 
 def jacobian_figure(history: pd.DataFrame, title: str) -> Figure:
-    """The layer Jacobians against the σ' bound: each hidden layer's mean (solid) and largest
-    (dashed) singular value over epochs; and, from two layers, their product over layers 1 … L-1
-    (the prediction) beside the measured first / last ratio of ‖∂C/∂b‖ and (1/4)^(L-1)."""
+    """Each hidden layer's Jacobian's mean and largest singular value against the σ' bound and, from two layers,
+    the product of the means over layers 1 … L-1 (the prediction) against the measured first / last ‖∂C/∂b‖."""
     depth = depth_of(history)
     fig, axes = _figure(1 + (depth >= 2), row_height=3.0, sharex=True)
     layers = layer_columns(history, columns.JAC_MEAN)

@@ -1,13 +1,8 @@
 """Publish stage: the report and the study's numbers into MLflow. The page itself is the report stage's.
 
-``python -m pipeline.publish --params params.yaml --results results --report reports --out published.json``
-
-Logs ``reports/`` as the artifacts of one run named ``report``, described by the results table with a
-link to ``index.html``; gives each variant's run (``results/<name>/run.json``) its figures, its
-``metrics.json`` as ``summary/<key>`` metrics, its colour in the report (``mlflow.runColor``) and a link
-to the report; saves the study's view of the runs page (:func:`pipeline.serve.study_view`). Links are
-relative, so they work wherever the UI runs. ``--out`` records what was published, written only once all
-of it is done: a failure changes no file, leaves the report intact and exits 1 with what failed.
+One run named ``report`` holds ``reports/`` and the results table; each variant's run gets its figures, its
+``metrics.json`` as ``summary/<key>``, its report colour and a relative link to the report; the study's view
+of the runs page is saved. ``--out`` is written once all of it is done: a failure changes no file.
 """
 
 from __future__ import annotations
