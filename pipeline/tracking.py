@@ -1,10 +1,7 @@
 """Where the MLflow store is, how runs start and end, and lineage tags.
 
-The default store is ``sqlite:///<root>/mlflow.db`` (``MLFLOW_TRACKING_URI`` overrides it), with
-artifacts in ``<root>/mlartifacts``; the root of a ``dvc exp run --queue`` copy is its workspace.
-Several stages may share one SQLite store (``dvc queue start -j 2``): MLflow waits on SQLite's lock
-for 20 s per transaction, and :func:`open_store` serialises the one step it leaves unguarded, creating
-the schema of a new store.
+The default store is ``sqlite:///<root>/mlflow.db`` (``MLFLOW_TRACKING_URI`` overrides it), artifacts
+in ``<root>/mlartifacts``; the root of a ``dvc exp run --queue`` copy is its workspace.
 """
 
 from __future__ import annotations
@@ -60,22 +57,15 @@ class RunInterrupted(BaseException):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
         self.finished = finished  # it came after the runs had ended FINISHED
-
-    @property
-    def exit_status(self) -> int:
-        """The shell convention for a process stopped by a signal: 128 + its number."""
-        return 128 + self.signum
+        self.exit_status = 128 + signum  # the shell's convention for a process stopped by a signal
 
 
 class StopSignals:
-    """Defers SIGINT, SIGTERM and SIGHUP to a safe point while runs are open.
+    """Defers SIGINT, SIGTERM and SIGHUP to :meth:`check`, called at every epoch end and before outputs
+    are committed; a second signal raises at once, for a process stuck where it never checks.
 
-    Python raises a signal's exception wherever the main thread happens to be, and inside
-    TensorFlow's Python layers (or a finalizer, where it is swallowed) that can leave the
-    runtime corrupted: under stress the process then trained on or aborted with a glibc heap
-    error. So the first signal is only recorded, and :meth:`check` (called by the
-    ``StopOnSignal`` callback at every epoch end, and before outputs are committed) raises it.
-    A second signal raises at once, for a process stuck somewhere that never checks.
+    Python raises a signal's exception wherever the main thread is: inside TensorFlow's Python layers that
+    left the runtime corrupted under stress (it trained on, or aborted with a glibc heap error).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -95,8 +85,7 @@ class StopSignals:
 
     @contextmanager
     def installed(self) -> Iterator[StopSignals]:
-        """Handle the signals for the duration; the previous handlers come back afterwards.
-        A no-op outside the main thread, where Python cannot install handlers."""
+        """Handle the signals for the duration (not outside the main thread, where Python cannot)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -109,9 +98,8 @@ class StopSignals:
 
 
 def project_root(start: str | Path | None = None) -> Path:
-    """The project root: ``start`` (default: ``DVC_ROOT``, which DVC sets for every stage and
-    points at the workspace for queued experiments, else cwd), or the workspace a DVC
-    experiment copy under ``.dvc/tmp/exps`` belongs to."""
+    """``start`` (default: ``DVC_ROOT``, which DVC sets for every stage, else cwd), or the workspace
+    that a DVC experiment copy under ``.dvc/tmp/exps`` belongs to."""
     path = Path(start or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
     workspace, in_copy, _ = f"{path}/".partition(EXPS_TMP)
     return Path(workspace) if in_copy else path
@@ -123,38 +111,50 @@ def tracking_uri(root: str | Path | None = None) -> str:
 
 
 def preflight(uri: str, timeout_s: float = 5.0, attempts: int = 3) -> None:
-    """Check that the store at ``uri`` works before any training starts; raise :class:`TrackingError`
-    naming the URI and the remedy.
-
-    A server gets ``attempts`` requests of ``timeout_s`` each, so an unreachable one fails in seconds,
-    not after MLflow's minutes of retries. An existing SQLite store is opened (a corrupt or outdated
-    file fails here); a missing one is left for :func:`open_store` to create, so a failing stage leaves
-    none. Other databases are opened with a time bound.
-    """
+    """Before any training, raise :class:`TrackingError` naming ``uri`` and the remedy if its store
+    cannot be used. A server gets ``attempts`` requests of ``timeout_s`` each, not MLflow's minutes
+    of retries; a missing SQLite store is left for :func:`open_store` to create, so a failing stage
+    leaves none."""
     if uri.startswith(("http://", "https://")):
         _check_server(uri, timeout_s, attempts)
         return
-    if uri.startswith(("file:", "/")) or "://" not in uri:
-        raise TrackingError(
-            f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow deprecated; "
-            f"use sqlite:///<path>/mlflow.db or an http(s) server."
-        )
     if uri.startswith("sqlite:///"):
         path = sqlite_path(uri)
         if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
             raise TrackingError(f"MLflow store {uri}: folder {path.parent} is missing or not writable.")
-        if path.exists():  # a new store is created by open_store, once the stage has a run to log
+        if path.exists():
             open_store(uri)
         return
-    _bounded(lambda: open_store(uri), timeout_s * attempts, uri)
+    # Another database (or a file store, which MLflow refuses): MLflow retries a connection for minutes.
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            open_store(uri)
+        except BaseException as exc:  # noqa: BLE001 - raised below, in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="mlflow-preflight", daemon=True)
+    thread.start()
+    thread.join(timeout_s * attempts)
+    if thread.is_alive():
+        raise TrackingError(
+            f"MLflow store {uri} did not answer within {timeout_s * attempts:g} s; check MLFLOW_TRACKING_URI."
+        )
+    if errors:
+        raise errors[0]
 
 
 _SERVER_HELP = "Start it (make server), fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
 
 
 def _check_server(uri: str, timeout_s: float, attempts: int) -> None:
-    """One bounded call to the tracking API (the experiments search) with MLflow's own
-    credentials and TLS settings (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``/``_TOKEN``...)."""
+    """One bounded request to the tracking API with MLflow's own credentials and TLS settings
+    (``MLFLOW_TRACKING_USERNAME``, ``_TOKEN``, ``_SERVER_CERT_PATH``...).
+
+    MLflow's ``http_request``, not ``MlflowClient``: the client reads its timeout and retries only from
+    process-wide variables (``MLFLOW_HTTP_REQUEST_*``, minutes by default), and reports every HTTP
+    status alike."""
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
@@ -168,15 +168,26 @@ def _check_server(uri: str, timeout_s: float, attempts: int) -> None:
             endpoint,
             "GET",
             params={"max_results": 1},
-            max_retries=max(attempts - 1, 0),
+            max_retries=attempts - 1,
             backoff_factor=0.5,
             backoff_jitter=0.0,
             timeout=timeout_s,
             raise_on_status=False,
         )
     except Exception as exc:  # noqa: BLE001 - connection refused, DNS, TLS, timeouts: all mean "not reachable"
+        # MLflow folds the requests/urllib3 error into its message: its gist is found there.
+        message = str(exc).strip()
+        gists = (
+            ("connection refused", "connection refused (nothing listens on that port)"),
+            ("timed out", f"no answer within {timeout_s:g} s"),
+            ("name or service not known", "unknown host name"),
+            ("nodename nor servname", "unknown host name"),
+            ("name resolution", "host name cannot be resolved"),
+            ("ssl", "TLS error (see MLFLOW_TRACKING_SERVER_CERT_PATH)"),
+        )
+        why = next((gist for needle, gist in gists if needle in message.lower()), message.splitlines()[0][:300])
         raise TrackingError(
-            f"MLflow tracking server {uri} is not reachable: {_why(str(exc), timeout_s)} "
+            f"MLflow tracking server {uri} is not reachable: {why} "
             f"({attempts} attempt(s), {timeout_s:g} s each). {_SERVER_HELP}"
         ) from None
     finally:
@@ -187,57 +198,19 @@ def _check_server(uri: str, timeout_s: float, attempts: int) -> None:
             response.json()
             return
     if status in (401, 403):
-        raise TrackingError(
-            f"MLflow tracking server {uri} refused the request (HTTP {status}): set MLFLOW_TRACKING_USERNAME and "
-            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it."
+        problem = (
+            f"refused the request (HTTP {status}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN) for it."
         )
-    if status >= 500:
-        raise TrackingError(
-            f"MLflow tracking server {uri} answered HTTP {status} to {endpoint}: its backend store is probably "
-            "down or misconfigured; see the server's log."
+    elif status >= 500:
+        problem = f"answered HTTP {status}: its backend store is probably down or misconfigured; see its log."
+    else:
+        found = f"HTTP {status}" if status != 200 else "a response that is not the tracking API's JSON"
+        problem = (
+            f"does not look like an MLflow tracking server ({endpoint} gave {found}): check the scheme, host, "
+            f"port and path of MLFLOW_TRACKING_URI. {_SERVER_HELP}"
         )
-    found = f"HTTP {status}" if status != 200 else "a response that is not the tracking API's JSON"
-    raise TrackingError(
-        f"{uri} does not look like an MLflow tracking server ({endpoint} gave {found}): check the scheme, host, "
-        f"port and path of MLFLOW_TRACKING_URI. {_SERVER_HELP}"
-    )
-
-
-def _why(message: str, timeout_s: float) -> str:
-    """The gist of a requests/urllib3 connection error."""
-    lowered = message.lower()
-    for needle, gist in (
-        ("connection refused", "connection refused (nothing listens on that port)"),
-        ("timed out", f"no answer within {timeout_s:g} s"),
-        ("name or service not known", "unknown host name"),
-        ("nodename nor servname", "unknown host name"),
-        ("temporary failure in name resolution", "host name cannot be resolved"),
-        ("certificate", "TLS certificate problem (see MLFLOW_TRACKING_SERVER_CERT_PATH)"),
-        ("ssl", "TLS error"),
-    ):
-        if needle in lowered:
-            return gist
-    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    return first[:300]
-
-
-def _bounded(check: Any, timeout_s: float, uri: str) -> None:
-    """Run ``check`` in a daemon thread; fail if it does not finish within ``timeout_s``."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            check()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="mlflow-preflight", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise TrackingError(f"MLflow store {uri} did not answer within {timeout_s:g} s; check MLFLOW_TRACKING_URI.")
-    if errors:
-        raise errors[0]
+    raise TrackingError(f"MLflow tracking server {uri} {problem}")
 
 
 def sqlite_path(uri: str) -> Path:
@@ -246,12 +219,10 @@ def sqlite_path(uri: str) -> Path:
 
 
 def open_store(uri: str, lock_timeout_s: float = 300.0) -> Any:
-    """An ``MlflowClient`` whose store is open and usable; raises :class:`TrackingError` (naming ``uri``)
-    when the store cannot be opened.
+    """An ``MlflowClient`` on an open, usable store, or :class:`TrackingError` naming ``uri``.
 
-    MLflow's ``SqlAlchemyStore`` creates or migrates the schema unguarded, and two processes opening a new
-    SQLite store at once (``dvc queue start -j 2``) corrupt each other's migrations: for SQLite, that step
-    runs under an exclusive lock, ``<db>-lock`` beside the file.
+    MLflow creates or migrates a schema unguarded, and two processes opening one new SQLite store at once
+    (``dvc queue start -j 2``) corrupt each other's migrations: for SQLite that step holds ``<db>-lock``.
     """
     from filelock import FileLock, Timeout
     from mlflow import MlflowClient
@@ -269,15 +240,14 @@ def open_store(uri: str, lock_timeout_s: float = 300.0) -> Any:
             f"MLflow store {uri}: another process has held {lock.lock_file} for over {lock_timeout_s:g} s; "
             "if none is running, delete that file."
         ) from None
-    except Exception as exc:  # MLflow and SQLAlchemy raise many kinds: one clear line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # MLflow and SQLAlchemy raise many kinds, with pages of context: one clear line
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise TrackingError(f"MLflow store {uri} cannot be opened: {reason}") from exc
     return client
 
 
 def git_commit(root: Path) -> str:
-    """HEAD's commit (``-dirty`` appended when tracked files changed), or ``unknown``."""
-    # --exclude=*: the full hash, never a tag's name.
+    """HEAD's full hash (never a tag's name), ``-dirty`` appended when tracked files changed, or ``unknown``."""
     command = ["git", "describe", "--always", "--abbrev=40", "--exclude=*", "--dirty"]
     try:
         return subprocess.run(command, cwd=root, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
@@ -287,10 +257,7 @@ def git_commit(root: Path) -> str:
 
 def study_digest(code_dir: Path, params_file: Path) -> str:
     """What defines a study: the pipeline's code and the parsed params (comments and layout ignored).
-
-    Not git's view of the tree: the stages themselves rewrite committed files (``dvc.lock``,
-    ``history.csv``), so a dirty flag would split one ``dvc repro`` into several groups.
-    """
+    Not git's view: the stages rewrite committed files (``dvc.lock``), which would split one ``dvc repro``."""
     h = hashlib.sha256()
     for source in sorted(code_dir.glob("*.py")):
         h.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
@@ -300,19 +267,15 @@ def study_digest(code_dir: Path, params_file: Path) -> str:
 
 
 def execution_id() -> str:
-    """One id per ``dvc repro`` (or other parent process): every stage it runs shares it.
-
-    Stage commands ``exec`` Python, so the parent is DVC itself; its pid and start time
-    (``/proc``) identify that one invocation. ``PIPELINE_EXECUTION`` overrides it; without
-    ``/proc`` each process gets its own id.
-    """
+    """One id per ``dvc repro``, shared by every stage it runs: ``PIPELINE_EXECUTION``, else the
+    parent process (stage commands ``exec`` Python, so DVC itself) by its pid and start time."""
     if os.environ.get(EXECUTION_ENV):
         return os.environ[EXECUTION_ENV]
     parent = os.getppid()
     try:
         # Field 22 of /proc/<pid>/stat is the start time; the command name (field 2) may hold spaces.
         started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+    except (OSError, IndexError):  # no /proc: each process gets its own id
         return uuid.uuid4().hex[:12]
     return hashlib.sha256(f"{socket.gethostname()}:{parent}:{started}".encode()).hexdigest()[:12]
 
@@ -356,14 +319,14 @@ _DUPLICATE = ("unique constraint", "duplicate key", "duplicate entry", "already 
 def race_safe(call: Callable[..., T], *args: Any, attempts: int = 4) -> T:
     """``call(*args)``, retried when it failed only because a concurrent writer created the same
     row first; the retry then finds that row. Any other error is raised at once."""
-    for attempt in range(attempts):
+    for attempt in range(1, attempts):
         try:
             return call(*args)
         except Exception as exc:
-            if attempt == attempts - 1 or not any(d in str(exc).lower() for d in _DUPLICATE):
+            if not any(d in str(exc).lower() for d in _DUPLICATE):
                 raise
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(0.05 * attempt)
+    return call(*args)
 
 
 def ensure_experiment(client: Any, name: str, root: Path) -> str:
@@ -390,8 +353,7 @@ def ensure_experiment(client: Any, name: str, root: Path) -> str:
 
 @dataclass
 class RunSet:
-    """Several MLflow runs that live and end together: one per replicate seed, nested under
-    one parent run of the variant when there is one."""
+    """MLflow runs that live and end together: one per seed, nested under the variant's run if any."""
 
     client: Any
     run_ids: list[str]
@@ -399,10 +361,10 @@ class RunSet:
     stop: StopSignals = field(default_factory=StopSignals)
 
     def end(self, status: str) -> None:
-        """Mark every run ``status``; raise :class:`TrackingError` naming those that could not be marked
-        (after trying them all), since a run left RUNNING misleads whoever reads the store."""
+        """Mark every run ``status``, the parent last; then raise :class:`TrackingError` naming any that
+        could not be marked, since a run left RUNNING misleads whoever reads the store."""
         failed = []
-        for run_id in [*self.run_ids, *([self.parent_id] if self.parent_id else [])]:  # the parent last
+        for run_id in [*self.run_ids, *([self.parent_id] if self.parent_id else [])]:
             try:
                 self.client.set_terminated(run_id, status=status)
             except Exception as exc:
@@ -424,15 +386,10 @@ def run_set(
     parent: str | None = None,
     description: str | None = None,
 ) -> Iterator[RunSet]:
-    """Create one run per name (nested under a run named ``parent``, when given, which carries
-    ``description`` as its Markdown note); end them all FINISHED, FAILED on an exception,
-    KILLED on a signal.
-
-    SIGINT, SIGTERM and SIGHUP are deferred for the duration (:class:`StopSignals`): the body
-    calls ``runs.stop.check()`` at safe points, which raises :class:`RunInterrupted`. A signal
-    that arrives after the body's last check still stops the process (the runs, complete,
-    end FINISHED) so that ``dvc repro`` does not go on to the next stage.
-    """
+    """One run per name, nested under a run named ``parent`` (with ``description`` as its note) when
+    given; they end FINISHED, FAILED on an exception, KILLED on a signal (:class:`StopSignals`: the
+    body calls ``runs.stop.check()``). A signal after the last check still stops the process, once the
+    runs end FINISHED, so that ``dvc repro`` goes no further."""
     runs = RunSet(client, [])
     with runs.stop.installed():
         try:

@@ -121,7 +121,7 @@ def test_preflight_misconfigured_server(status: int, body: bytes, content_type: 
 
 def test_preflight_file_store_is_refused(tmp_path: Path) -> None:
     for uri in (str(tmp_path / "mlruns"), f"file://{tmp_path / 'mlruns'}"):
-        with pytest.raises(tracking.TrackingError, match="file store"):
+        with pytest.raises(tracking.TrackingError, match="filesystem tracking backend"):  # MLflow's own refusal
             tracking.preflight(uri)
 
 
