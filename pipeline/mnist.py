@@ -1,10 +1,5 @@
-"""MNIST in memory: validated arrays, the IDX format, content checksums and safe loaders.
-
-Nothing here touches the network. Every source (the Keras ``.npz``, the gzipped IDX files,
-the Python-2 pickle in a PyPI wheel, a local file) becomes one ``MnistArrays``, checked
-against the md5s of the official *uncompressed* IDX files, so no later stage depends on
-which mirror answered. Pickles load only numpy globals; ``.npz`` files never unpickle.
-"""
+"""MNIST in memory: every source (Keras ``.npz``, gzipped IDX, the PyPI pickle, a local file) becomes one
+``MnistArrays``, checked against the md5s of the official *uncompressed* IDX files. No network here."""
 
 from __future__ import annotations
 
@@ -36,7 +31,6 @@ class DataError(ValueError):
     """Bytes or arrays are not valid MNIST (corrupt, truncated, wrong shape or checksum)."""
 
 
-# ----------------------------------------------------------------------------- IDX
 def to_idx(array: np.ndarray) -> bytes:
     """Encode a uint8 array as IDX: ``00 00 08 <ndim>``, each dim as big-endian uint32, the bytes."""
     if array.dtype != np.uint8 or array.ndim == 0:
@@ -59,10 +53,9 @@ def from_idx(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
-# -------------------------------------------------------------------------- arrays
 @dataclass(frozen=True, eq=False)
 class MnistArrays:
-    """The four MNIST arrays, validated: uint8 images (n, 28, 28) and uint8 labels 0..9 (n,)."""
+    """The four MNIST arrays, validated: uint8 images (n, 28, 28) and uint8 labels 0..9 (n,), n > 0."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -72,17 +65,10 @@ class MnistArrays:
     def __post_init__(self) -> None:
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            for name, arr in ((f"x_{split}", x), (f"y_{split}", y)):
-                if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
-                    raise DataError(f"{name}: expected dtype uint8, got {getattr(arr, 'dtype', type(arr).__name__)}")
-            if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
-                raise DataError(f"x_{split}: expected shape (n, 28, 28), got {x.shape}")
-            if y.ndim != 1:
-                raise DataError(f"y_{split}: expected shape (n,), got {y.shape}")
-            if len(x) != len(y):
-                raise DataError(f"{split}: {len(x)} images but {len(y)} labels")
-            if len(x) == 0:
-                raise DataError(f"{split}: no examples")
+            if not all(isinstance(a, np.ndarray) and a.dtype == np.uint8 for a in (x, y)):
+                raise DataError(f"{split}: expected dtype uint8, got {_describe(x)} and {_describe(y)}")
+            if x.shape[1:] != IMAGE_SHAPE or y.shape != x.shape[:1] or not len(x):
+                raise DataError(f"{split}: shapes {x.shape} and {y.shape}; expected (n, 28, 28) and (n,), n > 0")
             if int(y.max()) >= NUM_CLASSES:
                 raise DataError(f"y_{split}: labels must be 0..{NUM_CLASSES - 1}; found {int(y.max())}")
 
@@ -113,7 +99,6 @@ def verify_content(arrays: MnistArrays, expected: Mapping[str, str]) -> None:
         raise DataError("content does not match the official MNIST checksums: " + "; ".join(bad))
 
 
-# ----------------------------------------------------------------------------- npz
 def npz_to_arrays(source: str | Path | bytes) -> MnistArrays:
     """Load a Keras-layout ``.npz`` (path or bytes) without ever unpickling."""
     try:
@@ -132,12 +117,8 @@ def npz_to_arrays(source: str | Path | bytes) -> MnistArrays:
 
 
 def write_npz(file: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write an uncompressed ``.npz`` whose bytes depend only on the arrays.
-
-    Timestamps and file modes inside the zip are fixed here rather than left to the
-    NumPy version at hand, so identical data keeps its DVC hash and does not
-    needlessly invalidate downstream stages.
-    """
+    """Write an uncompressed ``.npz`` whose bytes depend only on the arrays (fixed zip timestamps and
+    modes, whatever NumPy's version), so identical data keeps its DVC hash."""
     with zipfile.ZipFile(file, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, arr in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
@@ -146,7 +127,6 @@ def write_npz(file: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, np.asarray(arr), allow_pickle=False)
 
 
-# -------------------------------------------------------------------------- IDX gz
 def gunzip(data: bytes, limit: int = MAX_DECOMPRESSED_BYTES, name: str = "data") -> bytes:
     """Decompress gzip data (CRC checked), refusing truncated input and anything over ``limit`` bytes."""
     try:
@@ -169,13 +149,9 @@ def from_idx_gz(files: Mapping[str, bytes]) -> MnistArrays:
     return MnistArrays(*(decoded[key] for key in CONTENT_KEYS))
 
 
-# -------------------------------------------------------------------------- pickle
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that can only rebuild plain numpy arrays.
-
-    A pickle can call any importable callable while loading; the only globals the
-    PyPI MNIST pickle needs are the three below, so everything else is refused.
-    """
+    """Unpickler that rebuilds only numpy arrays: a pickle can call any importable callable while
+    loading, and the PyPI MNIST pickle needs only these globals."""
 
     _ALLOWED: dict[tuple[str, str], Any] = {  # noqa: RUF012 - read-only lookup table
         ("numpy", "ndarray"): np.ndarray,
@@ -191,13 +167,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def from_pickle_gz(data: bytes) -> MnistArrays:
-    """Convert the gzipped ``((Xtr, ytr), (Xva, yva), (Xte, yte))`` pickle to MnistArrays.
-
-    Pixels are float32 exact multiples of 1/256 in (n, 784); train and validation
-    together, in order, are the original 60,000-image training set.
-    """
-    # gunzip caps the size and checks the CRC before a single opcode is read.
-    raw = io.BytesIO(gunzip(data, name="pickle"))
+    """Convert the gzipped ``((Xtr, ytr), (Xva, yva), (Xte, yte))`` pickle: float32 (n, 784) pixels,
+    exact multiples of 1/256; train and validation together, in order, are the 60,000 training images."""
+    raw = io.BytesIO(gunzip(data, name="pickle"))  # size capped and CRC checked before any opcode is read
     try:
         obj = RestrictedUnpickler(raw, encoding="latin1").load()  # Python-2 strings as latin1
     except DataError:

@@ -1,8 +1,5 @@
-"""Parse ``params.yaml`` into frozen pydantic models, one section per stage (``load_section``).
-
-Validation is strict (``"ten"``, ``2.5`` and ``true`` are not integers); ``parse`` turns pydantic's
-errors into one ``ParamsError`` with a line per error, such as ``train.epochs: must be >= 1; got 0``.
-"""
+"""Parse ``params.yaml`` into frozen, strictly typed pydantic models, one section per stage (``load_section``);
+every error becomes one line of a ``ParamsError``, such as ``train.epochs: must be >= 1; got 0``."""
 
 from __future__ import annotations
 
@@ -52,8 +49,7 @@ class _Params(BaseModel):
 
 
 def _check(ok: Callable[[Any], object], message: str) -> AfterValidator:
-    """A check of one (already typed) value; ``message`` may show it as ``{value}``
-    (a tuple as a list, as written in YAML; a mapping as its keys)."""
+    """A check of a typed value; ``{value}`` in ``message`` shows it (a tuple as a list, a mapping as its keys)."""
 
     def check(value: Any) -> Any:
         if not ok(value):
@@ -68,10 +64,6 @@ def _check(ok: Callable[[Any], object], message: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-def _unique(values: tuple[Any, ...]) -> bool:
-    return len(set(values)) == len(values)
-
-
 def _exact_keys(keys: Iterable[str], message: str) -> AfterValidator:
     """A mapping's keys must be exactly ``keys``; ``message`` is followed by them and by the keys found."""
     return _check(lambda d: set(d) == set(keys), f"{message} {', '.join(keys)}; got {{value}}")
@@ -80,10 +72,9 @@ def _exact_keys(keys: Iterable[str], message: str) -> AfterValidator:
 # A YAML list, kept as a tuple. Only the container is lax (a list is accepted where a
 # tuple is declared); its items stay strict.
 ListOf = Annotated[tuple[T, ...], Strict(False)]
+_UNIQUE = _check(lambda values: len(set(values)) == len(values), "must not repeat; got {value}")
 # One axis of the grid: at least one value, none twice.
-Axis = Annotated[
-    ListOf[T], _check(len, "must list at least one value"), _check(_unique, "must not repeat; got {value}")
-]
+Axis = Annotated[ListOf[T], _check(len, "must list at least one value"), _UNIQUE]
 Sha256 = Annotated[str, _check(re.compile("[0-9a-fA-F]{64}").fullmatch, "expected a hex sha256 digest; got {value!r}")]
 Md5 = Annotated[str, _check(re.compile("[0-9a-fA-F]{32}").fullmatch, "expected a hex md5 digest; got {value!r}")]
 # A leading dash would be read by pip as an option, not a requirement.
@@ -91,8 +82,6 @@ Requirement = Annotated[
     str, _check(re.compile(r"\s*[^\s-]").match, "expected a requirement like 'name==1.0'; got {value!r}")
 ]
 
-
-# --------------------------------------------------------------------------- fetch
 CONTENT_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 # File names of the classic distribution, mapped to the CONTENT_KEYS they hold.
 IDX_GZ_FILES = {
@@ -151,21 +140,14 @@ class FetchParams(_Params):
     retries: int = Field(2, ge=0)
 
 
-# ---------------------------------------------------------------------- preprocess
 class PreprocessParams(_Params):
     """``preprocess`` section: ``limit`` keeps the first N training images (null: all)."""
 
     limit: Annotated[int, _check(lambda n: n > 0, "must be null or > 0; got {value}")] | None = None
 
 
-# --------------------------------------------------------------------------- train
 class Variant(_Params):
-    """One point of the study: what distinguishes one trained network from another.
-
-    Comes from the stage's command line (``dvc.yaml`` expands the ``grid`` and
-    ``remedies`` params into one stage per variant), so that adding a variant
-    trains only that variant.
-    """
+    """One point of the study: what distinguishes one trained network from another (one DVC stage each)."""
 
     depth: int = Field(ge=1)
     activation: Activation = "sigmoid"
@@ -221,7 +203,7 @@ class TrainParams(_Params):
     seeds: Annotated[
         ListOf[int],
         _check(len, "must list at least one seed"),
-        _check(_unique, "must not repeat; got {value}"),
+        _UNIQUE,
         _check(lambda seeds: min(seeds) >= 0, "must be >= 0; got {value}"),
     ] = (0,)
     epochs: int = Field(200, ge=1)
@@ -237,14 +219,12 @@ class TrainParams(_Params):
     init_scale: float = Field(1.0, gt=0)
 
 
-# ------------------------------------------------------------------------ tracking
 class TrackingParams(_Params):
     """``tracking`` section: where runs are grouped in MLflow."""
 
     experiment: Annotated[str, _check(str.strip, "must be a non-empty name")] = "vanishing-gradient"
 
 
-# ------------------------------------------------------------------------- summary
 class SummaryParams(_Params):
     """``summary`` section: statistics computed from the trained histories (metrics.json)."""
 
@@ -258,7 +238,6 @@ class SummaryParams(_Params):
     forecast_epochs: int = Field(40, ge=2)
 
 
-# -------------------------------------------------------------------------- report
 class ReportParams(_Params):
     """``report`` section: presentation choices only."""
 
@@ -284,7 +263,6 @@ SECTIONS: dict[str, Any] = {
 }
 
 
-# ------------------------------------------------------------------------ loading
 def read_params_file(path: str | Path = "params.yaml") -> dict[str, Any]:
     """Read the YAML file as a mapping (no validation)."""
     path = Path(path)
@@ -301,8 +279,6 @@ def read_params_file(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 def load_section(name: str, path: str | Path = "params.yaml") -> Any:
     """Load and validate one section of ``params.yaml`` (only that section is read)."""
-    if name not in SECTIONS:
-        raise ParamsError(f"unknown params section '{name}'; known: {', '.join(SECTIONS)}")
     raw = read_params_file(path)
     if name not in raw:
         raise ParamsError(f"{path}: missing section '{name}'")
@@ -310,12 +286,8 @@ def load_section(name: str, path: str | Path = "params.yaml") -> Any:
 
 
 def check_file(path: str | Path = "params.yaml") -> None:
-    """Validate the whole file: no unknown sections (a typo must not be ignored), every section
-    present valid, and the study's variants (``grid`` + ``remedies``) well formed.
-
-    Stages call this first, so a mistake anywhere stops the first stage that runs, before it
-    writes anything. Missing sections are left to the stages that need them.
-    """
+    """Validate every section present, refuse unknown ones and check the study's variants; missing
+    sections are left to the stages that need them (every stage calls this first)."""
     raw = read_params_file(path)
     unknown = sorted(map(str, set(raw) - set(SECTIONS)))
     if unknown:
@@ -333,7 +305,6 @@ def parse(cls: type[T], data: Any, where: str) -> T:
         raise ParamsError("\n".join(_message(err, where) for err in exc.errors())) from None
 
 
-# ------------------------------------------------------------------------ messages
 # pydantic's error types in this file's words: ``{placeholders}`` are pydantic's ctx, the
 # offending value (``input``) and its type's name (``type``).
 _EXPECTED = {"int": "an integer", "float": "a number", "string": "a string", "tuple": "a list", "dict": "a mapping"}
@@ -342,7 +313,7 @@ _MESSAGES = {
     "model_type": "expected a mapping, got {input!r} ({type})",
     "model_attributes_type": "expected a mapping, got {input!r} ({type})",
     "value_error": "{error}",  # raised by the validators above, already phrased for the user
-    "missing": "missing required key {key!r}",
+    "missing": "required key is missing",
     "literal_error": "got {input!r}; allowed: {expected}",
     "union_tag_invalid": "got kind {tag!r}; allowed: {expected_tags}",
     "union_tag_not_found": "missing required key 'kind' (one of {kinds})",
@@ -358,14 +329,10 @@ def _message(err: Any, where: str) -> str:
     loc, value = err["loc"], err["input"]
     # Leave out the tag pydantic puts after a mirror's index: (mirrors, 0, 'npz', 'sha256').
     keys = [k for i, k in enumerate(loc) if not (i and isinstance(loc[i - 1], int) and k in _KINDS)]
+    path = where + "".join(f"[{k}]" if isinstance(k, int) else " (key)" if k == "[key]" else f".{k}" for k in keys)
     fields = {"input": value, "type": type(value).__name__, "msg": err["msg"], "kinds": ", ".join(_KINDS)}
     for key, ctx_value in err.get("ctx", {}).items():  # pydantic lists allowed values as "'a', 'b' or 'c'"
         fields[key] = str(ctx_value).replace("'", "").replace(" or ", ", ") if key.startswith("expected") else ctx_value
-    if err["type"] == "missing":  # the path names the mapping the key is missing from
-        keys, fields["key"] = keys[:-1], keys[-1]
-    path = where
-    for key in keys:
-        path += f"[{key}]" if isinstance(key, int) else " (key)" if key == "[key]" else f".{key}"
     return f"{path}: " + _MESSAGES.get(err["type"], "{msg}").format(**fields)
 
 

@@ -2,9 +2,8 @@
 
 ``python -m pipeline.preprocess [--params params.yaml] --in data/raw/mnist.npz --out data/processed``
 
-Writes ``<out>/train.npz`` and ``<out>/test.npz`` (keys ``x``: float32 (n, 784) in [0, 1],
-``y``: float32 one-hot (n, 10)) and nothing else, into a folder built beside ``<out>`` and
-renamed into place, so ``<out>`` is either the old or the new result.
+Writes only ``<out>/train.npz`` and ``<out>/test.npz`` (``x``: float32 (n, 784) in [0, 1], ``y``: float32
+one-hot (n, 10)), built beside ``<out>`` and renamed into place.
 """
 
 from __future__ import annotations
@@ -26,10 +25,7 @@ log = logging.getLogger("pipeline.preprocess")
 
 
 def preprocess(arrays: MnistArrays, limit: int | None) -> dict[str, np.ndarray]:
-    """Network-ready arrays: images as float32 (n, 784) pixel / 255, labels as float32 one-hot rows.
-
-    ``limit`` (None or > 0, as PreprocessParams checks) keeps the first N training images.
-    """
+    """Float32 images (n, 784) as pixel / 255 and one-hot labels; ``limit`` keeps the first N training images."""
     if limit is not None and limit > len(arrays.x_train):
         raise ParamsError(
             f"preprocess.limit: {limit} is more than the {len(arrays.x_train)} training images; "
@@ -56,9 +52,8 @@ def run(in_path: Path, out: Path, limit: int | None) -> None:
                 f.flush()
                 os.fsync(f.fileno())
     log.info(
-        "wrote %s: %d training and %d test examples (limit %s)",
-        out, len(data["x_train"]), len(data["x_test"]), limit,
-    )  # fmt: skip
+        "wrote %s: %d training and %d test examples (limit %s)", out, len(data["x_train"]), len(data["x_test"]), limit
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

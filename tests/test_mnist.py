@@ -64,9 +64,9 @@ def test_mnist_arrays_validation() -> None:
     good = synthetic_arrays(4, 2)
     with pytest.raises(DataError, match="dtype uint8"):
         MnistArrays(good.x_train.astype(np.float32), good.y_train, good.x_test, good.y_test)
-    with pytest.raises(DataError, match=r"shape \(n, 28, 28\)"):
+    with pytest.raises(DataError, match=r"shapes \(4, 784\) and \(4,\); expected \(n, 28, 28\)"):
         MnistArrays(good.x_train.reshape(4, 784), good.y_train, good.x_test, good.y_test)
-    with pytest.raises(DataError, match="4 images but 3 labels"):
+    with pytest.raises(DataError, match=r"shapes \(4, 28, 28\) and \(3,\); expected"):
         MnistArrays(good.x_train, good.y_train[:3], good.x_test, good.y_test)
     with pytest.raises(DataError, match=r"labels must be 0\.\.9"):
         MnistArrays(good.x_train, np.full(4, 10, np.uint8), good.x_test, good.y_test)

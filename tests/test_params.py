@@ -126,7 +126,7 @@ def test_bad_train_params(overrides: dict[str, object], fragment: str) -> None:
         ({"depth": 2, "loss": "hinge"}, "loss: got 'hinge'; allowed: mse, cross_entropy"),
         ({"depth": 2, "init": "zeros"}, "init: got 'zeros'; allowed: glorot_uniform, glorot_standard, he_normal"),
         ({"depth": 2, "norm": "layer"}, "norm: got 'layer'; allowed: none, batch"),
-        ({"activation": "relu"}, "missing required key 'depth'"),
+        ({"activation": "relu"}, "variant.depth: required key is missing"),
     ],
 )
 def test_bad_variant(fields: dict[str, object], fragment: str) -> None:
@@ -228,7 +228,7 @@ def test_mirrors_are_chosen_by_kind() -> None:
             _fetch(dict(GOOD_NPZ, sha265="a")),
             "fetch.mirrors[0]: unknown key(s) sha265; allowed keys: url, sha256, kind",
         ),
-        (_fetch(GOOD_NPZ, {"kind": "file"}), "fetch.mirrors[1]: missing required key 'path'"),
+        (_fetch(GOOD_NPZ, {"kind": "file"}), "fetch.mirrors[1].path: required key is missing"),
         (_fetch(GOOD_NPZ, dict(GOOD_IDX, url=3)), "fetch.mirrors[1].url: expected a string, got 3 (int)"),
         (_fetch(dict(GOOD_NPZ, sha256="abc")), "fetch.mirrors[0].sha256: expected a hex sha256 digest; got 'abc'"),
         (
@@ -320,7 +320,7 @@ def test_dvc_expands_the_same_stages() -> None:
         ({"depth": [1], "loss": []}, "grid.loss: must list at least one value"),
         ({"depth": ["1"]}, "grid.depth[0]: expected an integer, got '1'"),
         ({"depths": [1]}, "unknown key(s) depths"),
-        ({}, "grid: missing required key 'depth'"),
+        ({}, "grid.depth: required key is missing"),
     ],
 )
 def test_bad_grid(raw: dict[str, object], fragment: str) -> None:
