@@ -1,13 +1,8 @@
-"""Start the MLflow UI over the project's store (``ui``) or a tracking server (``server``).
+"""``python -m pipeline.serve ui|server``: the MLflow UI over the project's store, or a tracking server.
 
 Both bind 127.0.0.1 unless told otherwise, refuse a busy port, print the link to the experiment's
 training runs, and run MLflow in its own process group, so that Ctrl-C, SIGTERM, SIGHUP or the death
-of the parent ``make`` stops all of its workers. The server proxies artifacts, so clients need only
-its URL (``MLFLOW_TRACKING_URI=http://...``).
-
-MLflow 3.17's UI is in "Model training" mode where the URL says ``workflowType=machine_learning``, else
-in the mode the browser last picked (GenAI until then); its own links to runs and models carry no mode
-(the experiment tag ``mlflow.experimentKind`` steers only the experiment's bare page): ``ui`` says so.
+of the parent ``make`` stops all of its workers. The server proxies artifacts: clients need only its URL.
 """
 
 from __future__ import annotations
@@ -26,7 +21,6 @@ import types
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from pipeline import tracking
 from pipeline.params import ParamsError, TrackingParams, load_section
@@ -61,11 +55,9 @@ def view_key(report_run_id: str) -> str:
 
 
 def study_view(run_ids: Sequence[str], depth: int) -> dict[str, object]:
-    """The runs page of one study: the variant runs ``run_ids`` (parents and seeds; not the report's
-    run, which has no metrics and would head every legend), seeds collapsed under their variant, in
-    chart view, two charts a row: training and test accuracy first (one line per variant), then the
-    losses, then each hidden layer's speed of learning (‖∂C/∂b‖), kernel gradient and weight change.
-    Every visible run is charted (the UI's default charts the first 10 rows only)."""
+    """The runs page of one study's variant runs ``run_ids`` (not the report's run, which has no metrics
+    and would head every legend), in chart view, two charts a row: accuracy and loss first, then each
+    hidden layer's ‖∂C/∂b‖, kernel gradient and weight change, every visible run charted."""
     groups = [(MODEL_METRICS, list(STORY))]
     groups += [(kind, [f"{kind}/hidden_{i}" for i in range(1, depth + 1)]) for kind in LAYER_STORY]
     sections, charts = [], []
@@ -114,16 +106,14 @@ def _line_chart(uuid: str, section: str, key: str) -> dict[str, object]:
 
 
 def ui_path(experiment_id: str, page: str = "runs", **query: str) -> str:
-    """``#/experiments/<id>/<page>?workflowType=machine_learning``: a page of the UI in Model training
-    mode, as a link relative to the UI that shows it (use it as is in MLflow descriptions, whatever the
-    port); ``page`` is ``runs``, ``runs/<run id>``, ``runs/<run id>/artifacts/<path>``, ``models``..."""
+    """A page of the UI (``runs``, ``runs/<run id>/artifacts/<path>``, ``models``...) in Model training
+    mode, as a link relative to the UI that shows it: usable as is in MLflow descriptions."""
     query = {"workflowType": "machine_learning", **query}
     return f"#/experiments/{experiment_id}/{page}?{urllib.parse.urlencode(query)}"
 
 
 def runs_link(base_url: str, experiment_id: str | None, view: str | None = None) -> str:
-    """Direct link to an experiment's training runs (or the UI root), in Model training mode; with
-    ``view``, the study's shared view in chart mode (see :func:`study_view`)."""
+    """Link to an experiment's training runs (or the UI root); with ``view``, that shared view's charts."""
     base = base_url.rstrip("/") + "/"
     if not experiment_id:
         return base
@@ -147,38 +137,17 @@ def find_study(store_uri: str, name: str) -> tuple[str | None, str | None, str |
     return exp_id, report_id, view
 
 
-def ui_command(store_uri: str, host: str, port: int) -> list[str]:
-    """``mlflow ui`` over an existing store, with one worker."""
-    return [
-        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri,
-        "--host", host, "--port", str(port), "--workers", str(UI_WORKERS),
-    ]  # fmt: skip
-
-
-def server_command(
-    root: Path,
-    host: str,
-    port: int,
-    backend_uri: str | None = None,
-    artifacts: str | None = None,
-    workers: int | None = None,
+def mlflow_command(
+    mode: str, store: str, host: str, port: int, workers: int, artifacts: str | None = None
 ) -> list[str]:
-    """``mlflow server`` with a SQL backend and proxied artifacts (clients never touch the artifact store).
-
-    Defaults: ``<root>/mlserver/mlflow.db`` (SQLite) and ``<root>/mlserver/artifacts``.
-    """
-    backend_uri = backend_uri or f"sqlite:///{root / SERVER_DIR / 'mlflow.db'}"
-    artifacts = artifacts or str(root / SERVER_DIR / "artifacts")
+    """``mlflow ui`` or ``mlflow server`` (the same command in MLflow 3) over ``store``; given ``artifacts``,
+    it proxies that artifact store, so that clients never touch it."""
     command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", backend_uri,
-        "--artifacts-destination", artifacts,
-        "--serve-artifacts",
-        "--host", host,
-        "--port", str(port),
+        sys.executable, "-m", "mlflow", mode, "--backend-store-uri", store,
+        "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
-    if workers:
-        command += ["--workers", str(workers)]
+    if artifacts:
+        command += ["--artifacts-destination", artifacts, "--serve-artifacts"]
     return command
 
 
@@ -211,8 +180,7 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout_s: float =
 
 
 def stop_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """Terminate MLflow and every worker it started (they share its process group, which
-    may outlive the parent when it crashed: the group is signalled either way)."""
+    """Terminate MLflow and every worker it started: its process group, which outlives MLflow if it crashed."""
     with contextlib.suppress(ProcessLookupError):  # raised once the whole group has exited
         os.killpg(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
@@ -229,23 +197,21 @@ def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
 
 
 def _die_with_parent() -> None:
-    """On Linux, receive SIGTERM when the parent dies: ``make server`` killed by SIGTERM
-    (CI cancelling, ``timeout``) does not pass the signal on to its children."""
+    """On Linux, receive SIGTERM when the parent dies: ``make`` killed by SIGTERM does not pass it on."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """MLflow's environment: its GenAI job runner (about seven worker processes of some 250 MB
-    each, unused by this project) stays off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION is set."""
+    """MLflow's environment: its GenAI job runner (some seven processes of 250 MB, unused here) stays off
+    unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION is set."""
     env = dict(os.environ if environ is None else environ)
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     return env
 
 
 def parser() -> argparse.ArgumentParser:
-    """Command-line options; both modes bind 127.0.0.1 unless ``--host`` says otherwise."""
     p = argparse.ArgumentParser(prog="python -m pipeline.serve", description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["ui", "server"])
     p.add_argument("--params", default="params.yaml")
@@ -273,44 +239,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     base = f"http://{host}:{args.port}"
     if args.mode == "ui":
-        store = tracking.tracking_uri(root)
+        store, artifacts, workers = tracking.tracking_uri(root), None, UI_WORKERS
         if store.startswith(("http://", "https://")):
             log.error("MLFLOW_TRACKING_URI is the server %s: open it in a browser (it is its own UI)", store)
             return 1
         if store.startswith("sqlite:///") and not tracking.sqlite_path(store).exists():
             log.error("no MLflow store at %s yet: run `make repro` first", store)
             return 1
-        command = ui_command(store, args.host, args.port)
     else:
-        if args.backend_store_uri is None or args.artifacts_destination is None:
-            (root / SERVER_DIR).mkdir(exist_ok=True)
-        command = server_command(
-            root, args.host, args.port, args.backend_store_uri, args.artifacts_destination, args.workers
-        )
+        store = args.backend_store_uri or f"sqlite:///{root / SERVER_DIR / 'mlflow.db'}"
+        artifacts = args.artifacts_destination or str(root / SERVER_DIR / "artifacts")
+        workers = args.workers
     if not port_free(args.host, args.port):
         log.error(
             "%s:%s is already in use (another MLflow?): stop it or pick another port (PORT=5001)", host, args.port
         )
         return 1
-    if args.mode == "server":
-        store = command[command.index("--backend-store-uri") + 1]
-        log.info(
-            "Starting MLflow tracking server: store %s, artifacts %s",
-            tracking.redact(store),
-            command[command.index("--artifacts-destination") + 1],
-        )
+    if artifacts:
+        log.info("Starting MLflow tracking server: store %s, artifacts %s", tracking.redact(store), artifacts)
+    command = mlflow_command(args.mode, store, args.host, args.port, workers, artifacts)
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     _die_with_parent()
     process = subprocess.Popen(command, env=child_env(), start_new_session=True)
     try:
-        study = find_study(store, track.experiment) if args.mode == "ui" else (None, None, None)  # while MLflow starts
+        # The project's store is searched while MLflow starts; a server's, through it once it is up.
+        study = find_study(store, track.experiment) if args.mode == "ui" else None
         if not wait_until_up(base, process):
             log.error("MLflow did not start on %s; see its messages above", base)
             return 1
         if args.mode == "server":
-            study = find_study(base, track.experiment)
             log.info("Tracking server: %s\nLog the pipeline to it with:  MLFLOW_TRACKING_URI=%s make repro", base, base)
-        exp_id, report_id, view = study
+        exp_id, report_id, view = study or find_study(base, track.experiment)
         log.info("Training runs: %s", runs_link(base, exp_id, view))
         if report_id:
             log.info("Report: %s/%s", base, ui_path(exp_id, f"runs/{report_id}/artifacts/index.html"))

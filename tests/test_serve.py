@@ -15,29 +15,51 @@ import pytest
 from pipeline import serve
 
 
-def test_server_command_defaults_to_loopback_sqlite_and_proxied_artifacts(tmp_path: Path) -> None:
-    command = serve.server_command(tmp_path, "127.0.0.1", 5000)
+def test_server_command_proxies_artifacts() -> None:
+    command = serve.mlflow_command("server", "postgresql:///mlflow", "127.0.0.1", 5001, 2, "s3://bucket/mlflow")
     assert command[:4] == [sys.executable, "-m", "mlflow", "server"]
     assert command[command.index("--host") + 1] == "127.0.0.1"
-    assert command[command.index("--port") + 1] == "5000"
-    assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlserver' / 'mlflow.db'}"
-    assert command[command.index("--artifacts-destination") + 1] == str(tmp_path / "mlserver" / "artifacts")
-    assert "--serve-artifacts" in command
-    assert "--workers" not in command
-
-
-def test_server_command_for_a_team_database(tmp_path: Path) -> None:
-    command = serve.server_command(tmp_path, "127.0.0.1", 5001, "postgresql:///mlflow", "s3://bucket/mlflow", 2)
+    assert command[command.index("--port") + 1] == "5001"
     assert command[command.index("--backend-store-uri") + 1] == "postgresql:///mlflow"
     assert command[command.index("--artifacts-destination") + 1] == "s3://bucket/mlflow"
+    assert "--serve-artifacts" in command
     assert command[command.index("--workers") + 1] == "2"
 
 
 def test_ui_command_binds_what_it_is_given_with_one_worker() -> None:
-    command = serve.ui_command("sqlite:////x/mlflow.db", "127.0.0.1", 5000)
+    command = serve.mlflow_command("ui", "sqlite:////x/mlflow.db", "127.0.0.1", 5000, serve.UI_WORKERS)
+    assert command[:4] == [sys.executable, "-m", "mlflow", "ui"]
     assert command[command.index("--host") + 1] == "127.0.0.1"
     assert command[command.index("--backend-store-uri") + 1] == "sqlite:////x/mlflow.db"
     assert command[command.index("--workers") + 1] == "1"  # one person's browser; starts twice as fast
+    assert "--artifacts-destination" not in command
+
+
+def test_server_defaults_to_loopback_sqlite_and_artifacts_in_mlserver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[list[str]] = []
+
+    class Started:
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            started.append(command)
+            self.pid = 0
+
+    monkeypatch.setattr(serve.subprocess, "Popen", Started)
+    monkeypatch.setattr(serve, "wait_until_up", lambda url, process: False)
+    monkeypatch.setattr(serve, "stop_group", lambda process: None)
+    monkeypatch.setattr(serve, "_die_with_parent", lambda: None)  # not for the test process
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert serve.main(["server", "--params", str(write_params(tmp_path)), "--port", "0"]) == 1
+    (command,) = started
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert (
+        command[command.index("--backend-store-uri") + 1]
+        == f"sqlite:///{tmp_path.resolve() / 'mlserver' / 'mlflow.db'}"
+    )
+    assert command[command.index("--artifacts-destination") + 1] == str(tmp_path.resolve() / "mlserver" / "artifacts")
+    assert command[command.index("--workers") + 1] == str(serve.SERVER_WORKERS)
 
 
 def test_both_modes_default_to_loopback() -> None:
