@@ -1,10 +1,7 @@
 """Report stage: every variant's results in, one self-contained study page out. Needs no tracking store.
 
-``python -m pipeline.report --params params.yaml --results results --out reports``
-
-Reads ``results/<name>/{history.csv,metrics.json}`` and, where there, ``run.json`` (the run table's MLflow
-runs); writes ``<out>/index.html`` (``templates/report.html.j2``, images embedded), the PNGs, ``summary.md``
-and ``plots/`` for ``dvc plots``: all or, on a failure, none. :mod:`pipeline.publish` puts it into MLflow.
+Reads ``results/<name>/`` and writes ``<out>/index.html`` (``templates/report.html.j2``, images embedded),
+the PNGs, ``summary.md`` and ``plots/`` for ``dvc plots``: all or, on a failure, none.
 """
 
 from __future__ import annotations
@@ -17,10 +14,11 @@ import logging
 import math
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -74,8 +72,7 @@ class VariantResult:
 
 
 def study_names(grid: GridParams, remedies: Mapping[str, Variant]) -> dict[str, Variant]:
-    """The study's variants by the name DVC gives their stage items (dvc.yaml), which is their folder's:
-    ``4-sigmoid-mse-glorot_uniform-none`` for the grid, a remedy's key for a remedy."""
+    """The study's variants by their DVC stage item's (and folder's) name: ``4-sigmoid-mse-glorot_uniform-none``."""
     study_variants(grid, remedies)  # a remedy that repeats a grid variant is an error
     return {"-".join(str(getattr(v, k)) for k in SETTINGS): v for v in grid.expand()} | dict(remedies)
 
@@ -99,7 +96,9 @@ def load_variant(folder: Path, variant: Variant) -> VariantResult:
     run = read_json(folder / "run.json") if (folder / "run.json").is_file() else {}
     if run.get("variant", variant.model_dump()) != variant.model_dump() or history.depth_of(table) != variant.depth:
         raise ReportError(f"{folder}: trained as another variant than params.yaml's {variant}; rerun it (dvc repro)")
-    return VariantResult(folder, variant, table, read_json(folder / "metrics.json"), run)
+    if "plateau" not in (metrics := read_json(folder / "metrics.json")):  # the escape's definition: from summarize
+        raise ReportError(f"{folder / 'metrics.json'} has no plateau; rerun its summary stage (dvc repro)")
+    return VariantResult(folder, variant, table, metrics, run)
 
 
 def load_results(results: Path, study: Mapping[str, Variant]) -> list[VariantResult]:
@@ -124,16 +123,6 @@ def remedy_groups(results: Sequence[VariantResult]) -> dict[int, list[VariantRes
 
 def histories(results: Iterable[VariantResult]) -> dict[str, pd.DataFrame]:
     return {r.name: r.history for r in results}
-
-
-def escapes_of(results: Iterable[VariantResult]) -> dict[str, pd.DataFrame]:
-    """Name -> each seed's escape epoch, by the plateau and margin the summarize stage used (metrics.json)."""
-    out = {}
-    for r in results:
-        if "plateau" not in r.metrics:
-            raise ReportError(f"{r.folder / 'metrics.json'} has no plateau; rerun its summary stage (dvc repro)")
-        out[r.name] = history.escape_epochs(r.history, r.metrics["plateau"], r.metrics["escape_margin"])
-    return out
 
 
 # ------------------------------------------------------------------------ tables
@@ -239,39 +228,25 @@ class Section:
     plots: Sequence[Plot] = ()
 
 
-@dataclass
 class Study:
-    """What every section draws on: the results in study order, their summary, colours and escapes."""
+    """What every section draws on: the results in study order, their summary, colours, escapes and forecasts,
+    each seed's as the summarize stage defined them (metrics.json's settings)."""
 
-    results: list[VariantResult]
-    rp: ReportParams
-    window: int  # summary.index_window: the epochs the vanishing index averages
-    folder: Path
-    summary: pd.DataFrame = field(init=False)
-    colors: dict[str, str] = field(init=False)
-    escapes: dict[str, pd.DataFrame] = field(init=False)
-    forecasts: dict[str, pd.DataFrame] = field(init=False)
-    results_by: dict[str, VariantResult] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.summary = summary_table(self.results).set_index("variant")
-        self.colors = figures.variant_colors({r.name: r.variant for r in self.results})
-        self.escapes = escapes_of(self.results)
-        self.results_by = {r.name: r for r in self.results}
-        self.forecasts = {  # each seed's escape forecast, as the summarize stage made it (metrics.json's settings)
+    def __init__(self, results: list[VariantResult], rp: ReportParams, window: int, folder: Path) -> None:
+        self.results, self.rp, self.folder = results, rp, folder
+        self.window = window  # summary.index_window: the epochs the vanishing index averages
+        self.classic = [r for r in results if r.classic]
+        self.deep = [r for r in self.classic if r.variant.depth >= 2]  # those with a vanishing index
+        self.summary = summary_table(results).set_index("variant")
+        self.colors = figures.variant_colors({r.name: r.variant for r in results})
+        self.escapes = {
+            r.name: history.escape_epochs(r.history, r.metrics["plateau"], r.metrics["escape_margin"]) for r in results
+        }
+        self.forecasts = {
             r.name: history.escape_forecasts(r.history, m["forecast_epochs"], m["plateau"], m["escape_margin"])
-            for r in self.results
+            for r in results
             if "forecast_epochs" in (m := r.metrics)
         }
-
-    @property
-    def classic(self) -> list[VariantResult]:
-        return [r for r in self.results if r.classic]
-
-    @property
-    def deep(self) -> list[VariantResult]:
-        """The classic variants with two hidden layers or more: those with a vanishing index."""
-        return [r for r in self.classic if r.variant.depth >= 2]
 
     def render_all(self, *figs: tuple[Figure, str, str]) -> list[Plot]:
         """Save each (figure, file, caption) as a palette PNG (a third of the bytes, the same look) and release it."""
@@ -332,24 +307,20 @@ def page_summary(s: Study) -> list[str]:
     """The page's opening three sentences, from the data."""
     if not s.classic:
         return [setup_conclusion(s), results_conclusion(s)]
-    deepest = s.classic[-1]
+    deepest, depth = s.classic[-1], s.classic[-1].variant.depth
     first = f"The classic sigmoid nets end at a training accuracy of {s.by_depth('accuracy', '.3f')}."
     second = f"{deepest.name} escapes its plateau {escape_phrase(s.escapes[deepest.name])}."
     if s.deep:
         index = s.by_depth("vanishing_index", deep=True)
-        second = f"In the first {s.window} epochs the first hidden layer's gradient is {index} times the last one's; "
-        second += f"{deepest.name} escapes its plateau {escape_phrase(s.escapes[deepest.name])}."
-    remedies = [r for r in remedy_groups(s.results).get(deepest.variant.depth, []) if not r.classic]
+        gradient = f"In the first {s.window} epochs the first hidden layer's gradient is {index} times the last one's"
+        second = f"{gradient}; {second}"
+    remedies = [r for r in remedy_groups(s.results).get(depth, []) if not r.classic]
     if not remedies:
         return [first, second, results_conclusion(s)]
     best = max(remedies, key=lambda r: s.summary.loc[r.name, "accuracy_mean"])
-    third = f"At depth {deepest.variant.depth} the best remedy, {best.name}, ends at "
-    return [
-        first,
-        second,
-        third + f"{s.value(best.name, 'accuracy', '.3f')} against the classic net's "
-        f"{s.value(deepest.name, 'accuracy', '.3f')}.",
-    ]
+    ends = [s.value(r.name, "accuracy", ".3f") for r in (best, deepest)]
+    third = f"At depth {depth} the best remedy, {best.name}, ends at {ends[0]} against the classic net's {ends[1]}."
+    return [first, second, third]
 
 
 def classic_section(s: Study) -> Section:
@@ -445,7 +416,7 @@ def stall_section(s: Study) -> Section:
     listed = "; ".join(f"{name} {escape_phrase(e)}" for name, e in s.escapes.items())
     plots = s.render_all((figures.escape_figure(s.escapes, s.colors), "escape_epochs.png", f"Escape: {listed}."))
     if forecasts := {n: f for n, f in s.forecasts.items() if f["forecast"].notna().any()}:
-        each = "; ".join(f"{n} {forecast_phrase(s.results_by[n].metrics)}" for n in forecasts)
+        each = "; ".join(f"{r.name} {forecast_phrase(r.metrics)}" for r in s.results if r.name in forecasts)
         fig = figures.forecast_figure(s.escapes, forecasts, s.colors)
         plots += s.render_all((fig, "escape_forecast.png", f"Forecast: {each}."))
     if not s.classic:
@@ -565,8 +536,6 @@ SECTIONS = (classic_section, replicates_section, gradients_section, stall_sectio
 
 def page_html(context: Mapping[str, Any]) -> str:
     """``index.html`` from the Jinja2 template (autoescaped: every value is text unless marked safe)."""
-    import jinja2
-
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("pipeline", "templates"),
         autoescape=True,
