@@ -54,11 +54,6 @@ def test_from_idx_rejects_bad_data(data: bytes, match: str) -> None:
         mnist.from_idx(data)
 
 
-def test_to_idx_rejects_non_uint8() -> None:
-    with pytest.raises(DataError, match="uint8"):
-        mnist.to_idx(np.zeros(3, dtype=np.int64))
-
-
 # ------------------------------------------------------------------------- arrays
 def test_mnist_arrays_validation() -> None:
     good = synthetic_arrays(4, 2)
