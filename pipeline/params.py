@@ -198,7 +198,7 @@ def study_variants(grid: GridParams, remedies: Mapping[str, Variant]) -> list[Va
 
 
 class TrainParams(_Params):
-    """``train`` section: everything shared by every variant's training (plain SGD, no momentum)."""
+    """``train`` section: everything shared by every variant's training (plain SGD; params.yaml explains each key)."""
 
     seeds: Annotated[
         ListOf[int],
@@ -213,9 +213,7 @@ class TrainParams(_Params):
     # Replicates share one input batch (stacked training), so the data order is seeded
     # separately from the weights: replicate seeds vary only the initial weights.
     shuffle_seed: int = Field(0, ge=0)
-    # Fixed training images on which per-layer gradients are measured every epoch.
     probe_size: int = Field(1000, ge=1)
-    # Multiplies every initial kernel (1: the initialiser's own scale).
     init_scale: float = Field(1.0, gt=0)
 
 
@@ -234,20 +232,17 @@ class SummaryParams(_Params):
     # predictor's accuracy: the most common training label's frequency) by more than this (an
     # accuracy difference, 0.05 = 5 points); seeds that never do are censored.
     escape_margin: float = Field(0.05, gt=0, lt=1)
-    # The escape forecast may use each seed's first N epochs (pipeline.history.escape_forecasts).
     forecast_epochs: int = Field(40, ge=2)
 
 
 class ReportParams(_Params):
-    """``report`` section: presentation choices only."""
+    """``report`` section: presentation choices only (params.yaml explains ``ui_url``)."""
 
     # Upper y-limit of the weight-change panel is this quantile of epochs >= 2,
     # so the large first-epoch change does not flatten the rest of the curve.
     change_clip_quantile: float = Field(0.99, gt=0, le=1)
     # Resolution of the PNGs; the page shows every figure at the same size whatever the dpi.
     dpi: int = Field(110, ge=30)
-    # The MLflow UI over the local store (make ui's address), which the run table links into;
-    # None: no links. Runs logged to a tracking server link into that server.
     ui_url: str | None = Field(None, pattern=r"^https?://")
 
 
