@@ -1,10 +1,8 @@
 """What the train stage tells MLflow and the terminal; never what it computes.
 
-Not a code dependency of the train stage in ``dvc.yaml``: rewording a run description, the
-progress line or the MLflow logging retrains nothing. :func:`tracked` wraps one variant's
-training in its MLflow runs (one per seed, nested under the variant's run); the numbers come
-from :func:`pipeline.train.fit_replicates`, which only hands its per-epoch ``logs`` to the
-callbacks defined here.
+Not a code dependency of the train stage in ``dvc.yaml``: rewording a run description, the progress
+line or the MLflow logging retrains nothing. The numbers come from :func:`pipeline.train.fit_replicates`,
+which hands its per-epoch ``logs`` to the callbacks defined here.
 """
 
 from __future__ import annotations
@@ -39,20 +37,14 @@ STD_PREFIX = "std/"  # the parent run's spread over seeds of a metric: std/accur
 
 
 class MlflowLogger(keras.callbacks.Callback):
-    """Logs every per-replicate value to that replicate's MLflow run, step = epoch (1-based), and,
-    given the variant's parent run, the mean over seeds under the same key and the population
-    std as ``std/<key>`` there, so the parent charts the variant as one line.
-
-    Metrics are buffered and sent in batches at most every ``flush_s`` seconds (and at
-    the end), so a local SQLite store does not cost a transaction per metric.
-    """
+    """Logs each replicate's values to its run, step = epoch (1-based), and to the parent run their mean
+    (same key) and population std (``std/<key>``), so that the parent charts the variant as one line.
+    Batched every ``flush_s`` seconds and at the end: a SQLite store costs a transaction per request."""
 
     def __init__(self, client: Any, run_ids: Sequence[str], parent_id: str | None = None, flush_s: float = 5.0) -> None:
         super().__init__()
         self.client, self.run_ids, self.parent_id, self.flush_s = client, list(run_ids), parent_id, flush_s
-        self._buffer: dict[str, list[Any]] = {
-            run_id: [] for run_id in [*self.run_ids, *([parent_id] * bool(parent_id))]
-        }
+        self._buffer: dict[str, list[Any]] = {run_id: [] for run_id in [*self.run_ids, parent_id] if run_id}
         self._last_flush = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -63,12 +55,10 @@ class MlflowLogger(keras.callbacks.Callback):
             values = np.asarray(value, np.float64)
             for run_id, v in zip(self.run_ids, values, strict=True):
                 # NaN and ±inf too: MLflow stores them, and a diverging run must show that it diverged.
-                self._buffer[run_id].append(Metric(key=key, value=float(v), timestamp=now_ms, step=epoch + 1))
+                self._buffer[run_id].append(Metric(key, float(v), now_ms, epoch + 1))
             if self.parent_id:
                 for name, v in ((key, values.mean()), (f"{STD_PREFIX}{key}", values.std())):
-                    self._buffer[self.parent_id].append(
-                        Metric(key=name, value=float(v), timestamp=now_ms, step=epoch + 1)
-                    )
+                    self._buffer[self.parent_id].append(Metric(name, float(v), now_ms, epoch + 1))
         if time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
 
@@ -105,22 +95,17 @@ class Progress(keras.callbacks.Callback):
             + (f" (min {acc.min():.4f} max {acc.max():.4f}, {len(acc)} seeds)" if len(acc) > 1 else "")
             + f"  elapsed {elapsed:.0f}s  remaining ~{remaining:.0f}s"
         )
-        if self.live:
-            self.stream.write("\r\x1b[2K" + line)
-            if done == self.epochs:
-                self.stream.write("\n")
-            self.stream.flush()
+        if self.live:  # redraw the line; keep it at the end
+            self.stream.write("\r\x1b[2K" + line + ("\n" if done == self.epochs else ""))
         elif done % self.every == 0 or done in (1, self.epochs):
             self.stream.write(line + "\n")
-            self.stream.flush()
+        self.stream.flush()
 
 
 def run_params(variant: Variant, train: TrainParams, seed: int, backend: str) -> dict[str, str]:
     """Every parameter that determines one replicate, flattened for MLflow."""
-    params: dict[str, Any] = variant.model_dump() | train.model_dump()
-    params["seeds"] = ",".join(map(str, train.seeds))
-    params["seed"] = seed
-    params["backend"] = backend
+    seeds = ",".join(map(str, train.seeds))
+    params = variant.model_dump() | train.model_dump() | {"seeds": seeds, "seed": seed, "backend": backend}
     return {k: str(v) for k, v in params.items()}
 
 
@@ -182,59 +167,6 @@ def log_run_inputs(
         tracking.race_safe(client.log_inputs, run_id, inputs)
 
 
-def log_run_outputs(
-    client: Any,
-    experiment_id: str,
-    runs: tracking.RunSet,
-    names: Sequence[str],
-    seeds: Sequence[int],
-    models: list[Any],
-    history: pd.DataFrame,
-) -> None:
-    """Per run: its own rows of the history, and its replicate as an MLflow model (a LoggedModel in the
-    experiment's Models tab, loadable with ``mlflow.pyfunc.load_model``) linked to its final metrics."""
-    import keras
-    import mlflow.keras
-    from mlflow.entities import LoggedModelOutput, Metric
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    from pipeline.model import INPUT_DIM, N_CLASSES
-
-    signature = ModelSignature(
-        # Unnamed tensors: pyfunc then passes a plain (n, 784) array, as the Sequential expects.
-        Schema([TensorSpec(np.dtype(np.float32), (-1, INPUT_DIM))]),
-        Schema([TensorSpec(np.dtype(np.float32), (-1, N_CLASSES))]),
-    )
-    backend = keras.backend.backend()  # what the saved model needs to load: Keras and its backend, pinned
-    requirements = [f"keras=={keras.__version__}", f"{backend}=={importlib.metadata.version(backend)}"]
-    final = history.sort_values("epoch").groupby("seed").tail(1).set_index("seed")
-    for seed, run_id, single, name in zip(seeds, runs.run_ids, models, names, strict=True):
-        with tempfile.TemporaryDirectory() as scratch:
-            csv = Path(scratch) / "history.csv"
-            history[history["seed"] == seed].to_csv(csv, index=False, float_format=CSV_FLOAT)
-            client.log_artifact(run_id, str(csv))
-            model = client.create_logged_model(
-                experiment_id, name=name, source_run_id=run_id, model_type="keras", params={"seed": str(seed)}
-            )
-            try:
-                saved = str(Path(scratch) / "model")
-                mlflow.keras.save_model(single, saved, signature=signature, pip_requirements=requirements)
-                client.log_model_artifacts(model.model_id, saved)
-            except BaseException:
-                # Never leave a PENDING model behind: it would look like one still being written.
-                with contextlib.suppress(Exception):
-                    client.finalize_logged_model(model.model_id, "FAILED")
-                raise
-        client.finalize_logged_model(model.model_id, "READY")
-        epoch, now = int(final.loc[seed, "epoch"]), int(time.time() * 1000)
-        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, epoch)])
-        # Under their own keys: the per-epoch series of `accuracy` keeps one value per epoch.
-        values = {f"final/{k}": float(final.loc[seed, k]) for k in SCALARS}
-        metrics = [Metric(k, v, now, epoch, model_id=model.model_id) for k, v in values.items()]
-        client.log_batch(run_id, metrics=metrics, synchronous=True)
-
-
 @dataclass
 class Tracked:
     """One variant's open MLflow runs: the callbacks that log to them, and what run.json records."""
@@ -248,8 +180,49 @@ class Tracked:
     callbacks: list[keras.callbacks.Callback] = field(default_factory=list)
 
     def log_outputs(self, models: list[Any], history: pd.DataFrame) -> None:
-        """Each replicate's history and LoggedModel; called once the outputs are in place."""
-        log_run_outputs(self.client, self.experiment_id, self.runs, self.names, self.seeds, models, history)
+        """Per run, once the outputs are in place: its rows of the history, and its replicate as an MLflow
+        model (a LoggedModel in the Models tab, loadable with ``mlflow.pyfunc.load_model``) linked to its
+        final metrics."""
+        import mlflow.keras
+        from mlflow.entities import LoggedModelOutput, Metric
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from pipeline.model import INPUT_DIM, N_CLASSES
+
+        signature = ModelSignature(
+            # Unnamed tensors: pyfunc then passes a plain (n, 784) array, as the Sequential expects.
+            Schema([TensorSpec(np.dtype(np.float32), (-1, INPUT_DIM))]),
+            Schema([TensorSpec(np.dtype(np.float32), (-1, N_CLASSES))]),
+        )
+        backend = keras.backend.backend()  # what the saved model needs to load: Keras and its backend, pinned
+        requirements = [f"keras=={keras.__version__}", f"{backend}=={importlib.metadata.version(backend)}"]
+        client = self.client
+        final = history.sort_values("epoch").groupby("seed").tail(1).set_index("seed")
+        for seed, run_id, single, name in zip(self.seeds, self.runs.run_ids, models, self.names, strict=True):
+            with tempfile.TemporaryDirectory() as scratch:
+                csv = Path(scratch) / "history.csv"
+                history[history["seed"] == seed].to_csv(csv, index=False, float_format=CSV_FLOAT)
+                client.log_artifact(run_id, str(csv))
+                model = client.create_logged_model(
+                    self.experiment_id, name=name, source_run_id=run_id, model_type="keras", params={"seed": str(seed)}
+                )
+                try:
+                    saved = str(Path(scratch) / "model")
+                    mlflow.keras.save_model(single, saved, signature=signature, pip_requirements=requirements)
+                    client.log_model_artifacts(model.model_id, saved)
+                except BaseException:
+                    # Never leave a PENDING model behind: it would look like one still being written.
+                    with contextlib.suppress(Exception):
+                        client.finalize_logged_model(model.model_id, "FAILED")
+                    raise
+            client.finalize_logged_model(model.model_id, "READY")
+            epoch, now = int(final.loc[seed, "epoch"]), int(time.time() * 1000)
+            client.log_outputs(run_id, [LoggedModelOutput(model.model_id, epoch)])
+            # Under their own keys: the per-epoch series of `accuracy` keeps one value per epoch.
+            values = {f"final/{k}": float(final.loc[seed, k]) for k in SCALARS}
+            metrics = [Metric(k, v, now, epoch, model_id=model.model_id) for k, v in values.items()]
+            client.log_batch(run_id, metrics=metrics, synchronous=True)
 
 
 @contextmanager
