@@ -166,11 +166,6 @@ def test_from_idx_gz_rejects_missing_and_corrupt_files() -> None:
         mnist.from_idx_gz(dict(files, **{name: b"garbage" * 10}))
 
 
-def test_gunzip_refuses_bombs() -> None:
-    with pytest.raises(DataError, match="more than 1000 bytes"):
-        mnist.gunzip(gzip.compress(bytes(5000)), limit=1000)
-
-
 # ------------------------------------------------------------------------- pickle
 @pytest.mark.parametrize("legacy_names", [False, True])
 def test_from_pickle_gz_like_the_pypi_file(legacy_names: bool) -> None:
