@@ -270,9 +270,15 @@ class Study:
         return ", ".join(f"{self.value(r.name, key, fmt)} (depth {r.variant.depth})" for r in variants)
 
 
-def _at(table: pd.DataFrame, column: str, epoch: int, fmt: str = ".3f") -> str:
-    """Mean over seeds of ``column`` at ``epoch``; n/a when the column is missing."""
-    return _num(table.loc[table["epoch"] == epoch, column].mean() if column in table else math.nan, fmt)
+def _at(table: pd.DataFrame, column: str, *epochs: int, fmt: str = ".3f") -> str:
+    """``0.25 → 0.1``: the mean over seeds of ``column`` at each of ``epochs``; n/a when the column is missing."""
+    means = (table.loc[table["epoch"] == e, column].mean() if column in table else math.nan for e in epochs)
+    return " → ".join(_num(mean, fmt) for mean in means)
+
+
+def _layers(table: pd.DataFrame, layers: Iterable[str], *epochs: int, fmt: str = ".3f") -> str:
+    """``hidden_1 0.25 → 0.1, output 0.3 → 0.2``: :func:`_at` of each layer."""
+    return ", ".join(f"{history.layer_name(c)} {_at(table, c, *epochs, fmt=fmt)}" for c in layers)
 
 
 def escape_phrase(escapes: pd.DataFrame) -> str:
@@ -399,11 +405,6 @@ def output_gain(r: VariantResult, epoch: int = 1) -> float:
     return float(r.history.loc[r.history["epoch"] == epoch, gains].prod(axis=1).mean()) if gains else math.nan
 
 
-def _times(factor: float) -> str:
-    """``1,316`` or ``4.2``: a factor as a reader takes it in."""
-    return f"{factor:,.0f}" if factor >= 10 else _num(factor, ".2g")
-
-
 def forecast_phrase(m: Mapping[str, Any]) -> str:
     """``at epoch 131 ± 9 (mean |forecast − actual| / actual: 7%)`` from a variant's metrics.json."""
     forecast = format_mean_std(m.get("escape_forecast"), m.get("escape_forecast_std"), ".0f")
@@ -435,10 +436,11 @@ def stall_section(s: Study) -> Section:
             f"image's class frequencies ({_num(m['plateau_mse'], '.5f')})"
         )
     if gains := figures.probe_layers(table, GAIN):
-        at_1 = ", ".join(f"{history.layer_name(c)} {_at(table, c, 1, '.2f')}" for c in gains)
+        passed, factor = _layers(table, gains, 1, fmt=".2f"), 1 / output_gain(r)
+        times = f"{factor:,.0f}" if factor >= 10 else _num(factor, ".2g")  # 1,316 or 4.2: as a reader takes it in
         conclusion += (
-            f": at epoch 1 its layers pass on {at_1} of the signal they receive, so its output varies "
-            f"{_times(1 / output_gain(r))} times less from image to image than its input"
+            f": at epoch 1 its layers pass on {passed} of the signal they receive, so its output varies "
+            f"{times} times less from image to image than its input"
         )
     each = [f"censored at {e.last_epoch}" if e.censored else f"{e.escape_epoch:.0f}" for e in escapes.itertuples()]
     text = f"Escape of each seed: {', '.join(f'seed {n}: {e}' for n, e in zip(escapes['seed'], each, strict=True))}. "
@@ -450,7 +452,7 @@ def stall_section(s: Study) -> Section:
         text += f"The output's signal over the input's at epoch 1: {ratios}. "
     share = history.around_escape(table, COUPLING_SHARE, escapes, ESCAPE_WINDOW)
     if share[2]:
-        first, final = _at(table, COUPLING_SHARE, 1, ".2f"), _at(table, COUPLING_SHARE, last, ".2f")
+        first, final = _at(table, COUPLING_SHARE, 1, fmt=".2f"), _at(table, COUPLING_SHARE, last, fmt=".2f")
         text += (
             f"The output–label covariance's first mode holds {first} of it at epoch 1, {_num(share[0], '.3f')} over "
             f"the {ESCAPE_WINDOW} epochs before each escape, {_num(share[1], '.3f')} over the {ESCAPE_WINDOW} from "
@@ -466,14 +468,12 @@ def stall_section(s: Study) -> Section:
         )
     figs, tail = [], []
     if gains:
-        caption = f"Signal of each layer at epoch 1 and {last}: " + ", ".join(
-            f"{history.layer_name(c)} {_at(table, c, 1, '.3g')} → {_at(table, c, last, '.3g')}"
-            for c in figures.probe_layers(table, SIGNAL)
-        )
+        signals = _layers(table, figures.probe_layers(table, SIGNAL), 1, last, fmt=".3g")
+        caption = f"Signal of each layer at epoch 1 and {last}: {signals}"
         figs.append((figures.signal_figure(table, r.name, escapes), f"signal-{r.name}.png", caption))
     if history.layer_columns(table, SATURATION):  # results trained before the probe have none of these
-        at_last = [f"{history.layer_name(c)} {_at(table, c, last)}" for c in figures.probe_layers(table, SATURATION)]
-        saturation = f"Saturated: {SATURATED_MEANS}. At epoch {last}: {', '.join(at_last)}."
+        at_last = _layers(table, figures.probe_layers(table, SATURATION), last)
+        saturation = f"Saturated: {SATURATED_MEANS}. At epoch {last}: {at_last}."
         tail.append((figures.saturation_figure(table, r.name, escapes), f"saturation-{r.name}.png", saturation))
         tail.append((figures.jacobian_figure(table, r.name), f"jacobians-{r.name}.png", jacobian_caption(r)))
     text += "Measured every epoch on a fixed probe batch."
@@ -484,12 +484,13 @@ def stall_section(s: Study) -> Section:
 def jacobian_caption(r: VariantResult) -> str:
     """Per-layer mean singular values at epoch 1, and the predicted against the measured first / last ratio."""
     table, depth = r.history, r.variant.depth
-    layers = [f"{history.layer_name(c)} {_at(table, c, 1, '.3g')}" for c in history.layer_columns(table, JAC_MEAN)]
+    means = _layers(table, history.layer_columns(table, JAC_MEAN), 1, fmt=".3g")
+    layers = f"Mean singular value at epoch 1: {means}."
     if depth < 2:
-        return f"Mean singular value at epoch 1: {', '.join(layers)}."
+        return layers
     measured, predicted = history.first_to_last(table)["mean"], history.seed_stats(table, JAC_PRODUCT)["mean"]
     return (
-        f"Mean singular value at epoch 1: {', '.join(layers)}. First / last ‖∂C/∂b‖ at epoch 1: predicted "
+        f"{layers} First / last ‖∂C/∂b‖ at epoch 1: predicted "
         f"{_num(predicted.iloc[0], '.3g')}, measured {_num(measured.iloc[0], '.3g')}; medians over epochs "
         f"{_num(predicted.median(), '.3g')} and {_num(measured.median(), '.3g')}."
     )
@@ -516,7 +517,7 @@ def remedies_section(s: Study) -> Section:
         figs = [(figures.remedies_figure(histories(group), s.colors), f"remedies-depth-{depth}.png", caption)]
         if probed := [r for r in group if history.layer_columns(r.history, SATURATION)]:
             top = columns.layer_column(SATURATION, depth)
-            facts = "; ".join(f"{r.name} {_at(r.history, top, 1)} → {_at(r.history, top, r.epochs)}" for r in probed)
+            facts = "; ".join(f"{r.name} {_at(r.history, top, 1, r.epochs)}" for r in probed)
             caption = f"Saturated: {SATURATED_MEANS}. hidden_{depth}, first → last epoch: {facts}."
             fig = figures.saturation_by_variant(histories(probed), s.escapes, s.colors)
             figs.append((fig, f"remedies-saturation-depth-{depth}.png", caption))
@@ -534,21 +535,16 @@ def results_section(s: Study) -> Section:
 SECTIONS = (classic_section, replicates_section, gradients_section, stall_section, remedies_section, results_section)
 
 
-def page_html(context: Mapping[str, Any]) -> str:
-    """``index.html`` from the Jinja2 template (autoescaped: every value is text unless marked safe)."""
-    env = jinja2.Environment(
+def build_report(results: Sequence[VariantResult], rp: ReportParams, window: int, folder: Path) -> None:
+    """Write the PNGs, ``index.html``, ``summary.md`` and ``plots/`` into ``folder``."""
+    s = Study(list(results), rp, window, folder)
+    env = jinja2.Environment(  # autoescaped: every value is text
         loader=jinja2.PackageLoader("pipeline", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,  # a missing value is an error, not an empty cell
         keep_trailing_newline=True,
     )
     env.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
-    return env.get_template("report.html.j2").render(context)
-
-
-def build_report(results: Sequence[VariantResult], rp: ReportParams, window: int, folder: Path) -> pd.DataFrame:
-    """Write the PNGs, ``index.html``, ``summary.md`` and ``plots/`` into ``folder``; returns the summary table."""
-    s = Study(list(results), rp, window, folder)
     context = {
         "summary": page_summary(s),
         "setup": setup_conclusion(s),
@@ -564,10 +560,9 @@ def build_report(results: Sequence[VariantResult], rp: ReportParams, window: int
         "ui_url": rp.ui_url,
         "window": window,
     }
-    (folder / "index.html").write_text(page_html(context), encoding="utf-8")
+    (folder / "index.html").write_text(env.get_template("report.html.j2").render(context), encoding="utf-8")
     (folder / "summary.md").write_text(summary_markdown(s.summary.reset_index()), encoding="utf-8")
     curves.write_plot_data(histories(s.results), s.colors, folder / "plots")  # seed means for `dvc plots show`
-    return s.summary.reset_index()
 
 
 def _stage(args: argparse.Namespace, rp: ReportParams) -> None:
