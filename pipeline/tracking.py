@@ -159,21 +159,13 @@ def _check_server(uri: str, timeout_s: float, attempts: int) -> None:
     from mlflow.utils.rest_utils import http_request
 
     endpoint = "/api/2.0/mlflow/experiments/search"
+    bounds = {"max_retries": attempts - 1, "backoff_factor": 0.5, "backoff_jitter": 0.0, "timeout": timeout_s}
     retry_log = logging.getLogger("urllib3.connectionpool")
     level = retry_log.level
     retry_log.setLevel(logging.ERROR)  # one clear message below instead of a warning per retry
     try:
-        response = http_request(
-            get_default_host_creds(uri),
-            endpoint,
-            "GET",
-            params={"max_results": 1},
-            max_retries=attempts - 1,
-            backoff_factor=0.5,
-            backoff_jitter=0.0,
-            timeout=timeout_s,
-            raise_on_status=False,
-        )
+        creds = get_default_host_creds(uri)
+        response = http_request(creds, endpoint, "GET", params={"max_results": 1}, raise_on_status=False, **bounds)
     except Exception as exc:  # noqa: BLE001 - connection refused, DNS, TLS, timeouts: all mean "not reachable"
         # MLflow folds the requests/urllib3 error into its message: its gist is found there.
         message = str(exc).strip()
@@ -246,15 +238,6 @@ def open_store(uri: str, lock_timeout_s: float = 300.0) -> Any:
     return client
 
 
-def git_commit(root: Path) -> str:
-    """HEAD's full hash (never a tag's name), ``-dirty`` appended when tracked files changed, or ``unknown``."""
-    command = ["git", "describe", "--always", "--abbrev=40", "--exclude=*", "--dirty"]
-    try:
-        return subprocess.run(command, cwd=root, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def study_digest(code_dir: Path, params_file: Path) -> str:
     """What defines a study: the pipeline's code and the parsed params (comments and layout ignored).
     Not git's view: the stages rewrite committed files (``dvc.lock``), which would split one ``dvc repro``."""
@@ -282,7 +265,13 @@ def execution_id() -> str:
 
 def lineage_tags(root: Path, stage: str, params_file: str | Path = "params.yaml") -> dict[str, str]:
     """Tags that tie a run to its code, pipeline stage, study and ``dvc repro``."""
-    commit = git_commit(root)
+    # HEAD's full hash (never a tag's name), "-dirty" when tracked files changed.
+    command = ["git", "describe", "--always", "--abbrev=40", "--exclude=*", "--dirty"]
+    try:
+        described = subprocess.run(command, cwd=root, capture_output=True, text=True, check=True, timeout=10)
+        commit = described.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
     tags = {
         # MLflow's own tags fill the UI's Source, Version and User columns.
         "mlflow.source.name": stage,

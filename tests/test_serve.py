@@ -35,14 +35,15 @@ def test_ui_command_binds_what_it_is_given_with_one_worker() -> None:
     assert "--artifacts-destination" not in command
 
 
+@pytest.mark.parametrize(("asked", "job_runner"), [(None, "false"), ("true", "true")])
 def test_server_defaults_to_loopback_sqlite_and_artifacts_in_mlserver(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asked: str | None, job_runner: str
 ) -> None:
-    started: list[list[str]] = []
+    started: list[tuple[list[str], dict[str, str]]] = []
 
     class Started:
-        def __init__(self, command: list[str], **kwargs: object) -> None:
-            started.append(command)
+        def __init__(self, command: list[str], env: dict[str, str], **kwargs: object) -> None:
+            started.append((command, env))
             self.pid = 0
 
     monkeypatch.setattr(serve.subprocess, "Popen", Started)
@@ -51,8 +52,12 @@ def test_server_defaults_to_loopback_sqlite_and_artifacts_in_mlserver(
     monkeypatch.setattr(serve, "_die_with_parent", lambda: None)  # not for the test process
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    if asked:
+        monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", asked)
     assert serve.main(["server", "--params", str(write_params(tmp_path)), "--port", "0"]) == 1
-    (command,) = started
+    ((command, env),) = started
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == job_runner  # MLflow's GenAI job runner: off unless asked
     assert command[command.index("--host") + 1] == "127.0.0.1"
     assert (
         command[command.index("--backend-store-uri") + 1]
@@ -124,12 +129,6 @@ def test_find_study_names_the_experiment_its_latest_report_and_view(tmp_path: Pa
     report = client.create_run(exp, start_time=2_000, run_name="report").info.run_id
     client.set_experiment_tag(exp, serve.SHARED_VIEW_TAG + serve.view_key(report), "{}")
     assert serve.find_study(uri, "vanishing-gradient") == (exp, report, serve.view_key(report))
-
-
-def test_child_env_turns_the_genai_job_runner_off_unless_asked() -> None:
-    assert serve.child_env({})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
-    env = serve.child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"})
-    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
 
 
 def test_port_free() -> None:
