@@ -19,10 +19,9 @@ def run_stage(
     expected: tuple[type[Exception], ...],
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Parse ``argv``; check the whole params file (a mistake anywhere stops the first stage that
-    runs), load ``section`` and call ``body(args, params)``. An ``expected`` failure (bad params,
-    bad data, a full disk) is one error line and exit status 1; anything else is a bug and keeps
-    its traceback."""
+    """Parse ``argv``, check the whole params file (a mistake anywhere stops the first stage that runs)
+    and call ``body(args, <section's params>)``. An ``expected`` failure (bad params or data, a full disk)
+    is one error line and exit status 1; anything else is a bug and keeps its traceback."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     parser.add_argument("--params", default="params.yaml", help=f"params file (reads its '{section}' section)")
     args = parser.parse_args(argv)

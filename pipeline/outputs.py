@@ -1,9 +1,5 @@
-"""Atomic outputs: build beside the target, move into place only when complete.
-
-A stage that fails or is killed leaves the previous output (or nothing) at the target
-path, never a half-written one; its scratch copy is removed on every exit path
-except SIGKILL, and is hidden (``.<name>.tmp-*``) so readers skip it.
-"""
+"""Atomic outputs: built beside the target in a hidden scratch copy (``.<name>.tmp-*``), moved into place
+only when complete, removed on every other exit but SIGKILL: the target never holds half an output."""
 
 from __future__ import annotations
 
@@ -41,7 +37,7 @@ def _replace(src: Path, dst: Path) -> None:
     if not (dst.exists() or dst.is_symlink()):
         src.rename(dst)
         return
-    # Move the old output aside first, so ``dst`` never holds a mix of old and new.
+    # A folder cannot be renamed over a non-empty one: the old output is moved aside first.
     backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
     dst.rename(backup)
     try:
