@@ -15,13 +15,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.columns import SCALARS, SIGNAL, SPEED, WEIGHT_CHANGE, layer_column, output_column, parse_layer_column
+from pipeline.params import SummaryParams
 
 REQUIRED_COLUMNS = ("seed", "epoch", *SCALARS)
-# The escape epoch: first epoch whose training accuracy exceeds the plateau by more than this.
-ESCAPE_MARGIN = 0.05
-# The escape forecast's window (the first N epochs of each seed), and the least share of the
-# variance of 1 / signal/output that its line must explain there for the law to forecast.
-FORECAST_EPOCHS, FORECAST_MIN_R2 = 40, 0.9
+FORECAST_MIN_R2 = 0.9  # the least share of the variance of 1 / signal/output the forecast's line must explain
 
 
 class HistoryError(ValueError):
@@ -203,13 +200,7 @@ def escape_summary(escapes: pd.DataFrame, forecasts: pd.DataFrame) -> dict[str, 
     return out
 
 
-def summarize(
-    history: pd.DataFrame,
-    index_window: int,
-    plateau: float,
-    escape_margin: float = ESCAPE_MARGIN,
-    forecast_epochs: int = FORECAST_EPOCHS,
-) -> dict[str, float | int | None]:
+def summarize(history: pd.DataFrame, p: SummaryParams, plateau: float) -> dict[str, float | int | None]:
     """``metrics.json`` of one variant: final-epoch values, the vanishing index, the escape epoch and its
     forecast, mean and std over seeds; a non-finite value is ``null`` (JSON has no NaN), never dropped."""
     last = final_rows(history)
@@ -220,16 +211,16 @@ def summarize(
         out[f"{key}_std"] = _finite(last[key].std(ddof=0, skipna=False))
     first, final = layer_column(SPEED, 1), layer_column(SPEED, depth_of(history))
     seeds = history.sort_values("epoch").groupby("seed")
-    per_seed = [vanishing_index(rows[first], rows[final], index_window) for _, rows in seeds]
+    per_seed = [vanishing_index(rows[first], rows[final], p.index_window) for _, rows in seeds]
     indices = [index for index, _ in per_seed]
     out["vanishing_index"] = _finite(np.mean(indices))
     out["vanishing_index_std"] = _finite(np.std(indices))
     # Epochs (summed over seeds) left out of the index because the last layer's speed was 0.
     out["vanishing_index_skipped_epochs"] = sum(skipped for _, skipped in per_seed)
-    escapes = escape_epochs(history, plateau, escape_margin)
-    out.update(escape_summary(escapes, escape_forecasts(history, forecast_epochs, plateau, escape_margin)))
+    escapes = escape_epochs(history, plateau, p.escape_margin)
+    out.update(escape_summary(escapes, escape_forecasts(history, p.forecast_epochs, plateau, p.escape_margin)))
     # The definitions' settings, so that what reads the histories uses the same.
-    out.update(plateau=plateau, escape_margin=escape_margin, forecast_epochs=forecast_epochs)
+    out.update(plateau=plateau, escape_margin=p.escape_margin, forecast_epochs=p.forecast_epochs)
     out["epochs"] = int(history["epoch"].max())
     out["replicates"] = int(history["seed"].nunique())
     return out

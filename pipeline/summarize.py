@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body(args: argparse.Namespace, p: SummaryParams) -> None:
         table, (plateau, plateau_loss) = history.read_history(args.history), read_plateau(args.train)
-        metrics = history.summarize(table, p.index_window, plateau, p.escape_margin, p.forecast_epochs)
+        metrics = history.summarize(table, p, plateau)
         metrics["plateau_mse"] = plateau_loss  # the loss of an MSE net on the plateau
         try:
             write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")

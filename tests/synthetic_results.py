@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.history import summarize
-from pipeline.params import Variant
+from pipeline.params import SummaryParams, Variant
 
 SEEDS = (0, 1)
 EPOCHS = 5
@@ -77,7 +77,7 @@ def write_variant(results: Path, variant: Variant, name: str | None = None, seed
     table = make_history(variant.depth, seeds=seeds)
     table.to_csv(folder / "history.csv", index=False, float_format="%.8g")
     (folder / "metrics.json").write_text(
-        json.dumps(summarize(table, index_window=3, plateau=PLATEAU)), encoding="utf-8"
+        json.dumps(summarize(table, SummaryParams(index_window=3), plateau=PLATEAU)), encoding="utf-8"
     )
     run = {
         "name": name,

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline import columns, history
+from pipeline.params import SummaryParams
 from tests.synthetic_results import make_history
 
 
@@ -66,7 +67,7 @@ def test_vanishing_index_window_and_skipped_epochs() -> None:
 
 def test_summarize_at_depth_three_hand_computed() -> None:
     table = make_history(3)
-    metrics = history.summarize(table, index_window=3, plateau=0.1)
+    metrics = history.summarize(table, SummaryParams(index_window=3), plateau=0.1)
     # seed 0 ends at 0.78, seed 1 at 0.88 (depth 3): mean 0.83, population std 0.05
     assert metrics["accuracy"] == pytest.approx(0.83)
     assert metrics["accuracy_std"] == pytest.approx(0.05)
@@ -83,7 +84,7 @@ def test_summarize_reports_skipped_epochs_and_writes_nan_as_null() -> None:
     table = make_history(2)
     table.loc[table["epoch"] == 1, "grad_bias/hidden_2"] = 0.0  # last layer still: the ratio is undefined
     table.loc[table["seed"] == 1, "loss"] = np.nan  # a diverged seed
-    metrics = history.summarize(table, index_window=2, plateau=0.1)
+    metrics = history.summarize(table, SummaryParams(index_window=2), plateau=0.1)
     assert metrics["vanishing_index_skipped_epochs"] == 2  # epoch 1 of both seeds
     assert metrics["vanishing_index"] == pytest.approx(0.2)  # from epoch 2 alone
     assert metrics["loss"] is None and metrics["loss_std"] is None
@@ -209,14 +210,14 @@ def test_summarize_adds_the_escape_epoch_its_forecast_and_their_settings() -> No
     table = make_history(1, epochs=60)
     blow_up = _blow_up({0: 50.0, 1: None}, epochs=60)  # seed 0 escapes at 50, seed 1 has no plateau
     table[["accuracy", "signal/output"]] = blow_up[["accuracy", "signal/output"]].to_numpy()
-    metrics = history.summarize(table, 2, 0.11, escape_margin=0.05, forecast_epochs=40)
+    metrics = history.summarize(table, SummaryParams(index_window=2, escape_margin=0.05, forecast_epochs=40), 0.11)
     assert (metrics["escape_epoch"], metrics["escaped_fraction"]) == (pytest.approx(25.5), 1.0)
     assert metrics["escape_forecast"] == pytest.approx(50.0) and metrics["forecast_fraction"] == 0.5
     assert metrics["escape_forecast_error"] == pytest.approx(0.0, abs=1e-9)
     assert (metrics["plateau"], metrics["escape_margin"], metrics["forecast_epochs"]) == (0.11, 0.05, 40)
     assert {"accuracy", "vanishing_index", "vanishing_index_skipped_epochs", "epochs", "replicates"} <= set(metrics)
     # A larger margin than any gain: every seed censored, and nothing averaged.
-    late = history.summarize(make_history(2), 2, 0.1, escape_margin=0.9)
+    late = history.summarize(make_history(2), SummaryParams(index_window=2, escape_margin=0.9), 0.1)
     assert (late["escape_epoch"], late["escape_epoch_std"], late["escaped_fraction"]) == (None, None, 0.0)
     assert late["escape_forecast"] is None  # no signal/output column: histories from before issue 16
 

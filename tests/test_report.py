@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline import figures, report
-from pipeline.params import GridParams, ParamsError, ReportParams, Variant
+from pipeline.params import GridParams, ParamsError, ReportParams, SummaryParams, Variant
 from tests.synthetic_results import DEFAULT_STUDY, PARAMS, PLATEAU, write_results, write_variant
 
 D1, D2, REMEDY = DEFAULT_STUDY
@@ -274,7 +274,7 @@ def test_stall_section_forecasts_the_escape_of_seeds_still_on_the_plateau(tmp_pa
         table = pd.read_csv(results / name / "history.csv")
         table["signal/output"] = 0.005 / (1 - 0.15 * table["epoch"])
         table.to_csv(results / name / "history.csv", index=False)
-        metrics = summarize(table, index_window=3, plateau=PLATEAU, forecast_epochs=2)
+        metrics = summarize(table, SummaryParams(index_window=3, forecast_epochs=2), plateau=PLATEAU)
         (results / name / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "out").mkdir()
     report.build_report(report.load_results(results, DEFAULT_STUDY), ReportParams(dpi=30), 3, tmp_path / "out")
