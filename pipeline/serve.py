@@ -165,16 +165,13 @@ def port_free(host: str, port: int) -> bool:
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout_s: float = 180.0) -> bool:
     """Poll ``url``/health until it answers 200, the process dies, or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
+    health, deadline = url.rstrip("/") + "/health", time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             return False
-        try:
-            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=2) as resp:  # noqa: S310 (loopback URL we built)
-                if resp.status == 200:
-                    return True
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=2) as resp:  # noqa: S310 (our loopback URL)
+            if resp.status == 200:
+                return True
         time.sleep(0.3)
     return False
 

@@ -85,10 +85,7 @@ class StopSignals:
 
     @contextmanager
     def installed(self) -> Iterator[StopSignals]:
-        """Handle the signals for the duration (not outside the main thread, where Python cannot)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
+        """Handle the signals for the duration (in the main thread: stages and tests run there)."""
         previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         try:
             yield self
@@ -172,9 +169,7 @@ def _check_server(uri: str, timeout_s: float, attempts: int) -> None:
         gists = (
             ("connection refused", "connection refused (nothing listens on that port)"),
             ("timed out", f"no answer within {timeout_s:g} s"),
-            ("name or service not known", "unknown host name"),
-            ("nodename nor servname", "unknown host name"),
-            ("name resolution", "host name cannot be resolved"),
+            ("failed to resolve", "unknown host name"),  # urllib3 2's wording for every DNS failure
             ("ssl", "TLS error (see MLFLOW_TRACKING_SERVER_CERT_PATH)"),
         )
         why = next((gist for needle, gist in gists if needle in message.lower()), message.splitlines()[0][:300])
