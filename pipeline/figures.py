@@ -139,7 +139,7 @@ def sigmoid_figure() -> Figure:
 
 
 def remedies_figure(histories: Mapping[str, pd.DataFrame], colors: Mapping[str, str]) -> Figure:
-    """At one depth: each variant's training accuracy and first / last ‖∂C/∂b‖ (log) against (1/4)^(depth-1)."""
+    """At one depth: each variant's training accuracy, and first / last ‖∂C/∂b‖ (log) with (1/4)^(depth-1)."""
     fig, axes = _figure(1, 2, row_height=3.6)
     for label, history in histories.items():
         plot_stats(axes[0], seed_stats(history, "accuracy"), label, colors[label])
