@@ -1,23 +1,18 @@
 """Compiled whole-epoch training of a stacked model, with Keras callbacks at epoch boundaries.
 
-Why not ``model.fit``: the networks are tiny (a 784×15 first layer), so Keras' per-step
-machinery (data iterator, metric objects, callbacks hooks) costs more than the
-arithmetic. Here one compiled call runs a whole epoch of plain SGD steps, the same
-steps ``fit`` would take (same batches, same loss, same update), and the usual Keras
-callbacks run once per epoch with per-replicate logs.
+One compiled call runs a whole epoch of the plain SGD steps ``fit`` would take (same batches,
+loss and update; why and how much faster: docs/performance.md), and the usual Keras callbacks
+run once per epoch with per-replicate logs. The step is ordinary Keras 3; only gradient-taking
+and compilation are backend specific (TensorFlow and JAX).
 
-The step itself is ordinary Keras 3 (model call, ``keras.ops`` loss, a Keras SGD
-optimizer); only gradient-taking and compilation are backend specific, so both the
-TensorFlow and the JAX backends are supported.
-
-Cross-entropy is computed from the logits behind the softmax output, as Keras' ``fit``
-does on TensorFlow (``_get_logits`` in ``keras/src/backend/tensorflow/nn.py``): from
-clipped probabilities the gradient would vanish wherever a probability fell below 1e-7.
+Cross-entropy is computed from the logits behind the softmax output, as Keras' ``fit`` does on
+TensorFlow (``_get_logits`` in ``keras/src/backend/tensorflow/nn.py``): from clipped
+probabilities the gradient would vanish wherever a probability fell below 1e-7.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +23,8 @@ from keras import ops
 
 from pipeline.model import logits_model
 
-log = logging.getLogger(__name__)
+# run_epoch(x, y, full batches, short last batch) -> per-replicate loss sum and hits; grads(x, y).
+Compiled = tuple[Callable[..., tuple[np.ndarray, np.ndarray]], Callable[[Any, Any], list[Any]]]
 
 
 def configure_backend(deterministic: bool = True) -> str:
@@ -58,12 +54,8 @@ def configure_backend(deterministic: bool = True) -> str:
 
 
 def replicate_losses(loss: str, y_true: Any, outputs: Any) -> Any:
-    """Per-replicate mean loss, shape (S,). ``y_true`` (B, C) is shared, ``outputs`` is (S, B, C).
-
-    ``mse``: Keras' mean squared error of the (sigmoid) outputs, mean over outputs and batch.
-    ``cross_entropy``: ``outputs`` are the *logits* behind the softmax; the loss is
-    -Σ y log softmax(logits), Keras' ``softmax_cross_entropy_with_logits`` path.
-    """
+    """Per-replicate mean loss, shape (S,). ``y_true`` (B, C) is shared, ``outputs`` is (S, B, C):
+    the (sigmoid) outputs for ``mse``, the logits behind the softmax for ``cross_entropy``."""
     if loss == "mse":
         return ops.mean(ops.square(outputs - y_true[None]), axis=(1, 2))
     if loss == "cross_entropy":
@@ -84,54 +76,39 @@ class StackedTrainer:
     replicate's gradient is exactly the one it would get alone.
     """
 
-    def __init__(
-        self,
-        model: keras.Model,
-        loss: str,
-        learning_rate: float,
-        batch_size: int,
-        shuffle_seed: int,
-    ) -> None:
+    def __init__(self, model: keras.Model, loss: str, learning_rate: float, batch_size: int, shuffle_seed: int) -> None:
         self.model = model
         self.loss = loss
         self.batch_size = batch_size
         self.replicates = int(model.output_shape[0])
         # What the loss sees: the logits behind the softmax for cross-entropy (same variables).
-        forward = logits_model(model) if loss == "cross_entropy" else model
+        self.forward = logits_model(model) if loss == "cross_entropy" else model
         optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.0)
-        optimizer.build(forward.trainable_variables)
+        optimizer.build(self.forward.trainable_variables)
         self.rng = np.random.default_rng(shuffle_seed)
         backend = keras.backend.backend()
-        if backend not in _BACKENDS:
+        if backend not in _COMPILERS:
             raise RuntimeError(f"KERAS_BACKEND={backend} is not supported; use tensorflow or jax")
-        self._impl: _Backend = _BACKENDS[backend](forward, optimizer, loss, self.replicates)
-
-    # ------------------------------------------------------------------ public API
-    def epoch_order(self, n: int) -> np.ndarray:
-        """Next epoch's sample order: a fresh permutation each epoch (``fit(shuffle=True)``)."""
-        return self.rng.permutation(n).astype(np.int32)
+        self._run_epoch, self._grads = _COMPILERS[backend](self.forward, optimizer, loss, self.replicates)
 
     def fit(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        epochs: int,
-        callbacks: Sequence[keras.callbacks.Callback] = (),
-        initial_epoch: int = 0,
+        self, x: np.ndarray, y: np.ndarray, epochs: int, callbacks: Sequence[keras.callbacks.Callback] = ()
     ) -> None:
         """Train for ``epochs`` epochs. Callbacks get ``logs`` with per-replicate arrays:
         ``loss`` and ``accuracy`` of shape (S,), averaged over the epoch's batches as
         Keras' ``fit`` reports them."""
         cbs = keras.callbacks.CallbackList(list(callbacks), model=self.model)
-        data = self._impl.put(x, y)
         n = len(x)
+        n_full = n // self.batch_size * self.batch_size
+        x, y = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
         self.model.stop_training = False
         cbs.on_train_begin()
-        for epoch in range(initial_epoch, epochs):
+        for epoch in range(epochs):
             cbs.on_epoch_begin(epoch)
-            loss_sum, correct = self._impl.run_epoch(data, *_split_batches(self.epoch_order(n), self.batch_size))
-            logs = {"loss": loss_sum / n, "accuracy": correct / n}
-            cbs.on_epoch_end(epoch, logs)
+            # A fresh permutation each epoch, as fit(shuffle=True): full batches, then the short one.
+            order = self.rng.permutation(n).astype(np.int32)
+            loss_sum, correct = self._run_epoch(x, y, order[:n_full].reshape(-1, self.batch_size), order[n_full:])
+            cbs.on_epoch_end(epoch, {"loss": loss_sum / n, "accuracy": correct / n})
             if self.model.stop_training:
                 break
         cbs.on_train_end()
@@ -142,174 +119,126 @@ class StackedTrainer:
         correct = np.zeros(self.replicates)
         for start in range(0, len(x), batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            out = self._impl.forward(xb, training=False)
+            out = self.forward(xb, training=False)
             loss_sum += ops.convert_to_numpy(replicate_losses(self.loss, yb, out)) * len(xb)
             correct += ops.convert_to_numpy(replicate_correct(yb, out))
         return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
 
     def gradients(self, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-        """Gradient of the summed loss w.r.t. every trainable variable (by its path), on one batch.
-
-        Because the total is a sum of per-replicate losses, slice k of each gradient is
-        replicate k's own gradient. Inference-mode forward pass (no state updates).
-        """
-        grads = self._impl.gradients(x, y)
-        variables = self._impl.forward.trainable_variables
+        """Gradient of the summed loss w.r.t. every trainable variable (by its path) on one batch, in
+        inference mode (no state updates). Slice k of each gradient is replicate k's own gradient."""
+        grads = self._grads(ops.convert_to_tensor(x), ops.convert_to_tensor(y))
+        variables = self.forward.trainable_variables
         return {v.path: ops.convert_to_numpy(g) for v, g in zip(variables, grads, strict=True)}
 
 
-class _Backend:
-    """Backend-specific compilation of one epoch and of one gradient evaluation.
+def _compile_tensorflow(
+    forward: keras.Model, optimizer: keras.optimizers.Optimizer, loss: str, replicates: int
+) -> Compiled:
+    import tensorflow as tf
 
-    ``forward`` maps pixels to what the loss takes (probabilities, or logits for
-    cross-entropy); it holds the model's variables.
-    """
+    variables = forward.trainable_variables
 
-    def __init__(self, forward: keras.Model, optimizer: keras.optimizers.Optimizer, loss: str, replicates: int) -> None:
-        self.forward, self.optimizer, self.loss, self.replicates = forward, optimizer, loss, replicates
+    def step(xb: Any, yb: Any) -> tuple[Any, Any]:
+        with tf.GradientTape() as tape:
+            out = forward(xb, training=True)
+            per_replicate = replicate_losses(loss, yb, out)
+            total = ops.sum(per_replicate)
+        optimizer.apply(tape.gradient(total, variables), variables)
+        n = ops.cast(ops.shape(xb)[0], "float32")
+        return per_replicate * n, replicate_correct(yb, out)
 
-    def put(self, x: np.ndarray, y: np.ndarray) -> Any:
-        raise NotImplementedError
+    # XLA fuses a single model's small ops (17% faster at depth 4 here), but its
+    # matrix products on the wide stacked shapes are slower than oneDNN's (measured:
+    # 0.20 vs 0.19 s/epoch for 4 replicates), so only a lone model is compiled with it.
+    @tf.function(reduce_retracing=True, jit_compile=replicates == 1)
+    def epoch(x: Any, y: Any, batches: Any) -> tuple[Any, Any]:
+        # A graph-level loop over the epoch's full batches: one Python call per epoch.
+        loss_sum = tf.zeros((replicates,), tf.float32)
+        correct = tf.zeros((replicates,), tf.float32)
+        for i in tf.range(tf.shape(batches)[0]):
+            idx = batches[i]
+            dl, dc = step(tf.gather(x, idx), tf.gather(y, idx))
+            loss_sum += dl
+            correct += dc
+        return loss_sum, correct
 
-    def run_epoch(self, data: Any, full: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+    @tf.function(reduce_retracing=True)
+    def last_batch(x: Any, y: Any, idx: Any) -> tuple[Any, Any]:
+        # Called from Python only when the last batch is short. An in-graph
+        # ``tf.cond`` on its size is lowered so that an empty batch still reaches
+        # kernels in the branch not taken (SIGFPE in the cross-entropy gradient).
+        return step(tf.gather(x, idx), tf.gather(y, idx))
 
-    def gradients(self, x: np.ndarray, y: np.ndarray) -> list[Any]:
-        raise NotImplementedError
-
-
-class _TensorFlowBackend(_Backend):
-    def __init__(self, forward: keras.Model, optimizer: keras.optimizers.Optimizer, loss: str, replicates: int) -> None:
-        super().__init__(forward, optimizer, loss, replicates)
-        import tensorflow as tf
-
-        self.tf = tf
-        variables = forward.trainable_variables
-
-        def step(xb: Any, yb: Any) -> tuple[Any, Any]:
-            with tf.GradientTape() as tape:
-                out = forward(xb, training=True)
-                per_replicate = replicate_losses(loss, yb, out)
-                total = ops.sum(per_replicate)
-            optimizer.apply(tape.gradient(total, variables), variables)
-            n = ops.cast(ops.shape(xb)[0], "float32")
-            return per_replicate * n, replicate_correct(yb, out)
-
-        # XLA fuses a single model's small ops (17% faster at depth 4 here), but its
-        # matrix products on the wide stacked shapes are slower than oneDNN's (measured:
-        # 0.20 vs 0.19 s/epoch for 4 replicates), so only a lone model is compiled with it.
-        @tf.function(reduce_retracing=True, jit_compile=replicates == 1)
-        def epoch(x: Any, y: Any, batches: Any) -> tuple[Any, Any]:
-            # A graph-level loop over the epoch's full batches: one Python call per epoch.
-            loss_sum = tf.zeros((replicates,), tf.float32)
-            correct = tf.zeros((replicates,), tf.float32)
-            for i in tf.range(tf.shape(batches)[0]):
-                idx = batches[i]
-                dl, dc = step(tf.gather(x, idx), tf.gather(y, idx))
-                loss_sum += dl
-                correct += dc
-            return loss_sum, correct
-
-        @tf.function(reduce_retracing=True)
-        def last_batch(x: Any, y: Any, idx: Any) -> tuple[Any, Any]:
-            # Called from Python only when the last batch is short. An in-graph
-            # ``tf.cond`` on its size is lowered so that an empty batch still reaches
-            # kernels in the branch not taken (SIGFPE in the cross-entropy gradient).
-            return step(tf.gather(x, idx), tf.gather(y, idx))
-
-        @tf.function(reduce_retracing=True)
-        def grads(x: Any, y: Any) -> list[Any]:
-            with tf.GradientTape() as tape:
-                total = ops.sum(replicate_losses(loss, y, forward(x, training=False)))
-            return tape.gradient(total, variables)
-
-        self._epoch: Callable[..., Any] = epoch
-        self._last_batch: Callable[..., Any] = last_batch
-        self._grads: Callable[..., Any] = grads
-
-    def put(self, x: np.ndarray, y: np.ndarray) -> Any:
-        return self.tf.constant(x), self.tf.constant(y)
-
-    def run_epoch(self, data: Any, full: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        loss_sum, correct = self._epoch(data[0], data[1], full)
+    def run_epoch(x: Any, y: Any, full: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        loss_sum, correct = epoch(x, y, full)
         if len(tail):
-            tail_loss, tail_correct = self._last_batch(data[0], data[1], tail)
+            tail_loss, tail_correct = last_batch(x, y, tail)
             loss_sum, correct = loss_sum + tail_loss, correct + tail_correct
         return loss_sum.numpy().astype(np.float64), correct.numpy().astype(np.float64)
 
-    def gradients(self, x: np.ndarray, y: np.ndarray) -> list[Any]:
-        return self._grads(self.tf.constant(x), self.tf.constant(y))
+    @tf.function(reduce_retracing=True)
+    def grads(x: Any, y: Any) -> list[Any]:
+        with tf.GradientTape() as tape:
+            total = ops.sum(replicate_losses(loss, y, forward(x, training=False)))
+        return tape.gradient(total, variables)
+
+    return run_epoch, grads
 
 
-class _JaxBackend(_Backend):
-    def __init__(self, forward: keras.Model, optimizer: keras.optimizers.Optimizer, loss: str, replicates: int) -> None:
-        super().__init__(forward, optimizer, loss, replicates)
-        import jax
+def _compile_jax(forward: keras.Model, optimizer: keras.optimizers.Optimizer, loss: str, replicates: int) -> Compiled:
+    import jax
 
-        self.jax = jax
+    def step(state: tuple[Any, Any, Any], xb: Any, yb: Any) -> tuple[tuple[Any, Any, Any], Any, Any]:
+        trainable, non_trainable, opt_vars = state
 
-        def step(state: tuple[Any, Any, Any], xb: Any, yb: Any) -> tuple[tuple[Any, Any, Any], Any, Any]:
-            trainable, non_trainable, opt_vars = state
+        def total_loss(tv: Any, ntv: Any) -> tuple[Any, tuple[Any, Any, Any]]:
+            out, ntv = forward.stateless_call(tv, ntv, xb, training=True)
+            per_replicate = replicate_losses(loss, yb, out)
+            return ops.sum(per_replicate), (per_replicate, out, ntv)
 
-            def total_loss(tv: Any, ntv: Any) -> tuple[Any, tuple[Any, Any, Any]]:
-                out, ntv = forward.stateless_call(tv, ntv, xb, training=True)
-                per_replicate = replicate_losses(loss, yb, out)
-                return ops.sum(per_replicate), (per_replicate, out, ntv)
+        (_, (per_replicate, out, non_trainable)), g = jax.value_and_grad(total_loss, has_aux=True)(
+            trainable, non_trainable
+        )
+        trainable, opt_vars = optimizer.stateless_apply(opt_vars, g, trainable)
+        n = xb.shape[0]
+        return (trainable, non_trainable, opt_vars), per_replicate * n, replicate_correct(yb, out)
 
-            (_, (per_replicate, out, non_trainable)), g = jax.value_and_grad(total_loss, has_aux=True)(
-                trainable, non_trainable
-            )
-            trainable, opt_vars = optimizer.stateless_apply(opt_vars, g, trainable)
-            n = xb.shape[0]
-            return (trainable, non_trainable, opt_vars), per_replicate * n, replicate_correct(yb, out)
+    @functools.partial(jax.jit, donate_argnums=0)
+    def epoch(state: Any, x: Any, y: Any, batches: Any, tail: Any) -> tuple[Any, Any, Any]:
+        def body(carry: Any, idx: Any) -> tuple[Any, tuple[Any, Any]]:
+            carry, dl, dc = step(carry, x[idx], y[idx])
+            return carry, (dl, dc)
 
-        def epoch(state: Any, x: Any, y: Any, batches: Any, tail: Any) -> tuple[Any, Any, Any]:
-            def body(carry: Any, idx: Any) -> tuple[Any, tuple[Any, Any]]:
-                carry, dl, dc = step(carry, x[idx], y[idx])
-                return carry, (dl, dc)
+        state, (dl, dc) = jax.lax.scan(body, state, batches)
+        loss_sum, correct = dl.sum(axis=0), dc.sum(axis=0)
+        if tail.shape[0] > 0:  # static under jit: the tail length is part of the shape
+            state, tl, tc = step(state, x[tail], y[tail])
+            loss_sum, correct = loss_sum + tl, correct + tc
+        return state, loss_sum, correct
 
-            state, (dl, dc) = jax.lax.scan(body, state, batches)
-            loss_sum, correct = dl.sum(axis=0), dc.sum(axis=0)
-            if tail.shape[0] > 0:  # static under jit: the tail length is part of the shape
-                state, tl, tc = step(state, x[tail], y[tail])
-                loss_sum, correct = loss_sum + tl, correct + tc
-            return state, loss_sum, correct
-
-        def grads(trainable: Any, non_trainable: Any, x: Any, y: Any) -> Any:
-            def total_loss(tv: Any) -> Any:
-                out, _ = forward.stateless_call(tv, non_trainable, x, training=False)
-                return ops.sum(replicate_losses(loss, y, out))
-
-            return jax.grad(total_loss)(trainable)
-
-        self._epoch = jax.jit(epoch, donate_argnums=0)
-        self._grads = jax.jit(grads)
-
-    def _groups(self) -> tuple[list[Any], list[Any], list[Any]]:
-        f = self.forward
-        return f.trainable_variables, f.non_trainable_variables, self.optimizer.variables
-
-    def put(self, x: np.ndarray, y: np.ndarray) -> Any:
-        return self.jax.device_put(x), self.jax.device_put(y)
-
-    def run_epoch(self, data: Any, full: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        state = tuple([v.value for v in group] for group in self._groups())
-        state, loss_sum, correct = self._epoch(state, data[0], data[1], full, tail)
+    def run_epoch(x: Any, y: Any, full: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        groups = forward.trainable_variables, forward.non_trainable_variables, optimizer.variables
+        state, loss_sum, correct = epoch(tuple([v.value for v in group] for group in groups), x, y, full, tail)
         # Write the new state back so callbacks (and saving) see this epoch's weights.
-        for group, values in zip(self._groups(), state, strict=True):
+        for group, values in zip(groups, state, strict=True):
             for var, value in zip(group, values, strict=True):
                 var.assign(value)
         return np.asarray(loss_sum, np.float64), np.asarray(correct, np.float64)
 
-    def gradients(self, x: np.ndarray, y: np.ndarray) -> list[Any]:
-        f = self.forward
-        return self._grads([v.value for v in f.trainable_variables], [v.value for v in f.non_trainable_variables], x, y)
+    @jax.jit
+    def grads_of(trainable: Any, non_trainable: Any, x: Any, y: Any) -> Any:
+        def total_loss(tv: Any) -> Any:
+            out, _ = forward.stateless_call(tv, non_trainable, x, training=False)
+            return ops.sum(replicate_losses(loss, y, out))
+
+        return jax.grad(total_loss)(trainable)
+
+    def grads(x: Any, y: Any) -> list[Any]:
+        values = [v.value for v in forward.trainable_variables], [v.value for v in forward.non_trainable_variables]
+        return grads_of(*values, x, y)
+
+    return run_epoch, grads
 
 
-_BACKENDS: dict[str, type[_Backend]] = {"tensorflow": _TensorFlowBackend, "jax": _JaxBackend}
-
-
-def _split_batches(order: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Full batches as a (steps, batch_size) index array, plus the shorter last batch (maybe empty)."""
-    n_full = len(order) // batch_size
-    return order[: n_full * batch_size].reshape(n_full, batch_size), order[n_full * batch_size :]
+_COMPILERS: dict[str, Callable[..., Compiled]] = {"tensorflow": _compile_tensorflow, "jax": _compile_jax}
