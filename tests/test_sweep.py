@@ -79,19 +79,9 @@ def test_bad_sweep_names_are_refused(name: str) -> None:
 # -- checks ---------------------------------------------------------------------------------------
 
 
-def test_jobs_are_capped_by_the_cores() -> None:
-    assert spec.check_jobs(None, 16) == 16
-    assert spec.check_jobs(4, 16) == 4
-    assert spec.check_jobs(32, 2) == 2
-    with pytest.raises(SweepError, match="JOBS=0"):
-        spec.check_jobs(0, 2)
-
-
 def test_a_gpu_per_task_when_there_are_gpus() -> None:
     assert spec.gpus_per_task(None, 0) == 0 and spec.gpus_per_task(None, 8) == 1
     assert spec.gpus_per_task(0, 8) == 0 and spec.gpus_per_task(0.5, 1) == 0.5
-    with pytest.raises(SweepError, match="SWEEP_GPUS=-1"):
-        spec.gpus_per_task(-1, 1)
     with pytest.raises(SweepError, match="has 0 GPU"):
         spec.gpus_per_task(1, 0)
 
@@ -145,7 +135,7 @@ def test_make_passes_empty_jobs_and_gpus() -> None:
     args = parse_args(["-S", "train.epochs=1,2", "--jobs", "", "--gpus", ""])
     assert (args.jobs, args.gpus, args.set_param) == (None, None, ["train.epochs=1,2"])
     assert parse_args(["--jobs", "3", "--gpus", "0.5", "--metrics", "loss"]).jobs == 3
-    for bad in (["--retries", "-1"], ["--step-timeout", "0"]):
+    for bad in (["--retries", "-1"], ["--step-timeout", "0"], ["--jobs", "0"], ["--gpus", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
     defaults = parse_args([])
@@ -353,7 +343,7 @@ def test_a_step_past_its_time_limit_is_stopped_whole(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == supervise.TIMED_OUT and time.monotonic() - started < 10
     assert "timed out after 1 s" in done.stderr and tmp_path.exists()
-    assert not [pid for pid in map(int, pids.read_text().split()) if supervise.alive(pid)]
+    assert not [pid for pid in map(int, pids.read_text().split()) if psutil.pid_exists(pid)]
 
 
 def _wait_for(predicate, timeout: float = 10.0) -> bool:

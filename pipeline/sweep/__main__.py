@@ -1,11 +1,8 @@
 """The sweep driver: ``python -m pipeline.sweep [-S key=v1,v2 ...] [--jobs N] [--gpus G]`` (``make sweep``).
 
-Without ``RAY_ADDRESS``: a local Ray instance on 127.0.0.1, sized to the cores (``--jobs`` caps
-it); the workers fetch the code from the workspace and push their experiments straight back.
-With ``RAY_ADDRESS=host:port``: that cluster; the workers fetch from and push to ``origin``.
-Then the driver brings what landed into the workspace, outputs included: an experiment counts
-as landed only when ``dvc exp apply`` can restore it. Everything that can be checked is checked
-before anything is submitted (exit 2, nothing left behind; docs/sweeps.md). Exit 1 when an
+Without ``RAY_ADDRESS``: a local Ray instance whose workers fetch from and push to the workspace;
+with it, that cluster, through ``origin``. Then what landed comes into the workspace, outputs
+included (docs/sweeps.md). Exit 2 when refused before anything was submitted, 1 when an
 experiment did not land, 130 on Ctrl-C.
 """
 
@@ -43,7 +40,7 @@ TAIL_SHOWN = 25
 
 @dataclass(frozen=True)
 class Target:
-    """Where the tasks run: a local instance (``address`` None) or a cluster at ``host:port``."""
+    """Where the tasks run: a local instance (``address`` None) or a cluster."""
 
     address: str | None
     host: str | None = None
@@ -56,12 +53,9 @@ class Target:
     @property
     def loopback(self) -> bool:
         """A local instance or a cluster on this machine's loopback: Ray must keep 127.0.0.1 as it is."""
-        if self.local or self.host == "localhost":
-            return True
-        try:
-            return bool(self.host) and ipaddress.ip_address(str(self.host)).is_loopback
-        except ValueError:
-            return False
+        with contextlib.suppress(ValueError):
+            return self.local or self.host == "localhost" or ipaddress.ip_address(str(self.host)).is_loopback
+        return False
 
 
 def ray_target(address: str | None) -> Target:
@@ -78,10 +72,8 @@ def ray_target(address: str | None) -> Target:
 
 
 def ray_environment(target: Target, environ: Mapping[str, str]) -> dict[str, str]:
-    """What Ray takes from the environment only, for the sweep's Ray session: token authentication
-    (``RAY_AUTH_MODE``; Ray refuses it in ``_system_config``), a local instance's own token (in no
-    file), and on loopback Ray's one-machine switch, read when ``ray`` is imported (else Ray swaps
-    127.0.0.1 for the machine's outward address and listens on every interface)."""
+    """What Ray reads from the environment only: token authentication, a local instance's own token, and on
+    loopback the one-machine switch (else Ray swaps 127.0.0.1 for the outward address, on every interface)."""
     if (mode := environ.get("RAY_AUTH_MODE", "token")) != "token":
         raise SweepError(
             f"RAY_AUTH_MODE={mode}: sweeps run only with Ray's token authentication (RAY_AUTH_MODE=token), "
@@ -94,8 +86,7 @@ def ray_environment(target: Target, environ: Mapping[str, str]) -> dict[str, str
 
 
 def cluster_token(environ: Mapping[str, str]) -> tuple[str, str]:
-    """The token a cluster's driver sends and where it is from, in Ray's order: ``RAY_AUTH_TOKEN``, the
-    file at ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``. A file other users can read is refused."""
+    """The cluster's token and where it is from, in Ray's order; a file other users can read is refused."""
     if environ.get("RAY_AUTH_TOKEN", "").strip():
         return environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
     path = Path(environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
@@ -113,8 +104,7 @@ def cluster_token(environ: Mapping[str, str]) -> tuple[str, str]:
 
 
 def check_cluster(target: Target, token: str, source: str, timeout_s: float = 5.0) -> None:
-    """One gRPC call to the cluster's GCS with ``token``, as Ray's client sends it: a wrong address or token
-    fails here in seconds, with one message, instead of after Ray's retries and their warnings."""
+    """One gRPC call to the GCS with ``token``: a wrong address or token fails in seconds, not after Ray's retries."""
     import grpc
 
     host = f"[{target.host}]" if ":" in str(target.host) else target.host
@@ -147,7 +137,7 @@ def experiment_names(root: Path, experiments: Sequence[Experiment]) -> set[str]:
 
 
 def failure(result: dict[str, Any]) -> str:
-    """Where and how a task failed: ``at git push (timed out after 600 s)``, ``with OSError: ...``."""
+    """Where and how a task failed: ``at git push (timed out after 600 s)``."""
     if result.get("step") == "ray":
         return "in Ray (its worker died more often than --retries allows)"
     if result.get("step"):
@@ -157,7 +147,7 @@ def failure(result: dict[str, Any]) -> str:
 
 
 def progress(result: dict[str, Any], count: str, metric: str) -> None:
-    """A finished task's line (``count`` is ``[k/n]``): its headline metric, or where it failed and its log's end."""
+    """A finished task's line: its headline metric, or where it failed and its log's end."""
     took, name = datetime.timedelta(seconds=round(result.get("seconds", 0))), result["name"]
     if result.get("earlier"):
         return say(f"{count} {name}  landed by an earlier attempt (whose worker died after pushing it)")
@@ -173,14 +163,18 @@ def progress(result: dict[str, Any], count: str, metric: str) -> None:
 
 
 class Stops:
-    """SIGINT, SIGTERM and SIGHUP while a sweep runs (also where a non-interactive shell started it with
-    SIGINT ignored): the first raises KeyboardInterrupt while ``raising``; any other only counts and
-    says that the sweep is finishing, so that no second Ctrl-C cuts short the bring-back (timed) or the logs."""
+    """SIGINT, SIGTERM and SIGHUP (even where inherited ignored): the first raises KeyboardInterrupt while
+    ``raising``; later ones only count, so that no Ctrl-C cuts short the (timed) bring-back or the logs."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.count, self.raising = 0, True
+        self.install()
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self)
 
     def __call__(self, signum: int, frame: object) -> None:
         self.count += 1
@@ -189,20 +183,10 @@ class Stops:
             raise KeyboardInterrupt
         say("Finishing first: bringing back what landed and saving the logs (each step has a time limit)...")
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[Stops]:
-        previous = {sig: signal.signal(sig, self) for sig in self.SIGNALS}
-        try:
-            yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
 
 @contextlib.contextmanager
 def ray_session(target: Target, jobs: int | None, stops: Stops) -> Iterator[Any]:
-    """Ray for the sweep: :func:`ray_environment` set while it runs and restored after, and the ``pipeline``
-    package shipped to the workers the one documented way (``runtime_env`` ``py_modules``)."""
+    """Ray with :func:`ray_environment` set meanwhile, the ``pipeline`` package shipped to the workers."""
     environ = ray_environment(target, os.environ)
     saved = {k: os.environ.get(k) for k in environ}
     os.environ.update(environ)
@@ -210,7 +194,7 @@ def ray_session(target: Target, jobs: int | None, stops: Stops) -> Iterator[Any]
     try:
         import ray
 
-        local = {"num_cpus": spec.check_jobs(jobs, os.cpu_count() or 1), "include_dashboard": False}
+        local = {"num_cpus": min(jobs or os.cpu_count() or 1, os.cpu_count() or 1), "include_dashboard": False}
         package = {"py_modules": [str(Path(__file__).resolve().parents[1])], "excludes": ["__pycache__"]}
         try:
             ray.init(
@@ -220,8 +204,7 @@ def ray_session(target: Target, jobs: int | None, stops: Stops) -> Iterator[Any]
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise SweepError(f"Could not start Ray ({target.address or 'local'}): {why}") from None
-        for sig in stops.SIGNALS:  # again: ray.init may install handlers of its own
-            signal.signal(sig, stops)
+        stops.install()  # again: ray.init may install handlers of its own
         yield ray
     finally:
         stops.raising = False
@@ -232,16 +215,13 @@ def ray_session(target: Target, jobs: int | None, stops: Stops) -> Iterator[Any]
 
 
 def _probe(ray: Any, job: dict[str, Any], gpus: float) -> None:
-    """One small task that checks, from a worker, that the code and the tracking server are reachable."""
+    """A task that checks, from a worker, that the code and the tracking server are reachable."""
     remote = ray.remote(worker.probe).options(num_cpus=1, num_gpus=gpus, max_retries=0, name="sweep:probe")
     ref = remote.remote(job["git_url"], job["ref"], job["env"]["MLFLOW_TRACKING_URI"])
     if not ray.wait([ref], timeout=PROBE_TIMEOUT_S)[0]:
         ray.cancel(ref, force=True)
-        raise SweepError(
-            f"No worker took the sweep's first task within {PROBE_TIMEOUT_S:g} s: does the cluster have a free CPU"
-            + (f" and {gpus:g} GPU(s)" if gpus else "")
-            + " (ray status)?"
-        )
+        need = f"a free CPU and {gpus:g} GPU(s)" if gpus else "a free CPU"
+        raise SweepError(f"No worker took the sweep's first task within {PROBE_TIMEOUT_S:g} s: has the cluster {need}?")
     answer = ray.get(ref)
     if "error" in answer:
         raise SweepError(answer["error"] + ". Nothing was submitted.")
@@ -263,20 +243,20 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
             check_cluster(target, token, source)
     remote = None if target.local else args.git_remote
     git_url = workspace.remote_url(root, remote) if remote else str(root)
+    names = [e.name for e in experiments]
+    taken = workspace.exp_refs(root, ".", names)
     if remote:
         workspace.check_on_remote(root, remote, workspace.git(["rev-parse", "HEAD^{commit}"], root))
-    names = [e.name for e in experiments]
-    if taken := sorted(
-        {*workspace.exp_refs(root, ".", names), *(workspace.exp_refs(root, remote, names) if remote else ())}
-    ):
+        taken |= workspace.exp_refs(root, remote, names)
+    if taken:
         raise SweepError(
-            f"Experiments named {', '.join(taken)} exist already: choose another --name, or remove them first "
+            f"Experiments named {', '.join(sorted(taken))} exist already: choose another --name, or remove them first "
             "(dvc exp remove" + (f" --git-remote {remote}" if remote else "") + " <names>)."
         )
     snap = workspace.snapshot(root, sweep_id)
     try:
         if remote:
-            workspace.push_ref(root, remote, snap.ref)
+            workspace.git(["push", "--quiet", "--force", remote, f"{snap.ref}:{snap.ref}"], root, timeout=300)
         if uri.startswith("sqlite:"):  # artifacts under the workspace, not under a worker's clone
             client = tracking.open_store(uri)
             for name in experiment_names(root, experiments):
@@ -297,8 +277,8 @@ def prepare(args: argparse.Namespace, root: Path, target: Target, sweep_id: str)
 def submit_and_wait(
     ray: Any, job: dict, experiments: Sequence[Experiment], args: argparse.Namespace, stops: Stops, results: dict
 ) -> None:
-    """One task per experiment, a line per finished one, its result into ``results``. On Ctrl-C: cancels
-    the rest, waits up to CANCEL_WAIT_S for them to stop (a second Ctrl-C: no longer) and re-raises."""
+    """A task per experiment, a line and ``results[name]`` per finished one. On Ctrl-C: cancels the rest,
+    waits up to CANCEL_WAIT_S for them (a second Ctrl-C: no longer) and re-raises."""
     gpus = spec.gpus_per_task(args.gpus, ray.cluster_resources().get("GPU", 0))
     if job["remote"]:
         _probe(ray, job, gpus)
@@ -340,7 +320,7 @@ def submit_and_wait(
 
 
 def bring_back(root: Path, names: Sequence[str], remote: str | None, timeout: float) -> dict[str, dict[str, Any]]:
-    """:func:`workspace.bring_back` in a process of its own, timed; in its own session, so no Ctrl-C cuts it short."""
+    """:func:`workspace.bring_back` timed, in a session of its own: no Ctrl-C cuts it short."""
     command = [sys.executable, "-m", "pipeline.sweep.workspace", *names, *(["--git-remote", remote] if remote else [])]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=timeout, start_new_session=True)
     if done.returncode not in (0, 1) or not done.stdout.strip():
@@ -349,7 +329,7 @@ def bring_back(root: Path, names: Sequence[str], remote: str | None, timeout: fl
 
 
 def save_logs(root: Path, sweep_id: str, results: dict[str, dict[str, Any]]) -> Path:
-    """Each experiment's whole log, and the results less the logs, under ``.dvc/tmp/sweeps/<id>/`` (ignored by git)."""
+    """Each experiment's whole log, and the results less the logs, in ``.dvc/tmp/sweeps/<id>/``."""
     folder = root / ".dvc" / "tmp" / "sweeps" / sweep_id
     folder.mkdir(parents=True, exist_ok=True)
     for name, result in results.items():
@@ -360,7 +340,7 @@ def save_logs(root: Path, sweep_id: str, results: dict[str, dict[str, Any]]) -> 
 
 
 def finish(args: argparse.Namespace, root: Path, job: dict, experiments: Sequence[Experiment], results: dict) -> int:
-    """Bring back what landed and say which are usable; the logs, the table, the sweep report; the exit status."""
+    """Bring back what landed; the logs, the table, the sweep report; the exit status."""
     names = [e.name for e in experiments]
     again = "python -m pipeline.sweep.workspace" + (f" --git-remote {job['remote']}" if job["remote"] else "")
     try:
@@ -371,11 +351,11 @@ def finish(args: argparse.Namespace, root: Path, job: dict, experiments: Sequenc
     landed = [n for n in names if n in back and not back[n]["missing"]]
     for name in names:
         if back.get(name, {}).get("missing"):
+            missing = ", ".join(back[name]["missing"])
             log.error(
-                "%s landed, but its outputs %s are not in the DVC remote %s as seen from here, so dvc exp apply "
-                "cannot restore them: give the workers and this machine one DVC remote (S3, or a folder all of "
-                "them mount at one path), then %s %s",
-                name, ", ".join(back[name]["missing"]), job["dvc_url"], again, name,
+                "%s landed, but dvc exp apply cannot restore %s: not in the DVC remote %s as seen from here. Give the "
+                "workers and this machine one DVC remote (S3, or one shared path), then %s %s",
+                name, missing, job["dvc_url"], again, name,
             )  # fmt: skip
         elif name in landed and not results.get(name, {"ok": True})["ok"]:  # its push went through, then...
             say(f"{name} landed, although its task then failed {failure(results[name])}")
@@ -415,16 +395,16 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs and not target.local:
         log.info("JOBS=%s applies to a local Ray instance; the cluster runs as many at once as it has CPUs.", args.jobs)
     results: dict[str, dict[str, Any]] = {}
-    with Stops().installed() as stops:
-        try:
-            with ray_session(target, args.jobs, stops) as ray:
-                submit_and_wait(ray, job, experiments, args, stops, results)
-        except KeyboardInterrupt:
-            job["stopped"] = True
-        finally:
-            stops.raising = False
-            workspace.delete_ref(root, job["ref"], job["remote"])
-        return finish(args, root, job, experiments, results)
+    stops = Stops()
+    try:
+        with ray_session(target, args.jobs, stops) as ray:
+            submit_and_wait(ray, job, experiments, args, stops, results)
+    except KeyboardInterrupt:
+        job["stopped"] = True
+    finally:
+        stops.raising = False
+        workspace.delete_ref(root, job["ref"], job["remote"])
+    return finish(args, root, job, experiments, results)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -436,16 +416,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("-S", "--set-param", action="append", default=[], metavar="[FILE:]KEY=VALUES",
         help="as dvc exp run -S; comma lists expand to the cartesian product (repeatable)")  # fmt: skip
     add("--jobs", type=lambda t: int(t) if t.strip() else None,  # make passes JOBS= empty
-        help="local Ray: at most this many at once (default: all cores)")  # fmt: skip
+        help="local Ray: at most this many at once (JOBS; default: all cores)")  # fmt: skip
     add("--gpus", type=lambda t: float(t) if t.strip() else None,
-        help="GPUs per experiment (default: 1 if the cluster has GPUs)")  # fmt: skip
+        help="GPUs per experiment (SWEEP_GPUS; default: 1 if the cluster has GPUs)")  # fmt: skip
     add("--retries", type=int, default=2, help="Ray retries of an experiment whose worker died (default 2)")
     add("--step-timeout", type=float, default=600.0, metavar="S",
-        help="time limit of each step of an experiment but its dvc exp run (clone, fetch, metrics, pushes), "
-        "and of bringing each one back (default 600 s)")  # fmt: skip
+        help="time limit of each other step of an experiment, and of bringing it back (default 600 s)")  # fmt: skip
     add("--run-timeout", type=float, default=86_400.0, metavar="S",
-        help="time limit of an experiment's dvc exp run: its inputs' pull and training "
-        "(default 86400 s, a day)")  # fmt: skip
+        help="time limit of an experiment's dvc exp run (default 86400 s, a day)")  # fmt: skip
     add("--name", help="sweep id (default: sw<date>-<time>-<random>); experiments are <id>-<k>")
     add("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: RAY_ADDRESS; unset: local)")
     add("--git-remote", default="origin", help="cluster: the git remote workers fetch from and push to")
@@ -456,6 +434,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.retries < 0 or not args.metrics or min(args.step_timeout, args.run_timeout) <= 0:
         parser.error("--retries must be 0 or more, --metrics name one at least, the timeouts be above 0")
+    if (args.jobs is not None and args.jobs < 1) or (args.gpus or 0) < 0:
+        parser.error(f"JOBS={args.jobs} or SWEEP_GPUS={args.gpus}: give at least 1 experiment at once, 0 GPUs or more")
     return args
 
 

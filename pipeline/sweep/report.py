@@ -1,9 +1,7 @@
 """The sweep report: every seed's escape epoch and its forecast across a sweep's experiments.
 
-``python -m pipeline.sweep.report <sweep id>`` (``make sweep-report SWEEP_ID=``; the sweep driver calls
-:func:`build_sweep_report` at its end) reads each DVC experiment ``<sweep id>-<k>`` from its commit
-(params.yaml, each variant's history.csv and metrics.json) and writes ``sweeps/<sweep id>/`` (index.html,
-a PNG per variant, seeds.csv; ignored by git: ``git add -f`` keeps it), then logs it to one MLflow run.
+``python -m pipeline.sweep.report <sweep id>`` (also run at a sweep's end) reads each experiment's commit and
+writes ``sweeps/<sweep id>/`` (index.html, a PNG per variant, seeds.csv), then logs it to one MLflow run.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from pandas.api.types import is_numeric_dtype
 from pipeline import cli, history, params, tracking
 from pipeline.outputs import staged_dir
 from pipeline.sweep.spec import SweepError
-from pipeline.sweep.workspace import git, workspace_root
+from pipeline.sweep.workspace import exp_refs, git, workspace_root
 
 log = logging.getLogger("pipeline.sweep.report")
 SOURCE = "pipeline.sweep.report"  # the report run's mlflow.source.name, beside the sweep's tag
@@ -38,9 +36,8 @@ MARKERS = (("escape epoch", "o"), ("censored: epochs trained", "^"), ("forecast"
 
 
 def experiment_refs(root: Path, sweep_id: str, names: Sequence[str] | None = None) -> dict[str, str]:
-    """``{name: ref}`` of the sweep's DVC experiments (``refs/exps/<sha[:2]>/<sha[2:]>/<name>``) in the
-    repository at ``root``, sorted by name: ``names``, or every ``<sweep_id>-<k>`` when None."""
-    refs = {r.rsplit("/", 1)[1]: r for r in git(["for-each-ref", "--format=%(refname)", "refs/exps/"], root).split()}
+    """``{name: ref}`` of the sweep's DVC experiments in ``root``, sorted: ``names``, or every ``<sweep_id>-<k>``."""
+    refs = exp_refs(root, ".")
     ours = [n for n in refs if re.fullmatch(rf"{re.escape(sweep_id)}-\d+", n)]
     wanted = ours if names is None else list(names)
     missing = [n for n in wanted if n not in refs] or ([] if wanted else [f"{sweep_id}-<k>"])
@@ -52,8 +49,8 @@ def experiment_refs(root: Path, sweep_id: str, names: Sequence[str] | None = Non
 
 
 def seed_table(table: pd.DataFrame, plateau: float, margin: float, forecast_epochs: int) -> pd.DataFrame:
-    """Per seed of one variant's history: escape epoch (NaN when censored), ``censored``, ``epochs``
-    trained (a censored seed's censoring epoch), forecast, final training and test accuracy."""
+    """Per seed of one variant's history: escape epoch (NaN when censored), ``censored``, ``epochs`` trained,
+    forecast, final training and test accuracy."""
     last = history.final_rows(table)[["seed", "epoch", "accuracy", "test_accuracy"]]
     escapes = history.escape_epochs(table, plateau, margin)[["seed", "escape_epoch", "censored"]]
     seeds = escapes.merge(history.escape_forecasts(table, forecast_epochs, plateau, margin), on="seed")
@@ -61,8 +58,7 @@ def seed_table(table: pd.DataFrame, plateau: float, margin: float, forecast_epoc
 
 
 def read_experiment(root: Path, ref: str) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
-    """An experiment's params and :func:`seed_table` of each variant of its own grid (named as DVC's matrix names
-    them) and remedies, with the plateau, margin and forecast window its metrics.json records."""
+    """An experiment's params and :func:`seed_table` of each variant, with the thresholds its metrics.json records."""
     values = yaml.safe_load(git(["show", f"{ref}:params.yaml"], root)) or {}
     grid = params.parse(params.GridParams, values.get("grid") or {}, "grid").expand()
     names = ["-".join(map(str, v.model_dump().values())) for v in grid] + list(values.get("remedies") or {})
@@ -75,8 +71,8 @@ def read_experiment(root: Path, ref: str) -> tuple[dict[str, Any], dict[str, pd.
 
 
 def sweep_table(loaded: Mapping[str, tuple[dict[str, Any], dict[str, pd.DataFrame]]]) -> tuple[pd.DataFrame, list[str]]:
-    """The tidy table, one row per (experiment, swept params..., variant, seed), and the swept params (the
-    params.yaml keys whose values differ between the experiments); ``loaded``: :func:`read_experiment`'s."""
+    """The tidy table, a row per (experiment, swept params..., variant, seed), and the swept params (those that
+    differ between the experiments); ``loaded``: :func:`read_experiment`'s."""
     flat = {name: pd.json_normalize(values, sep=".").to_dict("records")[0] for name, (values, _) in loaded.items()}
     flat = {name: {k: json.dumps(v) if isinstance(v, list) else v for k, v in f.items()} for name, f in flat.items()}
     keys = list(dict.fromkeys(k for f in flat.values() for k in f))
@@ -90,8 +86,7 @@ def sweep_table(loaded: Mapping[str, tuple[dict[str, Any], dict[str, pd.DataFram
 
 
 def summary_table(table: pd.DataFrame, swept: Sequence[str]) -> pd.DataFrame:
-    """Per experiment and variant: seeds escaped, escape epoch over those (mean, std), forecast (mean over
-    the seeds with one), mean |forecast − escape epoch| where both exist, final accuracies (mean)."""
+    """Per experiment and variant: the means and counts that the page's text lists."""
     table = table.assign(forecast_abs_error=(table["forecast"] - table["escape_epoch"]).abs())
     groups = table.groupby(["variant", "experiment", *swept], sort=False, dropna=False)
     means = {c: (c, "mean") for c in ("escape_epoch", "forecast", "forecast_abs_error", "accuracy", "test_accuracy")}
@@ -101,8 +96,8 @@ def summary_table(table: pd.DataFrame, swept: Sequence[str]) -> pd.DataFrame:
 
 
 def escape_figure(table: pd.DataFrame, swept: Sequence[str], variant: str) -> Figure:
-    """One panel per swept param: each seed's escape epoch (dot), censoring epoch (open triangle) and
-    forecast (cross) against the param's value; one colour per value of the other swept params."""
+    """A panel per swept param: each seed's escape epoch, censoring epoch and forecast against the param's value,
+    a colour per value of the other swept params."""
     rows = table[table["variant"] == variant]
     axes_of = list(swept) or ["experiment"]
     fig = Figure(figsize=(1.0 + 4.6 * len(axes_of), 4.6), layout="constrained")
@@ -161,8 +156,7 @@ def write_report(folder: Path, sweep_id: str, table: pd.DataFrame, swept: Sequen
 
 
 def publish(folder: Path, sweep_id: str, root: Path, experiment: str) -> None:
-    """Log ``folder`` as the artifacts of one run tagged with the sweep (earlier report runs of the
-    sweep are deleted once it is in). SweepError, the folder untouched, when that fails."""
+    """Log ``folder`` as one run tagged with the sweep, then delete the sweep's earlier report runs."""
     uri = tracking.tracking_uri(root)
     try:
         tracking.preflight(uri)
@@ -184,8 +178,8 @@ def publish(folder: Path, sweep_id: str, root: Path, experiment: str) -> None:
 
 
 def build_sweep_report(sweep_id: str, root: Path, experiments: Sequence[str]) -> Path:
-    """Write ``<root>/sweeps/<sweep_id>/`` from ``experiments`` (every ``<sweep_id>-<k>`` when empty), publish it;
-    the folder. SweepError before anything is written when an experiment cannot be read, or when publishing fails."""
+    """Write ``<root>/sweeps/<sweep_id>/`` from ``experiments`` (every ``<sweep_id>-<k>`` when empty) and publish it.
+    SweepError before anything is written when an experiment cannot be read, or when publishing fails."""
     loaded = {}
     for name, ref in experiment_refs(root, sweep_id, list(experiments) or None).items():
         try:

@@ -1,8 +1,4 @@
-"""Pure parts of a sweep: ``-S`` expansion, experiment names, argument checks, the comparison table.
-
-``-S`` expands as in ``dvc exp run --queue``, with DVC's own helpers (Hydra's override grammar):
-comma lists give the cartesian product; ``train.seeds=[0],[1]`` is two experiments, ``[0,1]`` one.
-"""
+"""Pure parts of a sweep: ``-S`` expansion (as ``dvc exp run --queue``), names, checks, the comparison table."""
 
 from __future__ import annotations
 
@@ -39,8 +35,8 @@ class Experiment:
 
 
 def expand(set_params: Sequence[str]) -> list[tuple[str, ...]]:
-    """The combinations of ``-S`` arguments, as ``dvc exp run --queue`` makes them: one tuple of
-    ``file:key=value`` arguments per experiment. ``[]`` gives one experiment with no change."""
+    """One tuple of ``file:key=value`` per experiment, by DVC's own helpers (Hydra's grammar): comma lists give the
+    cartesian product; ``train.seeds=[0],[1]`` is two experiments, ``[0,1]`` one; ``[]`` one with no change."""
     from dvc.exceptions import DvcException
     from dvc.utils.cli_parse import to_path_overrides
     from dvc.utils.hydra import get_hydra_sweeps
@@ -79,19 +75,10 @@ def plan(sweep_id: str, set_params: Sequence[str], max_experiments: int = 10_000
     return [Experiment(f"{sweep_id}-{k:0{width}d}", combo) for k, combo in enumerate(combos, 1)]
 
 
-def check_jobs(jobs: int | None, cores: int) -> int:
-    """Local Ray's CPU count: ``jobs`` capped by the machine's ``cores`` (at least 1; ``jobs`` None: all)."""
-    if jobs is not None and jobs < 1:
-        raise SweepError(f"JOBS={jobs}: give a positive number of experiments to run at once (or leave it empty).")
-    return min(jobs or cores, cores)
-
-
 def gpus_per_task(requested: float | None, cluster_gpus: float) -> float:
     """GPUs each experiment asks Ray for: ``SWEEP_GPUS`` when given, else one when the cluster has GPUs."""
     if requested is None:
         return 1.0 if cluster_gpus > 0 else 0.0
-    if requested < 0:
-        raise SweepError(f"SWEEP_GPUS={requested:g}: give 0 (CPU only) or the GPUs each experiment takes.")
     if requested > cluster_gpus:
         raise SweepError(f"SWEEP_GPUS={requested:g}, but Ray has {cluster_gpus:g} GPU(s): no task could start.")
     return requested
@@ -108,8 +95,7 @@ def check_tracking(uri: str, remote_workers: bool) -> None:
 
 
 def variant_metrics(metrics_show: Mapping[str, object]) -> dict[str, dict[str, float]]:
-    """``{variant: {metric: value}}`` from ``dvc metrics show --json`` of one revision: the variant is
-    the folder of each ``.../<variant>/metrics.json``; non-numeric values are dropped."""
+    """``{variant: {metric: value}}`` (numbers only) from ``dvc metrics show --json`` of one revision."""
     out: dict[str, dict[str, float]] = {}
     for rev in metrics_show.values():
         files = rev.get("data", {}) if isinstance(rev, Mapping) else {}
@@ -137,9 +123,8 @@ def headline(metrics: Mapping[str, Mapping[str, float]], key: str = "accuracy") 
 def comparison_table(
     experiments: Sequence[Experiment], metrics: Mapping[str, Mapping[str, Mapping[str, float]]], keys: Sequence[str]
 ) -> str:
-    """A Markdown table: a row per experiment and variant (``metrics``: ``{experiment: {variant: {metric: value}}}``),
-    with the params that differ between experiments and ``keys``; an experiment not in ``metrics`` is one row,
-    marked ``did not land``. The params that are the same in every experiment are named below it."""
+    """A Markdown table, a row per experiment and variant (``did not land``: not in ``metrics``), with the params
+    that differ and ``keys``; the params the same in every experiment are named below it."""
     params = list(dict.fromkeys(k for exp in experiments for k in exp.overrides))  # in order, each once
     values = {k: {e.overrides.get(k) for e in experiments} for k in params}
     changed = [k for k in params if len(values[k]) > 1 or len(experiments) == 1]

@@ -1,13 +1,11 @@
 """Run one command of a sweep's task so that it outlives neither the task nor its time limit.
 
-``python supervise.py WORKER_PID CLEANUP_DIR TIMEOUT_S COMMAND...`` (standard library only). Ray
+``python supervise.py WORKER_PID CLEANUP_DIR TIMEOUT_S COMMAND...`` (standard library, Linux). Ray
 SIGKILLs a dead worker's direct children, not theirs: ``dvc exp run`` and training would go on. So
-this *launcher* forks a *guard* in a session of its own, out of Ray's reach, and relays its status.
-The guard runs the command in a new session and SIGTERMs that group (SIGKILL after a grace period;
-training ends its MLflow runs KILLED at the end of the epoch) when the launcher dies
-(``PR_SET_PDEATHSIG``), the worker is gone (polled) or on SIGTERM/SIGINT/SIGHUP: then it removes
-``CLEANUP_DIR`` (the attempt's clone) and exits 128 + the signal; past ``TIMEOUT_S``: it says so on
-stderr and exits 124, the worker cleaning up. Else it exits with the command's status.
+this *launcher*, killed with the worker (``PR_SET_PDEATHSIG``), forks a *guard* in a session of its
+own, out of Ray's reach, killed with the launcher in turn. The guard runs the command in a new
+session and stops that group on SIGTERM/SIGINT/SIGHUP (then removes ``CLEANUP_DIR``, the attempt's
+clone, and exits 128 + the signal) or past ``TIMEOUT_S`` (exit 124; the worker cleans up).
 """
 
 from __future__ import annotations
@@ -23,22 +21,14 @@ import time
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
-POLL_S = 0.5
-GRACE_S = 120.0
+GRACE_S = 120.0  # dvc exits at once; training ends its MLflow runs KILLED at the end of the epoch
 TIMED_OUT = 124  # as coreutils' timeout
 
 
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (a zombie counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc: not Linux
-        try:
-            with contextlib.suppress(PermissionError):  # another user's process
-                os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+def die_with_parent(parent: int, signum: int) -> bool:
+    """Have the kernel send ``signum`` when the parent dies; False if ``parent`` is gone already."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    return os.getppid() == parent
 
 
 def remove_attempt(folder: str | Path) -> None:
@@ -48,45 +38,40 @@ def remove_attempt(folder: str | Path) -> None:
         Path(folder).parent.rmdir()
 
 
-def guard(worker: int, launcher: int, cleanup: str, timeout_s: float, command: list[str]) -> int:
-    """Run ``command`` in a new session; stop its group when the launcher or worker is gone, or past ``timeout_s``."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: polling only
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def guard(cleanup: str, timeout_s: float, command: list[str]) -> int:
+    """Run ``command`` in a new session; stop its whole group on a signal or past ``timeout_s``."""
     stopped: list[int] = []
     child: subprocess.Popen[bytes] | None = None
 
     def stop(signum: int, frame: object = None) -> None:
-        if not stopped:
-            stopped.append(signum)
+        stopped.append(signum)
         if child is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGTERM)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
-    if os.getppid() != launcher or not alive(worker):  # gone before the guard was in place
-        return 128 + signal.SIGTERM
+    if stopped:  # before the command started
+        return 128 + stopped[0]
     child = subprocess.Popen(command, start_new_session=True)
+    if stopped:  # while it started
+        stop(stopped[0])
     deadline = time.monotonic() + timeout_s
-    while child.poll() is None:
-        if not stopped and not alive(worker):
-            stop(signal.SIGTERM)
-        elif not stopped and time.monotonic() > deadline:
+    while child.poll() is None and not stopped:
+        if time.monotonic() > deadline:
             print(f"timed out after {timeout_s:g} s: stopping {' '.join(command)}", file=sys.stderr, flush=True)
             stop(0)  # 0: the time limit, not a signal
-        time.sleep(POLL_S)
+        time.sleep(0.2)
     if not stopped:
         return child.returncode if child.returncode >= 0 else 128 - child.returncode
-    deadline = time.monotonic() + GRACE_S
-    while time.monotonic() < deadline:  # dvc exits at once; training ends its runs at the end of the epoch
+    grace = time.monotonic() + GRACE_S
+    while True:  # until the whole group is gone, SIGKILLed past the grace period
+        child.poll()  # a zombie would count in its group
         try:
-            os.killpg(child.pid, 0)
+            os.killpg(child.pid, signal.SIGKILL if time.monotonic() > grace else 0)
         except ProcessLookupError:
             break
         time.sleep(0.2)
-    else:  # the grace period is over
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
     if stopped[0] == 0:
         return TIMED_OUT
     remove_attempt(cleanup)
@@ -95,13 +80,15 @@ def guard(worker: int, launcher: int, cleanup: str, timeout_s: float, command: l
 
 def main(argv: list[str]) -> int:
     worker, cleanup, timeout_s, command = int(argv[0]), argv[1], float(argv[2]), argv[3:]
+    if not die_with_parent(worker, signal.SIGKILL):
+        return 128 + signal.SIGKILL
     launcher = os.getpid()
     pid = os.fork()
     if pid == 0:  # the guard
-        os.setsid()
         code = 1
         try:
-            code = guard(worker, launcher, cleanup, timeout_s, command)
+            os.setsid()
+            code = guard(cleanup, timeout_s, command) if die_with_parent(launcher, signal.SIGTERM) else 143
         finally:
             os._exit(code)
     # The launcher installs no signal handlers, so waitpid is retried on EINTR (PEP 475).

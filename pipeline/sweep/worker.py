@@ -1,13 +1,9 @@
 """What one Ray task does: one DVC experiment in a fresh clone, pushed back all or nothing, once.
 
-The driver ships the ``pipeline`` package to the workers with Ray's ``runtime_env``
-(``py_modules``); a worker needs Ray and the project's requirements, and clones the code
-that the experiment runs. Every command runs under :mod:`.supervise`, with a time limit.
-
-An attempt first asks the git remote it pushes to whether the experiment's ref is there (an
-earlier attempt pushed it, then its worker died): if so it returns that and runs nothing.
-Else its last step, ``git push`` of that one ref, lands the experiment in one ref update,
-after its outputs are in the DVC remote: an attempt stopped before it leaves no experiment.
+Every command runs under :mod:`.supervise`, with a time limit. An attempt first asks the git remote
+whether the experiment's ref is there (an earlier attempt pushed it, then its worker died): if so it
+runs nothing. Else its last step, ``git push`` of that one ref after the outputs are in the DVC
+remote, lands the experiment in one ref update: an attempt stopped before it leaves no experiment.
 """
 
 from __future__ import annotations
@@ -66,23 +62,15 @@ def task_env(job: Mapping[str, Any], base: Mapping[str, str]) -> dict[str, str]:
     return {**env, "PATH": path, "GIT_TERMINAL_PROMPT": "0", "DVC_NO_ANALYTICS": "1", **job["env"]}
 
 
-def _attempt_dir(job: Mapping[str, Any]) -> Path:
-    """A fresh folder for this attempt: ``<tmp>/sweep-<id>/<name>.<pid>``."""
-    path = (
+def run_experiment(job: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one experiment unless it landed already: ``name``, ``ok``, ``earlier`` (landed by an earlier attempt),
+    ``metrics``, a failed step's ``step``, ``status`` and ``timed_out``, ``error``, ``log``, ``seconds``, ..."""
+    start = time.monotonic()
+    attempt = (
         Path(job.get("work_root") or tempfile.gettempdir()) / f"sweep-{job['sweep']}" / f"{job['name']}.{os.getpid()}"
     )
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
-def run_experiment(job: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one experiment unless it landed already. A dict: ``name``, ``ok`` (it landed), ``earlier`` (an
-    earlier attempt landed it), ``metrics`` (``dvc metrics show --json``), a failed step's ``step``, ``status``
-    and ``timed_out`` (its time limit, if it ran past it), ``error`` (an exception, also one after the push),
-    the whole ``log``, ``seconds``, ``host`` and ``pid``."""
-    start = time.monotonic()
-    attempt = _attempt_dir(job)
+    shutil.rmtree(attempt, ignore_errors=True)
+    attempt.mkdir(parents=True)
     clone, log_path, out_path = attempt / "repo", attempt / "log.txt", attempt / "stdout.txt"
     env = task_env(job, os.environ)
     result: dict[str, Any] = {"name": job["name"], "ok": False, "host": socket.gethostname(), "pid": os.getpid()}

@@ -1,12 +1,8 @@
 """The workspace side of a sweep: its code as one commit the workers can fetch, its git and DVC remotes.
 
-As with ``dvc exp run --queue``, the whole working tree (tracked changes, deletions, untracked
-files git does not ignore) becomes a commit on ``HEAD``, built in a temporary index so that
-the user's index and files stay untouched, on the ref ``refs/sweeps/<id>``. A worker checks
-out ``HEAD`` and applies that commit's tree, so ``dvc exp show`` lists each experiment on ``HEAD``.
-
-``python -m pipeline.sweep.workspace [--git-remote R] NAME...`` brings landed experiments into
-the workspace and says, as JSON, what is usable (:func:`bring_back`); the sweep runs it at its end.
+As ``dvc exp run --queue`` does, the whole working tree becomes a commit on ``HEAD`` (built in a
+temporary index: the user's index and files stay untouched) on the ref ``refs/sweeps/<id>``.
+``python -m pipeline.sweep.workspace [--git-remote R] NAME...`` brings landed experiments back.
 """
 
 from __future__ import annotations
@@ -39,8 +35,7 @@ class Snapshot:
 
 
 def git(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> str:
-    """Run git (in a session of its own: a Ctrl-C the driver defers does not reach it); its stdout,
-    or :class:`SweepError` with its stderr."""
+    """Run git in a session of its own (a deferred Ctrl-C does not reach it): its stdout, else SweepError."""
     full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", **(env or {})}
     try:
         done = subprocess.run(
@@ -71,14 +66,11 @@ def workspace_root(cwd: Path) -> Path:
 
 def identity(root: Path) -> dict[str, str]:
     """``GIT_AUTHOR_*`` and ``GIT_COMMITTER_*`` for the sweep's commits: the workspace's user, else a fallback."""
-    name = git(["config", "--get", "--default", "vanishing-gradient sweep", "user.name"], root)
-    email = git(["config", "--get", "--default", "sweep@localhost", "user.email"], root)
-    return {
-        "GIT_AUTHOR_NAME": name,
-        "GIT_AUTHOR_EMAIL": email,
-        "GIT_COMMITTER_NAME": name,
-        "GIT_COMMITTER_EMAIL": email,
+    who = {
+        "NAME": git(["config", "--get", "--default", "vanishing-gradient sweep", "user.name"], root),
+        "EMAIL": git(["config", "--get", "--default", "sweep@localhost", "user.email"], root),
     }
+    return {f"GIT_{role}_{key}": value for role in ("AUTHOR", "COMMITTER") for key, value in who.items()}
 
 
 def snapshot(root: Path, sweep_id: str) -> Snapshot:
@@ -122,44 +114,24 @@ def remote_url(root: Path, remote: str = "origin") -> str:
             f"The workspace has no git remote '{remote}', which a cluster's workers fetch the code from: "
             f"git remote add {remote} <url>, then git push."
         ) from None
-    if "://" not in url and not _scp_like(url):
-        path = Path(url).expanduser()
-        url = str(path if path.is_absolute() else (root / path).resolve())
-    return url
-
-
-def _scp_like(url: str) -> bool:
-    """``user@host:path`` (git's scp-like syntax), as opposed to a local path."""
-    head = url.split("/", 1)[0]
-    return ":" in head and not (len(head) == 2 and head[1] == ":")
+    path = root / Path(url).expanduser()  # an absolute url stays as it is
+    return str(path.resolve()) if "://" not in url and path.exists() else url
 
 
 def check_on_remote(root: Path, remote: str, commit: str) -> None:
     """``commit`` must be on ``remote`` (a ref there points at it or at a descendant we know of)."""
-    listing = git(["ls-remote", remote], root, timeout=60)
-    shas = {line.split()[0] for line in listing.splitlines() if line.strip()}
-    if commit in shas:
+    shas = {line.split()[0] for line in git(["ls-remote", remote], root, timeout=60).splitlines() if line.strip()}
+    ancestor = ["git", "merge-base", "--is-ancestor", commit]  # fails for a sha we do not have, too
+    if any(subprocess.run([*ancestor, sha], cwd=root, capture_output=True).returncode == 0 for sha in shas):
         return
-    for sha in shas:  # a sha we do not have fails (status 128) like one that does not descend from commit
-        ancestor = ["git", "merge-base", "--is-ancestor", commit, sha]
-        if subprocess.run(ancestor, cwd=root, capture_output=True).returncode == 0:
-            return
     raise SweepError(
         f"Commit {commit[:12]} (HEAD) is not on the git remote '{remote}', so the cluster's workers cannot check it "
         f"out: git push {remote} HEAD, then run the sweep again. (Uncommitted changes are sent for you.)"
     )
 
 
-def push_ref(root: Path, remote: str, ref: str) -> None:
-    try:
-        git(["push", "--quiet", "--force", remote, f"{ref}:{ref}"], root, timeout=300)
-    except SweepError as exc:
-        raise SweepError(f"Could not send the workspace's changes to '{remote}' ({ref}): {exc}") from None
-
-
 def dvc_config(root: Path) -> tuple[str, str, str]:
-    """The default DVC remote's name and URL, a local path absolute (DVC resolves it against ``.dvc/``),
-    and the workspace's DVC cache folder."""
+    """The default DVC remote's name and URL (as DVC resolves it: absolute) and the workspace's DVC cache folder."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
@@ -174,26 +146,25 @@ def dvc_config(root: Path) -> tuple[str, str, str]:
     return name, str(remotes[name]["url"]), cache_dir
 
 
-def exp_refs(root: Path, repo: str, names: Sequence[str], timeout: float = 120) -> dict[str, str]:
-    """``{name: ref}`` of the experiments among ``names`` in ``repo``: a git remote, or ``"."`` for the workspace."""
-    listing = git(["ls-remote", repo, "refs/exps/*"], root, timeout=timeout)
+def exp_refs(root: Path, repo: str, names: Sequence[str] | None = None) -> dict[str, str]:
+    """``{name: ref}`` of the experiments (among ``names``) in ``repo``: a git remote, or ``"."`` for the workspace."""
+    listing = git(["ls-remote", repo, "refs/exps/*"], root)
     found = {ref.rsplit("/", 1)[-1]: ref for ref in (line.split()[-1] for line in listing.splitlines() if line)}
-    return {n: found[n] for n in names if n in found}
+    return found if names is None else {n: found[n] for n in names if n in found}
 
 
 def bring_back(root: Path, names: Sequence[str], git_remote: str | None = None) -> dict[str, dict[str, Any]]:
-    """Bring the landed experiments among ``names`` into the workspace (their refs from ``git_remote``, unless
-    they were pushed straight into it) and their outputs into its DVC cache, from the default DVC remote by
-    its absolute location: DVC would resolve a relative one against the wrong folder, since it reads each
-    experiment's own ``.dvc/config``. ``{name: {"missing": [outputs not in the cache], "metrics": ...}}``."""
+    """Fetch the landed experiments among ``names`` (their refs from ``git_remote``, if given) and their outputs,
+    from the default DVC remote by its absolute URL: DVC would resolve a relative one against each experiment's
+    own ``.dvc/config``. ``{name: {"missing": [outputs not in the cache], "metrics": ...}}``."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     refs = exp_refs(root, git_remote or ".", names)
-    if git_remote and refs:
-        git(["fetch", "--quiet", git_remote, *(f"{ref}:{ref}" for ref in refs.values())], root, timeout=600)
     if not refs:
         return {}
+    if git_remote:
+        git(["fetch", "--quiet", git_remote, *(f"{ref}:{ref}" for ref in refs.values())], root, timeout=600)
     remote, url, _ = dvc_config(root)
     revs = list(refs.values())
     with Repo(str(root)) as repo:
@@ -210,8 +181,8 @@ def bring_back(root: Path, names: Sequence[str], git_remote: str | None = None) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Bring landed experiments into the workspace, their outputs fetched from the default DVC remote, and print
-    as JSON which outputs are missing; exit 0 when every one named is there with all its outputs, 1 if not."""
+    """Bring landed experiments and their outputs into the workspace; print as JSON which outputs are missing.
+    Exit 0 when every one named is there with all its outputs, 1 if not."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep.workspace", description=main.__doc__)
     parser.add_argument("names", nargs="+", metavar="NAME", help="experiment names (<sweep id>-<k>)")
     parser.add_argument("--git-remote", help="fetch their refs from this git remote first (a cluster sweep: origin)")
