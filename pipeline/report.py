@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline import cli, columns, curves, figures, history
+from pipeline import cli, columns, curves, figures, history, serve
 from pipeline.columns import COUPLING_SHARE, GAIN, JAC_MEAN, JAC_PRODUCT, SATURATION, SIGNAL, WEIGHT_CHANGE
 from pipeline.measures import SATURATED
 from pipeline.outputs import staged_dir
@@ -199,9 +199,7 @@ def run_rows(results: Sequence[VariantResult], ui_url: str | None) -> list[dict[
         else:
             base = ui_url
         for seed, run_id in (r.run.get("runs") or {}).items():
-            # workflowType: the UI opens a run in Model training mode only when the link says so.
-            page = f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
-            link = f"{base.rstrip('/')}/{page}" if base else None
+            link = f"{base.rstrip('/')}/{serve.ui_path(experiment, f'runs/{run_id}')}" if base else None
             rows.append({"variant": r.name, "seed": str(seed), "run_id": str(run_id), "link": link})
     return rows
 
