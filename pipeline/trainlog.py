@@ -33,8 +33,6 @@ from pipeline.train import CSV_FLOAT
 if TYPE_CHECKING:
     from pipeline.train import Arrays
 
-STD_PREFIX = "std/"  # the parent run's spread over seeds of a metric: std/accuracy
-
 
 class MlflowLogger(keras.callbacks.Callback):
     """Logs each replicate's values to its run, step = epoch (1-based), and to the parent run their mean
@@ -57,7 +55,7 @@ class MlflowLogger(keras.callbacks.Callback):
                 # NaN and ±inf too: MLflow stores them, and a diverging run must show that it diverged.
                 self._buffer[run_id].append(Metric(key, float(v), now_ms, epoch + 1))
             if self.parent_id:
-                for name, v in ((key, values.mean()), (f"{STD_PREFIX}{key}", values.std())):
+                for name, v in ((key, values.mean()), (f"std/{key}", values.std())):
                     self._buffer[self.parent_id].append(Metric(name, float(v), now_ms, epoch + 1))
         if time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
@@ -102,10 +100,12 @@ class Progress(keras.callbacks.Callback):
         self.stream.flush()
 
 
-def run_params(variant: Variant, train: TrainParams, seed: int, backend: str) -> dict[str, str]:
-    """Every parameter that determines one replicate, flattened for MLflow."""
+def run_params(variant: Variant, train: TrainParams, backend: str, seed: int | None) -> dict[str, str]:
+    """Every parameter that determines the variant (and given ``seed``, one replicate), flattened for MLflow."""
     seeds = ",".join(map(str, train.seeds))
-    params = variant.model_dump() | train.model_dump() | {"seeds": seeds, "seed": seed, "backend": backend}
+    params = variant.model_dump() | train.model_dump() | {"seeds": seeds, "backend": backend}
+    if seed is not None:
+        params["seed"] = seed
     return {k: str(v) for k, v in params.items()}
 
 
@@ -146,6 +146,7 @@ def log_run_inputs(
     digest: str,
     source: Path,
 ) -> None:
+    """Each run's params (the variant's run has all but ``seed``) and its training dataset."""
     from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 
     entity = Dataset(
@@ -158,11 +159,8 @@ def log_run_inputs(
         ),
     )
     inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])]
-    variant_params = {k: v for k, v in run_params(variant, train, train.seeds[0], backend).items() if k != "seed"}
-    client.log_batch(runs.parent_id, params=[Param(k, v) for k, v in variant_params.items()], synchronous=True)
-    tracking.race_safe(client.log_inputs, runs.parent_id, inputs)
-    for seed, run_id in zip(train.seeds, runs.run_ids, strict=True):
-        params = [Param(k, v) for k, v in run_params(variant, train, seed, backend).items()]
+    for run_id, seed in [(runs.parent_id, None), *zip(runs.run_ids, train.seeds, strict=True)]:
+        params = [Param(k, v) for k, v in run_params(variant, train, backend, seed).items()]
         client.log_batch(run_id, params=params, synchronous=True)
         tracking.race_safe(client.log_inputs, run_id, inputs)
 
