@@ -227,8 +227,8 @@ class Section:
 
 
 class Study:
-    """What every section draws on: the results in study order, their summary, colours, escapes and forecasts,
-    each seed's as the summarize stage defined them (metrics.json's settings)."""
+    """What every section draws on: the results in study order, their summary and colours, and each seed's escape
+    and forecast as the summarize stage defined them (metrics.json's settings)."""
 
     def __init__(self, results: list[VariantResult], rp: ReportParams, window: int, folder: Path) -> None:
         self.results, self.rp, self.folder = results, rp, folder
