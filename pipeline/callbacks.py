@@ -1,15 +1,12 @@
 """Per-epoch measurements as Keras callbacks: what the train stage's outputs are made of.
 
-:class:`pipeline.engine.StackedTrainer` calls them once per epoch with ``logs`` whose
-values are per-replicate arrays of shape (S,). Measurement callbacks add their keys
-to ``logs``; the recorders that follow (:class:`History`, then MLflow and the progress
-line from :mod:`pipeline.trainlog`) see everything, so measurements come first.
+:class:`pipeline.engine.StackedTrainer` hands them ``logs`` of per-replicate arrays of shape (S,).
+Measurements add their keys to ``logs``, so they come before the recorders (:class:`History`,
+then MLflow and the progress line from :mod:`pipeline.trainlog`).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,27 +16,30 @@ from keras import ops
 
 from pipeline import columns, measures
 from pipeline.engine import StackedTrainer
-from pipeline.model import hidden_layers
+from pipeline.model import StackedBatchNormalization, hidden_layers
 
-log = logging.getLogger(__name__)
-
-
-def _kernels(model: keras.Model) -> list[tuple[str, np.ndarray]]:
-    return [(layer.name, ops.convert_to_numpy(layer.kernel)) for layer in hidden_layers(model)]
+# Probe examples whose layer Jacobians are decomposed every epoch (the first ones of the probe
+# batch): one small eigendecomposition per example, replicate and layer is the costly part.
+JACOBIAN_EXAMPLES = 50
 
 
 class WeightChange(keras.callbacks.Callback):
     """``weight_change/hidden_i``: mean |ΔW| of each hidden kernel since the previous epoch
     (the first epoch compares with the initial kernel)."""
 
+    def kernels(self) -> dict[str, np.ndarray]:
+        return {
+            layer.name: ops.convert_to_numpy(layer.kernel).astype(np.float64) for layer in hidden_layers(self.model)
+        }
+
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self._previous = _kernels(self.model)
+        self.previous = self.kernels()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        current = _kernels(self.model)
-        for (name, before), (_, now) in zip(self._previous, current, strict=True):
-            logs[f"weight_change/{name}"] = measures.mean_abs_change(before, now)
-        self._previous = current
+        current = self.kernels()
+        for name, now in current.items():
+            logs[f"weight_change/{name}"] = measures.mean_abs(now - self.previous[name])
+        self.previous = current
 
 
 class GradientProbe(keras.callbacks.Callback):
@@ -85,10 +85,8 @@ class History(keras.callbacks.Callback):
 
 
 class StopOnSignal(keras.callbacks.Callback):
-    """Honours a deferred stop signal at the end of each epoch (see ``tracking.StopSignals``).
-
-    Last in the list, so that the epoch it stops after is fully recorded first.
-    """
+    """Raises a deferred stop signal (``tracking.StopSignals.check``) at the end of an epoch; last
+    in the list, so that the epoch it stops after is fully recorded first."""
 
     def __init__(self, check: Callable[[], None]) -> None:
         super().__init__()
@@ -98,77 +96,53 @@ class StopOnSignal(keras.callbacks.Callback):
         self.check()
 
 
-# Probe examples whose layer Jacobians are decomposed every epoch (the first ones of the probe
-# batch): one small eigendecomposition per example, replicate and layer is the costly part.
-JACOBIAN_EXAMPLES = 50
-
-
 class ActivationProbe(keras.callbacks.Callback):
     """Why a layer learns slowly, on the fixed probe batch ``x`` with one-hot labels ``y`` (an
-    inference-mode forward pass that only reads the weights): per hidden layer ``act_mean``,
-    ``act_p02``, ``act_p98``, ``saturation``, ``signal`` and ``gain``, and the singular values of
-    its back-propagation Jacobian (``jac_mean``, ``jac_max``, on the first ``jacobian_examples``
-    probe examples); the same activation and signal statistics for the output layer
-    (``…/output``); ``jac_product`` over hidden layers 1 … L-1; and the output–label
-    ``coupling`` and ``coupling_share``. Definitions in :mod:`pipeline.measures`; column names
-    in :mod:`pipeline.columns`.
-    """
+    inference-mode forward pass that only reads the weights): activation statistics, saturation,
+    layer Jacobians (on the first ``jacobian_examples`` examples), signal, gain and output–label
+    coupling; what each column means: docs/science.md, the maths: :mod:`pipeline.measures`."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, jacobian_examples: int = JACOBIAN_EXAMPLES) -> None:
         super().__init__()
         self.x, self.y, self.jacobian_examples = x, y, jacobian_examples
-        self._input_signal = measures.signal(x)  # what hidden_1's gain is relative to
-        self._probe: keras.Model | None = None
-
-    def _build(self) -> None:
-        # Every Activation layer's input u (z, or its batch-normalised value) and output a.
-        layers = [layer for layer in self.model.layers if isinstance(layer, keras.layers.Activation)]
-        self._activations = [layer.get_config()["activation"] for layer in layers]
-        outputs = [t for layer in layers for t in (layer.input, layer.output)]
-        self._probe = keras.Model(self.model.input, outputs, name=f"{self.model.name}-activations")
-
-    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self._build()
-
-    def _batchnorm_scale(self, layer: int, replicates: int) -> np.ndarray | None:
-        """∂(batch norm)/∂z in inference mode, γ / √(moving variance + ε), as (S, 1, U); None without one."""
-        name = f"batchnorm_{layer}"
-        if name not in {other.name for other in self.model.layers}:
-            return None
-        norm = self.model.get_layer(name).norm
-        variance = ops.convert_to_numpy(norm.moving_variance).astype(np.float64)
-        gamma = ops.convert_to_numpy(norm.gamma).astype(np.float64) if norm.scale else np.ones_like(variance)
-        return (gamma / np.sqrt(variance + norm.epsilon)).reshape(replicates, 1, -1)
+        self.input_signal = measures.signal(x)  # what hidden_1's gain is relative to
+        self.probe: keras.Model | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if self._probe is None:
-            self._build()
+        model = self.model
+        activations = [layer for layer in model.layers if isinstance(layer, keras.layers.Activation)]
+        if self.probe is None:
+            # Every Activation layer's input u (z, or its batch-normalised value) and output a.
+            outputs = [t for layer in activations for t in (layer.input, layer.output)]
+            self.probe = keras.Model(model.input, outputs, name=f"{model.name}-activations")
         # predict_on_batch: Keras' compiled inference function (training=False), no state updates.
-        values = [np.asarray(v) for v in self._probe.predict_on_batch(self.x)]
-        hidden = hidden_layers(self.model)
-        kernels = [ops.convert_to_numpy(layer.kernel) for layer in [*hidden[1:], self.model.get_layer("output")]]
+        values = [np.asarray(v) for v in self.probe.predict_on_batch(self.x)]
+        hidden = hidden_layers(model)
+        next_kernels = [ops.convert_to_numpy(layer.kernel) for layer in [*hidden[1:], model.get_layer("output")]]
+        norms = {layer.name: layer.norm for layer in model.layers if isinstance(layer, StackedBatchNormalization)}
         replicates = values[0].shape[0]
-        products, received = [], self._input_signal
-        for i, activation in enumerate(self._activations):
+        received, jac_means = self.input_signal, []
+        for i, layer in enumerate(activations):
+            activation = layer.get_config()["activation"]
             u, a = values[2 * i], values[2 * i + 1]
-            layer = i + 1 if i < len(hidden) else None  # the last Activation is the output layer's
-            column = functools.partial(columns.probe_column, layer=layer)
             mean, low, high = measures.activation_stats(a)
-            logs[column(columns.ACT_MEAN)], logs[column(columns.ACT_P02)] = mean, low
-            logs[column(columns.ACT_P98)] = high
-            logs[column(columns.SATURATION)] = measures.saturation(activation, u)
-            logs[column(columns.SIGNAL)] = spread = measures.signal(a)
-            logs[column(columns.GAIN)], received = measures.gain(spread, received), spread
-            if layer is None:
-                continue
-            slope = measures.activation_derivative(activation, u[:, : self.jacobian_examples])
-            scale = self._batchnorm_scale(layer, replicates)
-            if scale is not None:
-                slope = slope * scale
-            jac_mean, jac_max = measures.jacobian_summary(slope, kernels[i])
-            logs[column(columns.JAC_MEAN)], logs[column(columns.JAC_MAX)] = jac_mean, jac_max
-            if layer < len(hidden):
-                products.append(jac_mean)
+            found = {columns.ACT_MEAN: mean, columns.ACT_P02: low, columns.ACT_P98: high}
+            found[columns.SATURATION] = measures.saturation(activation, u)
+            found[columns.SIGNAL] = spread = measures.signal(a)
+            found[columns.GAIN], received = measures.gain(spread, received), spread
+            if i < len(hidden):
+                slope = measures.activation_derivative(activation, u[:, : self.jacobian_examples])
+                if (norm := norms.get(f"batchnorm_{i + 1}")) is not None:
+                    # ∂(batch norm)/∂z in inference mode: γ / √(moving variance + ε).
+                    variance = ops.convert_to_numpy(norm.moving_variance).astype(np.float64)
+                    gamma = ops.convert_to_numpy(norm.gamma).astype(np.float64)
+                    slope = slope * (gamma / np.sqrt(variance + norm.epsilon)).reshape(replicates, 1, -1)
+                found[columns.JAC_MEAN], found[columns.JAC_MAX] = measures.jacobian_summary(slope, next_kernels[i])
+                jac_means.append(found[columns.JAC_MEAN])
+            # The last Activation is the output layer's.
+            layer_number = i + 1 if i < len(hidden) else None
+            logs.update({columns.probe_column(kind, layer_number): value for kind, value in found.items()})
         # Over hidden layers 1 … L-1: the L-1 factors between the last hidden layer's error and the first's.
+        products = jac_means[:-1]
         logs[columns.JAC_PRODUCT] = np.prod(products, axis=0) if products else np.ones(replicates)
         logs[columns.COUPLING], logs[columns.COUPLING_SHARE] = measures.coupling(values[-1], self.y)

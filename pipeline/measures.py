@@ -1,18 +1,12 @@
-"""Pure measurements of learning speed: weight change and gradient magnitude.
+"""Pure per-epoch measurements: gradient magnitudes, saturation, layer Jacobians, signal propagation.
 
-Arrays carry a leading replicate axis (S, ...); every function returns one value
-per replicate.
+Arrays carry a leading replicate axis (S, ...); every function returns one value per replicate.
+The definitions, with what they show: docs/science.md.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-
-def mean_abs_change(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """Mean |current - previous| over everything but the replicate axis: shape (S,)."""
-    diff = np.abs(np.asarray(current, np.float64) - np.asarray(previous, np.float64))
-    return diff.reshape(diff.shape[0], -1).mean(axis=1)
 
 
 def mean_abs(values: np.ndarray) -> np.ndarray:
@@ -60,10 +54,7 @@ def activation_derivative(activation: str, u: np.ndarray) -> np.ndarray:
 
 def saturation(activation: str, u: np.ndarray) -> np.ndarray:
     """Fraction of (example, unit) pairs with f'(u) < SATURATED · max f', per replicate: shape (S,).
-
-    The same definition for every activation: for the sigmoid σ'(u) < 0.025 (|u| > 3.6),
-    for tanh |u| > 1.82, for ReLU u ≤ 0 (the inactive, "dead" fraction).
-    """
+    For the sigmoid σ'(u) < 0.025 (|u| > 3.6), for tanh |u| > 1.82, for ReLU u ≤ 0 ("dead")."""
     slope = activation_derivative(activation, u)
     flat = (slope < SATURATED * MAX_SLOPE[activation]).reshape(slope.shape[0], -1)
     return flat.mean(axis=1)
@@ -78,14 +69,9 @@ def activation_stats(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 # ---------------------------------------------------------------------------- layer Jacobians
 def jacobian_singular_values(slope: np.ndarray, next_kernel: np.ndarray) -> np.ndarray:
-    """Singular values of each example's back-propagation Jacobian of one hidden layer.
-
-    ``slope`` (S, B, U) is ∂a/∂z of the layer's units per example (f'(z), times the
-    batch-norm scale when there is one), ``next_kernel`` (S, U, V) the next layer's
-    kernel. The error at this layer's pre-activations is δ = diag(slope) W_next δ_next,
-    so the Jacobian is diag(slope) W_next (U × V per example; the same singular values
-    as ∂z_next/∂z). Returns (S, B, min(U, V)), largest first.
-    """
+    """Singular values (S, B, min(U, V)), largest first, of each example's back-propagation
+    Jacobian diag(slope) W_next of one hidden layer: ``slope`` (S, B, U) is ∂a/∂z per example,
+    ``next_kernel`` (S, U, V) the next layer's kernel (δ = diag(slope) W_next δ_next)."""
     slope = np.asarray(slope, np.float64)
     kernel = np.asarray(next_kernel, np.float64)
     jac = slope[..., :, None] * kernel[:, None]  # (S, B, U, V)
@@ -103,9 +89,8 @@ def jacobian_summary(slope: np.ndarray, next_kernel: np.ndarray) -> tuple[np.nda
 
 # ----------------------------------------------------------------------- signal propagation
 def signal(a: np.ndarray) -> np.ndarray:
-    """Across-example spread of a layer: the mean over units of each unit's standard deviation
-    over the examples (axis -2). ``a`` (S, B, U) gives (S,); an input shared by every replicate,
-    (B, U), gives a scalar. Fixed differences between units do not count, only what varies with the image."""
+    """Mean over units of each unit's standard deviation over the examples (axis -2): (S,) from
+    (S, B, U), a scalar from an input shared by every replicate, (B, U)."""
     return np.asarray(a, np.float64).std(axis=-2).mean(axis=-1)
 
 
@@ -116,10 +101,8 @@ def gain(signal_out: np.ndarray, signal_in: np.ndarray | float) -> np.ndarray:
 
 
 def coupling(outputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Output–label coupling per replicate: the largest singular value s₁ of the cross-covariance
-    C = mean over examples of (o - ō)(y - ȳ)ᵀ between the outputs ``outputs`` (S, B, C) and the
-    one-hot ``labels`` (B, K), and its share s₁² / Σ sᵢ² of C's squared Frobenius norm (1 when one
-    mode carries all of it; NaN when C is 0). Returns two (S,) arrays."""
+    """Per replicate (S,): the largest singular value s₁ of the cross-covariance between the outputs
+    (S, B, C) and the one-hot ``labels`` (B, K), and its share s₁² / Σ sᵢ² (NaN when it is 0)."""
     o = np.asarray(outputs, np.float64)
     y = np.asarray(labels, np.float64)
     o = o - o.mean(axis=-2, keepdims=True)

@@ -1,18 +1,11 @@
 """Build the study's networks as Keras 3 models, several replicate seeds stacked in one.
 
-A *stacked* model holds S independent networks of the same variant. The first
-hidden layer is one (784, 15·S) product on the shared input batch; deeper layers
-carry a leading replicate axis, (S, batch, units), and use batched products.
-Each replicate is initialised from its own seed with the initialiser's own fan-in
-and fan-out (a single ``Dense(15·S)`` would use fan_out = 15·S and silently change
-the glorot scale), so replicate k follows exactly the trajectory it would follow
+A *stacked* model holds S independent networks of the same variant: the first hidden layer is
+one (784, 15·S) product on the shared input batch, deeper layers carry a leading replicate axis,
+(S, batch, units), and use batched products. Each replicate is initialised from its own seed with
+the initialiser's own fan-in and fan-out (a single ``Dense(15·S)`` would use fan_out = 15·S and
+silently change the glorot scale), so replicate k follows exactly the trajectory it would follow
 alone as long as the loss is the *sum* of the replicates' own losses.
-
-``glorot_standard`` is Glorot & Bengio's (2010) "standard" initialisation
-U[-1/√fan_in, 1/√fan_in], which Keras does not name; ``init_scale`` multiplies every
-initial kernel (1 leaves the initialiser's draw untouched, bit for bit).
-
-Depth is data: layers are built in a loop from the :class:`Variant`.
 """
 
 from __future__ import annotations
@@ -37,12 +30,9 @@ def layer_seed(seed: int, layer_index: int) -> int:
 
 @keras.saving.register_keras_serializable(package="pipeline")
 class StackedDense(keras.layers.Layer):
-    """S independent ``Dense`` layers evaluated at once.
-
-    ``shared_input=True``: input (batch, in) is fed to every replicate (first layer).
-    ``shared_input=False``: input (S, batch, in), one slice per replicate.
-    Output is always (S, batch, units). Kernel (S, in, units), bias (S, units).
-    """
+    """S independent ``Dense`` layers evaluated at once: kernel (S, in, units), bias (S, units),
+    output (S, batch, units). The input is (batch, in), fed to every replicate, when
+    ``shared_input`` (the first layer), else (S, batch, in), one slice per replicate."""
 
     def __init__(
         self,
@@ -70,7 +60,7 @@ class StackedDense(keras.layers.Layer):
         in_dim = int(input_shape[-1])
 
         def initializer(seed: int) -> keras.initializers.Initializer:
-            if self.kernel_initializer == "glorot_standard":
+            if self.kernel_initializer == "glorot_standard":  # Glorot & Bengio's U[-1/√fan_in, 1/√fan_in]
                 limit = 1.0 / np.sqrt(in_dim)
                 return keras.initializers.RandomUniform(-limit, limit, seed=seed)
             return keras.initializers.get({"class_name": self.kernel_initializer, "config": {"seed": seed}})
@@ -100,10 +90,6 @@ class StackedDense(keras.layers.Layer):
             out = ops.einsum("sbi,sio->sbo", inputs, self.kernel)
         return out + ops.expand_dims(self.bias, 1)
 
-    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
-        batch = input_shape[0] if self.shared_input else input_shape[1]
-        return (self.replicates, batch, self.units)
-
     def get_config(self) -> dict[str, Any]:
         keys = ("units", "seeds", "layer_index", "kernel_initializer", "shared_input", "kernel_scale")
         return super().get_config() | {key: getattr(self, key) for key in keys}
@@ -129,14 +115,6 @@ class StackedBatchNormalization(keras.layers.Layer):
         wide = self.norm(wide, training=training)
         return ops.transpose(ops.reshape(wide, (-1, s, u)), (1, 0, 2))
 
-    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
-        return input_shape
-
-    def replicate_weights(self, replicate: int) -> list[np.ndarray]:
-        """gamma, beta, moving mean and variance of one replicate."""
-        u = self.units
-        return [ops.convert_to_numpy(w)[replicate * u : (replicate + 1) * u] for w in self.norm.weights]
-
 
 def build_model(variant: Variant, seeds: Sequence[int], hidden_units: int = 15, init_scale: float = 1.0) -> keras.Model:
     """784 → ``depth`` × [StackedDense(hidden_units) (→ BatchNorm) → activation] → StackedDense(10) → output;
@@ -154,7 +132,6 @@ def build_model(variant: Variant, seeds: Sequence[int], hidden_units: int = 15, 
             name=f"hidden_{i}",
         )(x)
         if variant.norm == "batch":
-            # Statistics over the batch axis only, separately per replicate and unit.
             x = StackedBatchNormalization(name=f"batchnorm_{i}")(x)
         x = keras.layers.Activation(variant.activation, name=f"{variant.activation}_{i}")(x)
     x = StackedDense(
@@ -178,27 +155,24 @@ def hidden_layers(model: keras.Model) -> list[StackedDense]:
 
 
 def unstack(model: keras.Model, variant: Variant, replicate: int) -> keras.Sequential:
-    """Extract replicate ``replicate`` as a plain Keras ``Sequential`` of ``Dense`` layers.
-
-    The result loads anywhere without this project's code and computes exactly what
-    the replicate computes inside the stacked model.
-    """
+    """Replicate ``replicate`` as a plain Keras ``Sequential`` of ``Dense`` layers, which loads
+    without this project's code and computes exactly what the replicate computes when stacked."""
     layers: list[keras.layers.Layer] = [keras.Input(shape=(INPUT_DIM,))]
-    assignments: list[tuple[keras.layers.Layer, list[np.ndarray]]] = []
+    weights: dict[str, list[np.ndarray]] = {}
     for layer in model.layers:
         if isinstance(layer, StackedDense):
-            dense = keras.layers.Dense(layer.units, name=layer.name)
-            layers.append(dense)
-            assignments.append(
-                (dense, [ops.convert_to_numpy(layer.kernel)[replicate], ops.convert_to_numpy(layer.bias)[replicate]])
-            )
+            layers.append(keras.layers.Dense(layer.units, name=layer.name))
+            weights[layer.name] = [ops.convert_to_numpy(v)[replicate] for v in (layer.kernel, layer.bias)]
         elif isinstance(layer, StackedBatchNormalization):
-            bn = keras.layers.BatchNormalization(name=layer.name)
-            layers.append(bn)
-            assignments.append((bn, layer.replicate_weights(replicate)))
+            layers.append(keras.layers.BatchNormalization(name=layer.name))
+            # gamma, beta, moving mean and variance: this replicate's columns of the wide layer.
+            u = layer.units
+            weights[layer.name] = [
+                ops.convert_to_numpy(w)[replicate * u : (replicate + 1) * u] for w in layer.norm.weights
+            ]
         elif isinstance(layer, keras.layers.Activation):
             layers.append(keras.layers.Activation(layer.activation, name=layer.name))
     single = keras.Sequential(layers, name=f"{variant.label}-seed-{model.get_layer('output').seeds[replicate]}")
-    for target, weights in assignments:
-        target.set_weights(weights)
+    for name, values in weights.items():
+        single.get_layer(name).set_weights(values)
     return single

@@ -3,14 +3,11 @@
 ``python -m pipeline.train --depth 3 [--activation ... --loss ... --init ... --norm ...]
 --data data/processed --out results/<name>``
 
-The variant's name is the name of its output folder (``dvc.yaml`` passes ``results/${key}``,
-DVC's name for the stage item), and its MLflow runs are named after it. Writes, atomically,
-``<out>/history.csv`` (one row per seed and epoch), ``<out>/run.json`` (variant, seeds,
-MLflow run ids) and ``<out>/models/seed-<s>.keras`` (each replicate as a plain Keras
-``Sequential``). Summary statistics and figures are computed downstream (``summarize``,
-``report``), so changing them retrains nothing. One MLflow run per seed, ended FINISHED,
-FAILED on an error or KILLED on SIGINT/SIGTERM/SIGHUP; nothing is written to ``<out>``
-unless training completed.
+The output folder's name (``results/${key}`` in ``dvc.yaml``) is the variant's and its MLflow runs'
+name. Only once training has completed, writes atomically ``<out>/history.csv`` (one row per seed
+and epoch), ``<out>/run.json`` (variant, seeds, MLflow run ids) and ``<out>/models/seed-<s>.keras``
+(each replicate as a plain Keras ``Sequential``). One MLflow run per seed, ended FINISHED, FAILED
+on an error or KILLED on SIGINT/SIGTERM/SIGHUP.
 """
 
 from __future__ import annotations
@@ -154,9 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def train_and_track(
     variant: Variant, name: str, train: TrainParams, track: TrackingParams, uri: str, data: Arrays, args: Any
 ) -> None:
-    """The stage's shell around :func:`fit_replicates`: training inside its MLflow runs
-    (:mod:`pipeline.trainlog`), the outputs written atomically into ``args.out``, and only then
-    each replicate's MLflow model, so that no model outlives outputs that were thrown away."""
+    """:func:`fit_replicates` inside its MLflow runs (:mod:`pipeline.trainlog`), the outputs written
+    atomically into ``args.out``, and only then each replicate's MLflow model, so that no model
+    outlives outputs that were thrown away."""
     from pipeline import trainlog
     from pipeline.model import unstack
 
@@ -166,7 +163,11 @@ def train_and_track(
         singles = [unstack(model, variant, k) for k in range(len(train.seeds))]
         try:
             with staged_dir(args.out) as tmp:
-                _write_outputs(tmp, history, run.info, singles)
+                history.to_csv(tmp / "history.csv", index=False, float_format=CSV_FLOAT)
+                (tmp / "run.json").write_text(json.dumps(run.info, indent=2) + "\n", encoding="utf-8")
+                (tmp / "models").mkdir()
+                for seed, single in zip(train.seeds, singles, strict=True):
+                    single.save(tmp / "models" / f"seed-{seed}.keras")
                 run.runs.stop.check()  # a signal during writing: the staged outputs are discarded
         except OSError as exc:
             raise OutputError(
@@ -176,14 +177,6 @@ def train_and_track(
         run.log_outputs(singles, history)
     final = history[history["epoch"] == history["epoch"].max()]["accuracy"]
     log.info("%s: final accuracy %.4f (%d seeds) -> %s", name, final.mean(), len(final), args.out)
-
-
-def _write_outputs(folder: Path, history: pd.DataFrame, run_info: dict[str, Any], models: list[Any]) -> None:
-    history.to_csv(folder / "history.csv", index=False, float_format=CSV_FLOAT)
-    (folder / "run.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
-    (folder / "models").mkdir()
-    for seed, single in zip(run_info["seeds"], models, strict=True):
-        single.save(folder / "models" / f"seed-{seed}.keras")
 
 
 if __name__ == "__main__":

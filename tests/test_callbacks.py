@@ -12,12 +12,6 @@ from pipeline.model import build_model, hidden_layers
 from pipeline.params import Variant
 
 
-def test_mean_abs_change_per_replicate() -> None:
-    before = np.zeros((2, 2, 3))
-    after = np.array([np.full((2, 3), 0.5), [[1, -1, 0], [0, 0, 4]]])
-    np.testing.assert_allclose(measures.mean_abs_change(before, after), [0.5, 1.0])
-
-
 def test_mean_abs_and_norm() -> None:
     g = np.array([[[3.0, -4.0]], [[0.0, 1.0]]])
     np.testing.assert_allclose(measures.mean_abs(g), [3.5, 0.5])
