@@ -1,8 +1,7 @@
 """The names of the per-epoch columns the train stage writes (``history.csv``, MLflow metrics).
 
-Its own module because the train stage depends on it (names are part of its outputs) while
-:mod:`pipeline.history`, which computes statistics from those columns, is downstream:
-changing a statistic must not retrain anything.
+A module of its own so that the train stage depends on the names but not on :mod:`pipeline.history`,
+which computes statistics from them downstream: changing a statistic must not retrain anything.
 """
 
 from __future__ import annotations
@@ -14,18 +13,16 @@ WEIGHT_CHANGE, GRAD, GRAD_BIAS = "weight_change", "grad", "grad_bias"
 LAYER_KINDS = (WEIGHT_CHANGE, GRAD, GRAD_BIAS)
 # Nielsen's "speed of learning" of a layer, used for ratios and the vanishing index.
 SPEED = GRAD_BIAS
-# Measured on the probe batch by ``callbacks.ActivationProbe`` (see ``measures``): activation
-# mean and 2nd / 98th percentiles, saturated fraction, and the layer Jacobian's singular values.
+# Measured on the probe batch by ``callbacks.ActivationProbe`` (definitions: docs/science.md):
+# per hidden layer and the output, activation mean and 2nd / 98th percentiles, saturated fraction,
+# signal and gain; per hidden layer, the layer Jacobian's singular values; without a layer, the
+# product of jac_mean over hidden layers 1 … L-1 (the predicted first / last speed ratio) and the
+# output–label coupling and its share.
 ACT_MEAN, ACT_P02, ACT_P98, SATURATION = "act_mean", "act_p02", "act_p98", "saturation"
-JAC_MEAN, JAC_MAX = "jac_mean", "jac_max"
-# Signal propagation on the probe batch: each layer's across-example spread and its ratio to the
-# spread it receives (per hidden layer and the output); the output–label cross-covariance's
-# largest singular value and its share (one column each, no layer).
 SIGNAL, GAIN = "signal", "gain"
+JAC_MEAN, JAC_MAX, JAC_PRODUCT = "jac_mean", "jac_max", "jac_product"
 COUPLING, COUPLING_SHARE = "coupling", "coupling_share"
 OUTPUT = "output"
-# Product of jac_mean over hidden layers 1 … L-1: the predicted first / last speed ratio.
-JAC_PRODUCT = "jac_product"
 _LAYER_COLUMN = re.compile(r"^(?P<kind>[a-z_0-9]+)/hidden_(?P<layer>\d+)$")
 
 

@@ -27,7 +27,7 @@ from pipeline.model import logits_model
 Compiled = tuple[Callable[..., tuple[np.ndarray, np.ndarray]], Callable[[Any, Any], list[Any]]]
 
 
-def configure_backend(deterministic: bool = True) -> str:
+def configure_backend() -> str:
     """Pin thread pools and determinism before the backend does any work; returns the backend.
 
     One intra-op and one inter-op thread is *faster* here: the ops are small, and
@@ -40,8 +40,7 @@ def configure_backend(deterministic: bool = True) -> str:
 
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-        if deterministic:
-            tf.config.experimental.enable_op_determinism()
+        tf.config.experimental.enable_op_determinism()
         # Recent NVIDIA GPUs would otherwise multiply float32 in TF32 (a 10-bit mantissa),
         # which is not the experiment's arithmetic. No effect on a CPU.
         tf.config.experimental.enable_tensor_float_32_execution(False)
@@ -154,8 +153,7 @@ def _compile_tensorflow(
     @tf.function(reduce_retracing=True, jit_compile=replicates == 1)
     def epoch(x: Any, y: Any, batches: Any) -> tuple[Any, Any]:
         # A graph-level loop over the epoch's full batches: one Python call per epoch.
-        loss_sum = tf.zeros((replicates,), tf.float32)
-        correct = tf.zeros((replicates,), tf.float32)
+        loss_sum = correct = tf.zeros((replicates,), tf.float32)
         for i in tf.range(tf.shape(batches)[0]):
             idx = batches[i]
             dl, dc = step(tf.gather(x, idx), tf.gather(y, idx))
@@ -197,12 +195,9 @@ def _compile_jax(forward: keras.Model, optimizer: keras.optimizers.Optimizer, lo
             per_replicate = replicate_losses(loss, yb, out)
             return ops.sum(per_replicate), (per_replicate, out, ntv)
 
-        (_, (per_replicate, out, non_trainable)), g = jax.value_and_grad(total_loss, has_aux=True)(
-            trainable, non_trainable
-        )
+        g, (per_replicate, out, non_trainable) = jax.grad(total_loss, has_aux=True)(trainable, non_trainable)
         trainable, opt_vars = optimizer.stateless_apply(opt_vars, g, trainable)
-        n = xb.shape[0]
-        return (trainable, non_trainable, opt_vars), per_replicate * n, replicate_correct(yb, out)
+        return (trainable, non_trainable, opt_vars), per_replicate * xb.shape[0], replicate_correct(yb, out)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def epoch(state: Any, x: Any, y: Any, batches: Any, tail: Any) -> tuple[Any, Any, Any]:

@@ -47,14 +47,11 @@ class StackedDense(keras.layers.Layer):
         super().__init__(**kwargs)
         self.units = int(units)
         self.seeds = [int(s) for s in seeds]
+        self.replicates = len(self.seeds)
         self.layer_index = int(layer_index)
         self.kernel_initializer = kernel_initializer
         self.shared_input = bool(shared_input)
         self.kernel_scale = float(kernel_scale)
-
-    @property
-    def replicates(self) -> int:
-        return len(self.seeds)
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         in_dim = int(input_shape[-1])

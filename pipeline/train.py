@@ -52,10 +52,7 @@ def fit_replicates(
     variant: Variant, params: TrainParams, data: Arrays, callbacks: Sequence[Any] = ()
 ) -> tuple[Any, pd.DataFrame]:
     """Train every seed of ``variant`` as one stacked model; returns it and the per-epoch history.
-
-    Measures each epoch (weight change, probe gradients, held-out loss and accuracy), then
-    hands the epoch's ``logs`` to ``callbacks`` (tracking, progress, stop checks), in order.
-    """
+    Each epoch's measurements, then its ``logs`` go to ``callbacks`` (tracking, progress, stop checks)."""
     import keras
 
     from pipeline import callbacks as cb
@@ -106,10 +103,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, type=Path, help="folder with train.npz and test.npz")
     p.add_argument("--out", required=True, type=Path, help="output folder; its name is the variant's name")
     p.add_argument("--depth", required=True, type=int)
-    p.add_argument("--activation", default="sigmoid")
-    p.add_argument("--loss", default="mse")
-    p.add_argument("--init", default="glorot_uniform")
-    p.add_argument("--norm", default="none")
+    for field in ("activation", "loss", "init", "norm"):  # defaults: Variant's
+        p.add_argument(f"--{field}")
     # Presentation only, so not a DVC param: changing it must not retrain anything.
     p.add_argument("--log-every", type=int, default=10, help="progress line every N epochs when not on a terminal")
     return p.parse_args(argv)
@@ -118,22 +113,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    fields = ("depth", "activation", "loss", "init", "norm")
+    fields = {k: v for k in Variant.model_fields if (v := getattr(args, k)) is not None}
     try:
         check_file(args.params)
-        variant = parse(Variant, {k: getattr(args, k) for k in fields}, "variant (command line, from dvc.yaml)")
+        variant = parse(Variant, fields, "variant (command line, from dvc.yaml)")
         train: TrainParams = load_section("train", args.params)
         track: TrackingParams = load_section("tracking", args.params)
         uri = tracking.tracking_uri()
         tracking.preflight(uri)
         check_writable(args.out.parent)
         data = load_arrays(args.data)
-    except (ParamsError, tracking.TrackingError, OutputError) as exc:
-        log.error("%s", exc)
-        return 1
-    try:
         train_and_track(variant, args.out.name, train, track, uri, data, args)
-    except (tracking.TrackingError, OutputError) as exc:
+    except (ParamsError, tracking.TrackingError, OutputError) as exc:
         log.error("%s", exc)
         return 1
     except tracking.RunInterrupted as exc:
@@ -142,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             log.error("interrupted (%s): the MLflow runs are marked KILLED and %s was not written", exc, args.out)
         return exc.exit_status
-    except KeyboardInterrupt:  # before the runs existed: nothing to mark
+    except KeyboardInterrupt:  # before the MLflow runs existed: nothing to mark
         log.error("interrupted: %s was not written", args.out)
         return 128 + signal.SIGINT
     return 0
