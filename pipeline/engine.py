@@ -131,9 +131,7 @@ class StackedTrainer:
         return {v.path: ops.convert_to_numpy(g) for v, g in zip(variables, grads, strict=True)}
 
 
-def _compile_tensorflow(
-    forward: keras.Model, optimizer: keras.optimizers.Optimizer, loss: str, replicates: int
-) -> Compiled:
+def _compile_tf(forward: keras.Model, optimizer: keras.optimizers.Optimizer, loss: str, replicates: int) -> Compiled:
     import tensorflow as tf
 
     variables = forward.trainable_variables
@@ -236,4 +234,4 @@ def _compile_jax(forward: keras.Model, optimizer: keras.optimizers.Optimizer, lo
     return run_epoch, grads
 
 
-_COMPILERS: dict[str, Callable[..., Compiled]] = {"tensorflow": _compile_tensorflow, "jax": _compile_jax}
+_COMPILERS: dict[str, Callable[..., Compiled]] = {"tensorflow": _compile_tf, "jax": _compile_jax}

@@ -116,29 +116,18 @@ class StackedBatchNormalization(keras.layers.Layer):
 def build_model(variant: Variant, seeds: Sequence[int], hidden_units: int = 15, init_scale: float = 1.0) -> keras.Model:
     """784 → ``depth`` × [StackedDense(hidden_units) (→ BatchNorm) → activation] → StackedDense(10) → output;
     every initial kernel is the variant's initialiser's draw times ``init_scale``."""
+    init = {"kernel_initializer": variant.init, "kernel_scale": init_scale}
     inputs = keras.Input(shape=(INPUT_DIM,), name="pixels")
     x = inputs
     for i in range(1, variant.depth + 1):
-        x = StackedDense(
-            hidden_units,
-            seeds,
-            layer_index=i,
-            kernel_initializer=variant.init,
-            shared_input=(i == 1),
-            kernel_scale=init_scale,
-            name=f"hidden_{i}",
-        )(x)
+        x = StackedDense(hidden_units, seeds, layer_index=i, shared_input=(i == 1), name=f"hidden_{i}", **init)(x)
         if variant.norm == "batch":
             x = StackedBatchNormalization(name=f"batchnorm_{i}")(x)
         x = keras.layers.Activation(variant.activation, name=f"{variant.activation}_{i}")(x)
-    x = StackedDense(
-        N_CLASSES, seeds, layer_index=0, kernel_initializer=variant.init, kernel_scale=init_scale, name="output"
-    )(x)
+    x = StackedDense(N_CLASSES, seeds, layer_index=0, name="output", **init)(x)
     # Sigmoid outputs for the classic MSE setup, softmax for cross-entropy.
-    outputs = keras.layers.Activation(
-        "softmax" if variant.loss == "cross_entropy" else "sigmoid", name="probabilities"
-    )(x)
-    return keras.Model(inputs, outputs, name=f"stacked-{variant.label}")
+    last = keras.layers.Activation("softmax" if variant.loss == "cross_entropy" else "sigmoid", name="probabilities")
+    return keras.Model(inputs, last(x), name=f"stacked-{variant.label}")
 
 
 def logits_model(model: keras.Model) -> keras.Model:
