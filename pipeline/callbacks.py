@@ -1,8 +1,6 @@
-"""Per-epoch measurements as Keras callbacks: what the train stage's outputs are made of.
-
-:class:`pipeline.engine.StackedTrainer` hands them ``logs`` of per-replicate arrays of shape (S,).
-Measurements add their keys to ``logs``, so they come before the recorders (:class:`History`,
-then MLflow and the progress line from :mod:`pipeline.trainlog`).
+"""Per-epoch measurements as Keras callbacks, on the ``logs`` of per-replicate arrays (S,) that
+:class:`pipeline.engine.StackedTrainer` hands them. Measurements add their keys to ``logs``, so they
+come before the recorders (:class:`History`, then MLflow and the progress line of :mod:`pipeline.trainlog`).
 """
 
 from __future__ import annotations

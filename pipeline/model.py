@@ -1,11 +1,8 @@
 """Build the study's networks as Keras 3 models, several replicate seeds stacked in one.
 
-A *stacked* model holds S independent networks of the same variant: the first hidden layer is
-one (784, 15·S) product on the shared input batch, deeper layers carry a leading replicate axis,
-(S, batch, units), and use batched products. Each replicate is initialised from its own seed with
-the initialiser's own fan-in and fan-out (a single ``Dense(15·S)`` would use fan_out = 15·S and
-silently change the glorot scale), so replicate k follows exactly the trajectory it would follow
-alone as long as the loss is the *sum* of the replicates' own losses.
+A stacked model holds S independent networks (the layout: docs/performance.md), each initialised from
+its own seed with the initialiser's own fans (a single ``Dense(15·S)`` would use fan_out = 15·S and
+change the glorot scale), so each follows exactly its own trajectory when the loss is the *sum* of theirs.
 """
 
 from __future__ import annotations
