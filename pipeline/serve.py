@@ -20,7 +20,7 @@ import time
 import types
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pipeline import tracking
 from pipeline.params import ParamsError, TrackingParams, load_section
@@ -200,6 +200,11 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """MLflow's GenAI job runner (some seven processes of 250 MB, unused here) stays off unless asked for."""
+    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **environ}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.serve", description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["ui", "server"])
@@ -249,9 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = mlflow_command(args.mode, store, args.host, args.port, workers, artifacts)
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     _die_with_parent()
-    # MLflow's GenAI job runner (some seven processes of 250 MB, unused here) stays off unless asked for.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    process = subprocess.Popen(command, env=child_env(os.environ), start_new_session=True)
     try:
         # The project's store is searched while MLflow starts; a server's, through it once it is up.
         study = find_study(store, track.experiment) if args.mode == "ui" else None

@@ -35,36 +35,10 @@ def test_ui_command_binds_what_it_is_given_with_one_worker() -> None:
     assert "--artifacts-destination" not in command
 
 
-@pytest.mark.parametrize(("asked", "job_runner"), [(None, "false"), ("true", "true")])
-def test_server_defaults_to_loopback_sqlite_and_artifacts_in_mlserver(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asked: str | None, job_runner: str
-) -> None:
-    started: list[tuple[list[str], dict[str, str]]] = []
-
-    class Started:
-        def __init__(self, command: list[str], env: dict[str, str], **kwargs: object) -> None:
-            started.append((command, env))
-            self.pid = 0
-
-    monkeypatch.setattr(serve.subprocess, "Popen", Started)
-    monkeypatch.setattr(serve, "wait_until_up", lambda url, process: False)
-    monkeypatch.setattr(serve, "stop_group", lambda process: None)
-    monkeypatch.setattr(serve, "_die_with_parent", lambda: None)  # not for the test process
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
-    if asked:
-        monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", asked)
-    assert serve.main(["server", "--params", str(write_params(tmp_path)), "--port", "0"]) == 1
-    ((command, env),) = started
-    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == job_runner  # MLflow's GenAI job runner: off unless asked
-    assert command[command.index("--host") + 1] == "127.0.0.1"
-    assert (
-        command[command.index("--backend-store-uri") + 1]
-        == f"sqlite:///{tmp_path.resolve() / 'mlserver' / 'mlflow.db'}"
-    )
-    assert command[command.index("--artifacts-destination") + 1] == str(tmp_path.resolve() / "mlserver" / "artifacts")
-    assert command[command.index("--workers") + 1] == str(serve.SERVER_WORKERS)
+def test_child_env_turns_the_genai_job_runner_off_unless_asked() -> None:
+    assert serve.child_env({})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    env = serve.child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"})
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
 
 
 def test_both_modes_default_to_loopback() -> None:
