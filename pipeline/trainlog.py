@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -241,6 +242,7 @@ def tracked(
     from pipeline.engine import configure_backend
 
     backend = configure_backend()
+    logging.getLogger("pipeline.train").info("%s: Keras on %s, runs in %s", name, backend, tracking.redact(uri))
     digest = data_digest(data.x, data.y)
     root = tracking.project_root()
     client = tracking.open_store(uri)
