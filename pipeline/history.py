@@ -149,7 +149,8 @@ def escape_forecasts(history: pd.DataFrame, epochs: int, plateau: float, margin:
     for seed, group in history.groupby("seed", sort=True):
         forecast = math.nan
         window = group[(group["epoch"] >= math.ceil(epochs / 2)) & (group["epoch"] <= epochs)]
-        on_plateau = not (group.loc[group["epoch"] <= epochs, "accuracy"] > plateau + margin).any()
+        escaped = escape_epoch(group["epoch"], group["accuracy"], plateau, margin)
+        on_plateau = escaped is None or escaped > epochs
         if column in group and group["epoch"].max() >= epochs and len(window) >= 2 and on_plateau:
             t = window["epoch"].to_numpy(np.float64)
             with np.errstate(divide="ignore"):
