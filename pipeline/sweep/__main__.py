@@ -170,11 +170,21 @@ class Stops:
 
     def __init__(self) -> None:
         self.count, self.raising = 0, True
-        self.install()
 
     def install(self) -> None:
         for sig in self.SIGNALS:
             signal.signal(sig, self)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Stops]:
+        """The handlers for the duration; the process's own ones back after (``run`` is a library call too)."""
+        previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        self.install()
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def __call__(self, signum: int, frame: object) -> None:
         self.count += 1
@@ -395,16 +405,16 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs and not target.local:
         log.info("JOBS=%s applies to a local Ray instance; the cluster runs as many at once as it has CPUs.", args.jobs)
     results: dict[str, dict[str, Any]] = {}
-    stops = Stops()
-    try:
-        with ray_session(target, args.jobs, stops) as ray:
-            submit_and_wait(ray, job, experiments, args, stops, results)
-    except KeyboardInterrupt:
-        job["stopped"] = True
-    finally:
-        stops.raising = False
-        workspace.delete_ref(root, job["ref"], job["remote"])
-    return finish(args, root, job, experiments, results)
+    with Stops().installed() as stops:
+        try:
+            with ray_session(target, args.jobs, stops) as ray:
+                submit_and_wait(ray, job, experiments, args, stops, results)
+        except KeyboardInterrupt:
+            job["stopped"] = True
+        finally:
+            stops.raising = False
+            workspace.delete_ref(root, job["ref"], job["remote"])
+        return finish(args, root, job, experiments, results)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
